@@ -1,0 +1,167 @@
+"""The typed run configuration: the schema Hydra composes into, and the checks that run before any work.
+
+Hydra validates key names and types against these dataclasses at composition; `validate` checks the values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or the data: printed as one line at the entry point."""
+
+
+class DataError(ConfigError):
+    """A problem with the user's corpus (missing, empty, not UTF-8, too short)."""
+
+
+class DataSource(str, Enum):
+    shakespeare = "shakespeare"  # tiny shakespeare, shipped inside the package
+    text = "text"  # a UTF-8 file or a directory of .txt files at data.path
+
+
+class DeviceType(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast: weights and optimizer stay fp32
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class LoggerMode(str, Enum):
+    auto = "auto"  # online where W&B credentials exist, otherwise offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.shakespeare
+    path: Optional[str] = None
+    cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/gpt_exp or ~/.cache/gpt_exp
+    val_fraction: float = 0.0  # the tail of the token stream held out for validation
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2"
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto
+    dtype: DType = DType.auto
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
+    compile: Optional[bool] = None  # None: torch.compile on CUDA only
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 50
+    seed: int = 1337
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    total_batch_size: Optional[int] = None  # tokens per optimizer step; None: one micro-batch (B*T)
+    overfit_batches: int = 0  # N > 0: cycle the first N batches (the lecture's "overfit one batch")
+    log_every: int = 1  # steps between progress updates; metrics.jsonl gets every step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: Schedule = Schedule.cosine
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.auto
+    project: str = "gpt_exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None  # default: the run dir, relative to outputs/
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    B: int = 4  # micro-batch size (sequences)
+    T: int = 32  # sequence length (tokens)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_schema() -> None:
+    """Make `run_schema` available to conf/config.yaml's defaults list."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def _require(ok: bool, key: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value} is invalid: {fix}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value that types alone cannot, before any work starts."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "it must be >= 1")
+    _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
+    _require(cfg.B >= 1, "B", cfg.B, "the batch size must be >= 1, e.g. B=4")
+    _require(cfg.T >= 1, "T", cfg.T, "the sequence length must be >= 1, e.g. T=32")
+    _require(cfg.T <= m.block_size, "T", cfg.T, f"it exceeds model.block_size={m.block_size}; use T<={m.block_size}")
+    _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be >= 0 (0 disables clipping)")
+    _require(t.overfit_batches >= 0, "train.overfit_batches", t.overfit_batches, "it must be >= 0 (0: off)")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be >= 1")
+    if t.total_batch_size is not None:
+        micro = cfg.B * cfg.T
+        _require(
+            t.total_batch_size >= micro and t.total_batch_size % micro == 0,
+            "train.total_batch_size",
+            t.total_batch_size,
+            f"it must be a positive multiple of B*T={micro} (or null for one micro-batch)",
+        )
+    _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0, e.g. optim.lr=6e-4")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "it must be >= 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "it must be >= 0")
+    _require(o.eps > 0, "optim.eps", o.eps, "it must be > 0, e.g. 1e-8")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        list(o.betas),
+        "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
+    )
+    _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "it must be in [0, 1)")
+    if cfg.data.source == DataSource.text:
+        _require(cfg.data.path is not None, "data.path", None, "data=text needs data.path=FILE_OR_DIR")

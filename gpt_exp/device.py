@@ -1,0 +1,62 @@
+"""Resolve device.type/dtype/compile into a Runtime: where tensors live and how the forward pass runs."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from gpt_exp.config import ConfigError, DeviceConfig, DeviceType, DType
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: DType  # fp32 or bf16, never auto
+    compile: bool
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == DType.bf16:
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def _pick_device(requested: DeviceType) -> torch.device:
+    if requested == DeviceType.auto:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
+    if requested == DeviceType.cuda and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise ConfigError(f"device=cuda but CUDA is not available (torch {torch.__version__} is {build}); use device=cpu")
+    if requested == DeviceType.mps and not _mps_available():
+        raise ConfigError("device=mps but Apple MPS is not available on this machine; use device=cpu")
+    return torch.device(requested.value)
+
+
+def resolve_runtime(cfg: DeviceConfig) -> Runtime:
+    device = _pick_device(cfg.type)
+    dtype = cfg.dtype
+    if dtype == DType.auto:
+        dtype = DType.bf16 if device.type == "cuda" else DType.fp32
+    if dtype == DType.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("device.dtype=bf16 but this GPU has no bf16 support; use device.dtype=fp32")
+    if device.type == "cuda" and cfg.tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the fp32 rate on Ampere and newer
+    compile_model = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    return Runtime(device=device, dtype=dtype, compile=compile_model)

@@ -1,0 +1,105 @@
+"""The Hydra entry point: `python -m gpt_exp.run [overrides]` composes the config and wires the modules.
+
+User mistakes (config or data) end as one line on stderr and exit code 2; anything else is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gpt_exp.config import ConfigError, RunConfig, register_schema, validate
+from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
+from gpt_exp.device import resolve_runtime
+from gpt_exp.errors import user_error_line, is_user_error
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.tracking import Tracker
+from gpt_exp.train import LRSchedule, train
+
+log = logging.getLogger("gpt_exp")
+
+
+def run_name(run_dir: Path) -> str:
+    """The run dir below outputs/ ('2026-11-25/09-12-33'), which is also its W&B name."""
+    parts = run_dir.parts
+    return "/".join(parts[parts.index("outputs") + 1 :]) if "outputs" in parts else run_dir.name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def run(dict_cfg: DictConfig) -> float:
+    """One training run; returns the final training loss (the metric sweepers optimize)."""
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    validate(cfg)
+    runtime = resolve_runtime(cfg.device)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.train.seed)
+
+    tokens = prepare_tokens(cfg.data).load()
+    train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
+    log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
+    loader = BatchLoader(train_tokens, cfg.B, cfg.T, overfit_batches=cfg.train.overfit_batches)
+    log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
+
+    tokens_per_step = cfg.train.total_batch_size or cfg.B * cfg.T
+    grad_accum_steps = tokens_per_step // (cfg.B * cfg.T)
+    m = cfg.model
+    model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
+    log.info(
+        "model %s: %.2fM params | device %s, %s, compile %s | %s tokens/step = %d x %d x %d micro-steps",
+        m.name, model.num_params() / 1e6, runtime.device, runtime.dtype.value, "on" if runtime.compile else "off",
+        f"{tokens_per_step:,}", cfg.B, cfg.T, grad_accum_steps,
+    )
+    o = cfg.optim
+    optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type)
+    step_model = torch.compile(model) if runtime.compile else model
+    schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
+
+    config_for_wandb = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
+    tracker = Tracker(run_dir, cfg.logger, run_name(run_dir), config_for_wandb, cfg.train.max_steps, cfg.train.log_every)
+    try:
+        train(step_model, optimizer, loader, schedule, runtime, start_step=0, max_steps=cfg.train.max_steps,
+              grad_accum_steps=grad_accum_steps, grad_clip=cfg.train.grad_clip, on_step=tracker.log_step)
+    finally:
+        summary = tracker.close()
+    return summary["final_loss"]
+
+
+register_schema()
+
+
+@hydra.main(config_path="pkg://gpt_exp.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+def main() -> None:
+    # Let Hydra's errors reach us instead of its multi-line report, so each user mistake prints one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _hydra_main()
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {user_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The gpt2 BPE tokenizer, built offline from the BPE files shipped in gpt_exp/assets.
+
+tiktoken.get_encoding("gpt2") would download the same two files; a run must never wait on the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import tiktoken
+import tiktoken_ext.openai_public
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+EOT_TOKEN = 50256  # <|endoftext|>, written between documents
+# sha256 of OpenAI's files (identical to what tiktoken downloads): a changed asset fails loudly.
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# Part of every token cache key: a different tokenizer must never reuse a cache.
+TOKENIZER_ID = f"tiktoken-gpt2-{_VOCAB_BPE_SHA256[:12]}-{_ENCODER_JSON_SHA256[:12]}"
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding() -> tiktoken.Encoding:
+    assets = resources.files("gpt_exp") / "assets"
+    with resources.as_file(assets / "vocab.bpe") as vocab, resources.as_file(assets / "encoder.json") as encoder:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(vocab),
+            encoder_json_file=str(encoder),
+            vocab_bpe_hash=_VOCAB_BPE_SHA256,
+            encoder_json_hash=_ENCODER_JSON_SHA256,
+        )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=tiktoken_ext.openai_public.r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=50257,
+    )

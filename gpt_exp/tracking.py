@@ -1,0 +1,156 @@
+"""Where a run's numbers go: metrics.jsonl (every step), the terminal (progress bar), and W&B (if it works).
+
+Logging never kills a run: a W&B failure is one warning line and the local files stay complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+from gpt_exp.config import LoggerConfig, LoggerMode
+from gpt_exp.plots import plot_loss_curve
+from gpt_exp.train import StepMetrics
+
+log = logging.getLogger(__name__)
+
+
+def wandb_credentials_present() -> bool:
+    """True when `wandb login` or WANDB_API_KEY has provided a key (never read into our own state)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: LoggerMode) -> str:
+    if mode != LoggerMode.auto:
+        return mode.value
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_credentials_present() else "offline"
+
+
+class WandbRun:
+    """A W&B run that degrades to nothing when W&B fails; the local metrics file is the source of truth."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, config: dict):
+        self.run = None
+        self.mode = resolve_wandb_mode(cfg.mode)
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                mode=self.mode, dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
+                name=cfg.name or name, tags=list(cfg.tags), config=config,
+                settings=wandb.Settings(console="off", silent=True, init_timeout=60),
+            )
+        except Exception as e:  # noqa: BLE001 -- no network, bad key, service down: the run goes on
+            log.warning("W&B init failed (%s: %s); continuing with local logs only", type(e).__name__, str(e)[:200])
+
+    def log(self, row: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(row, step=step)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B logging failed (%s); continuing with local logs only", e)
+            self.run = None
+
+    def finish(self) -> None:
+        if self.run is None:
+            return
+        run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
+        try:
+            self.run.finish()
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B finish failed (%s)", e)
+        if self.mode == "offline":
+            log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
+        self.run = None
+
+
+class ProgressBar:
+    """A one-line bar redrawn in place on a terminal; a plain log line per update otherwise (files, CI)."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, m: StepMetrics) -> None:
+        done = m.step + 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(1, done - self.start) * (self.total - done)
+        text = (f"step {done}/{self.total} | loss {m.loss:.4f} | lr {m.lr:.2e} | norm {m.grad_norm:.3f} "
+                f"| {m.dt_ms:.0f} ms | {m.tok_per_s:,.0f} tok/s | ETA {_clock(eta)}")
+        if self.tty:
+            width = 20
+            filled = int(width * done / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
+            sys.stderr.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Tracker:
+    """Sends each step to metrics.jsonl, the progress bar and W&B; writes loss.png and a summary at the end."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, config: dict, total_steps: int,
+                 log_every: int = 1, start_step: int = 0):
+        self.run_dir, self.name, self.log_every = run_dir, name, log_every
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_file = open(self.metrics_path, "a", buffering=1)  # line-buffered: a crash loses no row
+        self.rows: list[dict] = []
+        self.progress = ProgressBar(total_steps, start_step)
+        self.total_steps = total_steps
+        self.wandb = WandbRun(cfg, run_dir, name, config)
+        self.t0 = time.perf_counter()
+
+    def log_step(self, m: StepMetrics) -> None:
+        row = asdict(m)
+        self.rows.append(row)
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=m.step)
+        if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
+            self.progress.update(m)
+
+    def close(self) -> dict:
+        """Finish every sink and return the run's summary (also logged as one line)."""
+        self.progress.close()
+        self.metrics_file.close()
+        wall = time.perf_counter() - self.t0
+        summary = {"steps": len(self.rows), "wall_s": round(wall, 2)}
+        if self.rows:
+            summary["final_loss"] = self.rows[-1]["loss"]
+            summary["median_tok_per_s"] = statistics.median(r["tok_per_s"] for r in self.rows)
+            plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name)
+            log.info(
+                "done: %d steps, final loss %.4f, median %s tok/s, wall %.1f s, run dir %s",
+                len(self.rows), summary["final_loss"], f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
+            )
+        self.wandb.finish()
+        return summary

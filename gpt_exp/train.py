@@ -1,0 +1,92 @@
+"""The training loop: gradient accumulation, clipping, the LR schedule and one optimizer step per iteration."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gpt_exp.config import Schedule
+from gpt_exp.data import BatchLoader
+from gpt_exp.device import Runtime
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps` (or constant after warmup).
+
+    Stateless: the position in the schedule is the optimizer step, which the checkpoint holds.
+    """
+
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float = 0.1
+    kind: Schedule = Schedule.cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == Schedule.constant:
+            return self.lr
+        min_lr = self.lr * self.min_lr_ratio
+        if step >= self.max_steps:
+            return min_lr
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - min_lr)
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    dt_ms: float
+    tok_per_s: float
+    tokens: int  # cumulative tokens trained on
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    schedule: LRSchedule,
+    runtime: Runtime,
+    *,
+    start_step: int,
+    max_steps: int,
+    grad_accum_steps: int,
+    grad_clip: float,
+    on_step: Callable[[StepMetrics], None],
+) -> None:
+    """Run optimizer steps start_step..max_steps-1, calling `on_step` after each."""
+    model.train()
+    tokens_per_step = loader.B * loader.T * grad_accum_steps
+    tokens = start_step * tokens_per_step
+    max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
+    for step in range(start_step, max_steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=runtime.device)
+        for _ in range(grad_accum_steps):
+            x, y = loader.next_batch()
+            x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                _, loss = model(x, y)
+            # the mean over the whole accumulated batch, not a sum of micro-batch means
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        loss_value = loss_accum.item()  # waits for the device, so dt below is the real step time
+        dt = time.perf_counter() - t0
+        tokens += tokens_per_step
+        on_step(StepMetrics(step, loss_value, lr, norm.item(), dt * 1000, tokens_per_step / dt, tokens))
