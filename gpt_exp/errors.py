@@ -2,46 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from gpt_exp.config import ConfigError
+from gpt_exp.config import ConfigError, RunConfig
 
-_HINT_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
+_LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
 
 def is_user_error(e: BaseException) -> bool:
-    return isinstance(e, (ConfigError, ConfigCompositionException, MissingConfigException, OverrideParseException,
-                          OmegaConfBaseException))
+    return isinstance(
+        e, (ConfigError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
+    )
 
 
-def _flat(text: str) -> str:
-    return " ".join(str(text).split())
+def _schema_keys(node: type = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # a section
+            keys += _schema_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _first_line(text: str) -> str:
+    return " ".join(str(text).split("\n")[0].split())
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, _schema_keys(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"check the spelling; {_LIST_KEYS}"
+    return f"unknown config key '{key}'; {hint}"
 
 
 def _missing_option(e: MissingConfigException) -> str:
     text = str(e)
     found = re.search(r"Could not find '([^']+)'", text)
-    what = found.group(1) if found else _flat(text)
-    options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-    group = what.split("/")[0]
-    if options:
-        return f"unknown option {what.replace('/', '=', 1)}; available {group} options: {', '.join(options)}"
-    return f"cannot find config '{what}'; `python -m gpt_exp.run --help` lists the config groups and options"
-
-
-def _omegaconf_error(e: OmegaConfBaseException, override: str | None) -> str:
-    key = getattr(e, "full_key", None) or "?"
-    msg = _flat(getattr(e, "msg", None) or str(e).split("\n")[0])
-    if isinstance(e, ConfigKeyError) or "not in struct" in msg:
-        return f"unknown config key '{key}'; check the spelling ({_HINT_KEYS})"
-    if isinstance(e, ValidationError):
-        value = override.split("=", 1)[1] if override and "=" in override else None
-        shown = f"{key}={value}" if value is not None else key
-        return f"{shown} has the wrong type: {msg}; {_HINT_KEYS} with their types' defaults"
-    return f"{key}: {msg}"
+    what = found.group(1) if found else _first_line(text)
+    options = re.findall(r"^\t([\w.-]+)$", text, flags=re.M)
+    if options and "/" in what:
+        group, option = what.split("/", 1)
+        return f"unknown option {group}={option}; choose one of: {', '.join(options)}"
+    return f"cannot find config '{what}'; `python -m gpt_exp.run --help` lists the groups and their options"
 
 
 def user_error_line(e: BaseException) -> str:
@@ -49,10 +56,14 @@ def user_error_line(e: BaseException) -> str:
         return str(e)
     if isinstance(e, MissingConfigException):
         return _missing_option(e)
-    override_match = re.search(r"override (\S+)", str(e))
-    override = override_match.group(1) if override_match else None
-    if isinstance(e.__cause__, OmegaConfBaseException):
-        return _omegaconf_error(e.__cause__, override)
-    if isinstance(e, OmegaConfBaseException):
-        return _omegaconf_error(e, override)
-    return _flat(str(e))
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the command line: {_first_line(e)}; write overrides as key=value (quote lists: 'key=[a,b]')"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    msg = _first_line(cause)
+    if key and re.search(r"Key '[^']+' (is )?not in", msg):
+        return _unknown_key(key)
+    if isinstance(cause, ValidationError) and key:
+        override = re.search(r"override (\S+=\S*)", str(e))
+        return f"{override.group(1) if override else key}: {msg}; fix the value of {key}"
+    return f"{key + ': ' if key else ''}{msg}"

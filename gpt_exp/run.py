@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_exp.config import ConfigError, RunConfig, register_schema, validate
 from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
 from gpt_exp.device import resolve_runtime
-from gpt_exp.errors import user_error_line, is_user_error
+from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tracking import Tracker
 from gpt_exp.train import LRSchedule, train
@@ -70,12 +71,22 @@ def run(dict_cfg: DictConfig) -> float:
 
     config_for_wandb = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
     tracker = Tracker(run_dir, cfg.logger, run_name(run_dir), config_for_wandb, cfg.train.max_steps, cfg.train.log_every)
+    status = "failed"
     try:
         train(step_model, optimizer, loader, schedule, runtime, start_step=0, max_steps=cfg.train.max_steps,
               grad_accum_steps=grad_accum_steps, grad_clip=cfg.train.grad_clip, on_step=tracker.log_step)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
-        summary = tracker.close()
+        summary = tracker.close(status)
     return summary["final_loss"]
+
+
+def _fail(e: BaseException) -> None:
+    print(f"error: {user_error_line(e)}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 register_schema()
@@ -83,19 +94,26 @@ register_schema()
 
 @hydra.main(config_path="pkg://gpt_exp.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        # Caught here, not in main(), so Hydra adds no "Error executing job" report, and a run that failed its
+        # checks leaves no run dir that could pass for a run.
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _fail(e)
 
 
 def main() -> None:
-    # Let Hydra's errors reach us instead of its multi-line report, so each user mistake prints one line.
+    # Hydra raises its composition errors to us instead of printing a multi-line report: we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _hydra_main()
     except Exception as e:
         if not is_user_error(e):
             raise
-        print(f"error: {user_error_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
+from gpt_exp.atomic import atomic_write_bytes
 from gpt_exp.config import LoggerConfig, LoggerMode
 from gpt_exp.plots import plot_loss_curve
 from gpt_exp.train import StepMetrics
@@ -138,19 +139,25 @@ class Tracker:
         if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
             self.progress.update(m)
 
-    def close(self) -> dict:
-        """Finish every sink and return the run's summary (also logged as one line)."""
+    def close(self, status: str = "completed") -> dict:
+        """Finish every sink; write summary.json (status: completed, failed or interrupted) and return it."""
         self.progress.close()
         self.metrics_file.close()
         wall = time.perf_counter() - self.t0
-        summary = {"steps": len(self.rows), "wall_s": round(wall, 2)}
+        summary: dict = {"status": status, "steps": len(self.rows), "wall_s": round(wall, 3)}
         if self.rows:
-            summary["final_loss"] = self.rows[-1]["loss"]
-            summary["median_tok_per_s"] = statistics.median(r["tok_per_s"] for r in self.rows)
+            losses = [r["loss"] for r in self.rows]
+            summary.update(
+                final_loss=losses[-1],
+                best_loss=min(losses),
+                tokens=self.rows[-1]["tokens"],
+                median_tok_per_s=statistics.median(r["tok_per_s"] for r in self.rows),
+            )
             plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name)
             log.info(
                 "done: %d steps, final loss %.4f, median %s tok/s, wall %.1f s, run dir %s",
                 len(self.rows), summary["final_loss"], f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         self.wandb.finish()
         return summary
