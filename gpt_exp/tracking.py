@@ -9,6 +9,7 @@ import json
 import logging
 import netrc
 import os
+import socket
 import statistics
 import sys
 import time
@@ -24,15 +25,34 @@ from gpt_exp.train import StepMetrics
 log = logging.getLogger(__name__)
 
 
+def _wandb_host() -> tuple[str, int]:
+    """The W&B server's host and port (WANDB_BASE_URL, else the installed wandb's default server)."""
+    import wandb  # imported here: ~0.3 s that a run with logger.mode=disabled never pays
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
 def wandb_credentials_present() -> bool:
     """True when `wandb login` or WANDB_API_KEY has provided a key (never read into our own state)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(_wandb_host()[0]) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def wandb_unreachable_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the W&B server cannot be reached, or None. W&B itself would retry for a minute before giving up."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None  # behind a proxy a direct connection says nothing; let W&B try
+    host, port = _wandb_host()
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
 
 
 def resolve_wandb_mode(mode: LoggerMode) -> str:
@@ -44,23 +64,34 @@ def resolve_wandb_mode(mode: LoggerMode) -> str:
 
 
 class WandbRun:
-    """A W&B run that degrades to nothing when W&B fails; the local metrics file is the source of truth."""
+    """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, config: dict):
         self.run = None
         self.mode = resolve_wandb_mode(cfg.mode)
         if self.mode == "disabled":
             return
-        try:
-            import wandb
-
-            self.run = wandb.init(
-                mode=self.mode, dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
-                name=cfg.name or name, tags=list(cfg.tags), config=config,
-                settings=wandb.Settings(console="off", silent=True, init_timeout=60),
-            )
-        except Exception as e:  # noqa: BLE001 -- no network, bad key, service down: the run goes on
-            log.warning("W&B init failed (%s: %s); continuing with local logs only", type(e).__name__, str(e)[:200])
+        init_args = dict(dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
+                         name=cfg.name or name, tags=list(cfg.tags), config=config)
+        if self.mode == "online" and not wandb_credentials_present():
+            log.warning("logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY); "
+                        "logging offline instead")
+            self.mode = "offline"
+        elif self.mode == "online" and (reason := wandb_unreachable_reason()):
+            log.warning("W&B server unreachable (%s); logging offline instead", reason)
+            self.mode = "offline"
+        # a failed online init (bad key, server error) still keeps the history, offline and syncable later
+        modes = [self.mode, "offline"] if self.mode == "online" else [self.mode]
+        failures = []
+        for mode in modes:
+            try:
+                self.run, self.mode = _wandb_init(mode, init_args), mode
+                break
+            except Exception as e:  # noqa: BLE001 -- whatever W&B raises, the run goes on
+                failures.append(f"{mode}: {type(e).__name__}: {_first_line(e)}")
+        if failures:
+            outcome = "logging offline instead" if self.run else "continuing with local logs only"
+            log.warning("W&B init failed (%s); %s", "; ".join(failures), outcome)
 
     def log(self, row: dict, step: int) -> None:
         if self.run is None:
@@ -68,7 +99,7 @@ class WandbRun:
         try:
             self.run.log(row, step=step)
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B logging failed (%s); continuing with local logs only", e)
+            log.warning("W&B logging failed (%s); continuing with local logs only", _first_line(e))
             self.run = None
 
     def finish(self) -> None:
@@ -78,10 +109,21 @@ class WandbRun:
         try:
             self.run.finish()
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B finish failed (%s)", e)
+            log.warning("W&B finish failed (%s)", _first_line(e))
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
         self.run = None
+
+
+def _wandb_init(mode: str, init_args: dict):
+    import wandb
+
+    # console="off": the run's own log file has the console; W&B's capture would fight the progress bar
+    return wandb.init(mode=mode, settings=wandb.Settings(console="off", silent=True, init_timeout=30), **init_args)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 class ProgressBar:

@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+from gpt_exp import data
+from gpt_exp.config import DataConfig, DataError, DataSource
+from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
+from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+
+
+@pytest.fixture(scope="module")
+def shakespeare(cache_dir):
+    return prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir))).load()
+
+
+def text_cfg(path, cache_dir) -> DataConfig:
+    return DataConfig(source=DataSource.text, path=str(path), cache_dir=str(cache_dir))
+
+
+def test_shakespeare_cache_is_uint16_memmap(shakespeare, cache_dir):
+    assert isinstance(shakespeare, np.memmap) and shakespeare.dtype == np.uint16
+    assert len(shakespeare) == 338_025
+    assert shakespeare[:6].tolist() == [5962, 22307, 25, 198, 8421, 356]
+    cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
+    assert cache.bin_path.parent == cache_dir and cache.bin_path.stat().st_size == 2 * 338_025
+
+
+def test_second_prepare_does_not_tokenize(shakespeare, cache_dir, monkeypatch):
+    def fail(texts):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "_tokenize", fail)
+    cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
+    assert cache.num_tokens == 338_025
+
+
+def test_changed_content_gets_a_new_cache_entry(tmp_path):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("hello world")
+    first = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    corpus.write_text("hello there world")
+    second = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    assert first.bin_path != second.bin_path
+    assert second.load().tolist() == gpt2_encoding().encode_ordinary("hello there world")
+
+
+def test_directory_of_txt_files_joined_by_endoftext(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "b.txt").write_text("Second document.")
+    (tmp_path / "docs" / "sub" / "a.txt").write_text("First one\n")  # sorted by path: b.txt < sub/a.txt
+    (tmp_path / "docs" / "notes.md").write_text("not a .txt: ignored")
+    tokens = prepare_tokens(text_cfg(tmp_path / "docs", tmp_path / "c")).load().tolist()
+    enc = gpt2_encoding()
+    assert tokens == enc.encode_ordinary("Second document.") + [EOT_TOKEN] + enc.encode_ordinary("First one\n")
+
+
+def test_truncated_cache_is_rebuilt(tmp_path, caplog):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("some words " * 100)
+    cache = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    with open(cache.bin_path, "r+b") as f:
+        f.truncate(10)
+    rebuilt = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    assert rebuilt.bin_path.stat().st_size == 2 * cache.num_tokens
+    assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"caf\xe9 latin-1", r"is not UTF-8 \(byte 3"), (b"", "is empty")],
+)
+def test_bad_corpus_is_one_clear_error(tmp_path, content, message):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    assert not list((tmp_path / "c").glob("*.json"))  # nothing left that could pass for a cache entry
+
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_tokens(text_cfg(tmp_path / "nope", tmp_path / "c"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .txt files"):
+        prepare_tokens(text_cfg(tmp_path / "empty", tmp_path / "c"))
+
+
+def test_loader_shift_and_epoch(shakespeare):
+    loader = BatchLoader(shakespeare, B=4, T=32)
+    assert loader.batches_per_epoch == 2_640
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
+    flat = torch.from_numpy(shakespeare[: 4 * 32 + 1].astype(np.int64))
+    assert torch.equal(x.flatten(), flat[:-1]) and torch.equal(y.flatten(), flat[1:])
+    assert torch.equal(y[:, :-1], x[:, 1:])  # y is x shifted by one token
+    assert loader.position == 128
+
+
+def test_loader_wraps_after_one_epoch(shakespeare):
+    loader = BatchLoader(shakespeare, B=4, T=32)
+    first, _ = loader.next_batch()
+    for _ in range(2_638):
+        loader.next_batch()
+    last_x, last_y = loader.next_batch()  # batch 2,640: the last full one
+    assert last_y[-1, -1].item() == shakespeare[2_640 * 128].item()
+    assert loader.position == 0 and loader.epoch == 1
+    again, _ = loader.next_batch()
+    assert torch.equal(again, first)
+
+
+def test_overfit_batches_cycles(shakespeare):
+    loader = BatchLoader(shakespeare, B=2, T=8, overfit_batches=2)
+    batches = [loader.next_batch()[0] for _ in range(5)]
+    assert torch.equal(batches[0], batches[2]) and torch.equal(batches[1], batches[3])
+    assert torch.equal(batches[0], batches[4]) and not torch.equal(batches[0], batches[1])
+
+
+def test_state_dict_resumes_the_stream(shakespeare):
+    a = BatchLoader(shakespeare, B=4, T=32)
+    for _ in range(7):
+        a.next_batch()
+    b = BatchLoader(shakespeare, B=4, T=32)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_ranks_take_interleaved_strides(shakespeare):
+    single = BatchLoader(shakespeare, B=2, T=16)
+    ranks = [BatchLoader(shakespeare, B=2, T=16, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for rank_loader in ranks:
+            assert torch.equal(rank_loader.next_batch()[0], single.next_batch()[0])
+
+
+def test_too_little_data_for_one_batch():
+    with pytest.raises(DataError, match="has 100 tokens but one batch needs B\\*T\\+1 = 129"):
+        BatchLoader(np.zeros(100, dtype=np.uint16), B=4, T=32)
+
+
+def test_val_split_holds_out_the_tail(shakespeare):
+    train, val = split_tokens(shakespeare, 0.1)
+    assert len(val) == 33_802 and len(train) + len(val) == 338_025
+    assert val[0] == shakespeare[len(train)]
+    assert len(split_tokens(shakespeare, 0.0)[1]) == 0

@@ -1,0 +1,99 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_exp.config import DataConfig, DataSource, DType, Schedule
+from gpt_exp.data import BatchLoader, prepare_tokens
+from gpt_exp.device import Runtime
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.train import LRSchedule, train
+
+TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
+CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=DType.fp32, compile=False)
+
+
+@pytest.fixture(scope="module")
+def shakespeare(cache_dir):
+    return prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir))).load()
+
+
+def test_gpt2_124m_shapes_and_initial_loss(shakespeare):
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig())
+    assert model.num_params() == 124_439_808
+    assert model.transformer.wte.weight is model.lm_head.weight  # weight tying
+    x, y = BatchLoader(shakespeare, B=4, T=32).next_batch()
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    assert logits.shape == (4, 32, 50257)
+    assert abs(loss.item() - math.log(50257)) < 0.3  # ~10.82: a uniform guess over the vocabulary
+    assert model(x)[1] is None
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64))
+    block = model.transformer.h[0]
+    assert abs(block.mlp.c_fc.weight.std().item() - 0.02) < 0.001
+    assert abs(block.mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.0005  # 0.02 / sqrt(2 * 8)
+    assert abs(block.attn.c_proj.weight.std().item() - 0.02 / 4) < 0.0005
+
+
+def test_optimizer_decays_only_2d_weights():
+    model = GPT(TINY)
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # 2 blocks x (attn, proj, fc, proj) + wte + wpe; 2 x (2 layernorms x 2 + 4 biases) + ln_f x 2
+    assert (len(decay["params"]), len(no_decay["params"])) == (10, 18)
+
+
+def test_lr_schedule_warmup_cosine_and_constant():
+    s = LRSchedule(lr=6e-4, warmup_steps=10, max_steps=50, min_lr_ratio=0.1)
+    assert s(0) == pytest.approx(6e-5) and s(9) == pytest.approx(6e-4)
+    assert s(30) == pytest.approx(6e-5 + 0.5 * (5.4e-4))  # halfway through the decay
+    assert s(50) == pytest.approx(6e-5) and s(1000) == pytest.approx(6e-5)
+    assert all(s(i) >= s(i + 1) for i in range(9, 60))
+    c = LRSchedule(lr=1e-3, warmup_steps=2, max_steps=50, kind=Schedule.constant)
+    assert [c(0), c(1), c(2), c(49)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def _train_losses(shakespeare, steps, lr, grad_accum=1, B=4):
+    torch.manual_seed(1337)
+    model = GPT(TINY)
+    opt = model.configure_optimizer(lr, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    loader = BatchLoader(shakespeare, B=B, T=32, overfit_batches=grad_accum)
+    losses = []
+    train(model, opt, loader, LRSchedule(lr, 0, steps, kind=Schedule.constant), CPU_FP32, start_step=0,
+          max_steps=steps, grad_accum_steps=grad_accum, grad_clip=1.0, on_step=lambda m: losses.append(m.loss))
+    return losses
+
+
+def test_tiny_model_overfits_one_batch(shakespeare):
+    losses = _train_losses(shakespeare, steps=100, lr=1e-2)
+    assert abs(losses[0] - math.log(50257)) < 0.1
+    assert losses[-1] < 0.1
+
+
+def test_grad_accumulation_matches_the_big_batch(shakespeare):
+    """Two micro-batches of B=2 accumulate to the same step as one batch of B=4 (the same 4 sequences)."""
+    big = _train_losses(shakespeare, steps=3, lr=1e-3, B=4)
+    accum = _train_losses(shakespeare, steps=3, lr=1e-3, B=2, grad_accum=2)
+    np.testing.assert_allclose(accum, big, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gpt2_124m_overfits_one_batch_with_default_optimizer(shakespeare):
+    """The lecture's check: 124M, B=4, T=32, lr 6e-4 warmup+cosine: from ~10.8 to below 1.5 within 50 steps."""
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig())
+    opt = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    losses = []
+    train(model, opt, BatchLoader(shakespeare, B=4, T=32, overfit_batches=1), LRSchedule(6e-4, 10, 50),
+          CPU_FP32, start_step=0, max_steps=50, grad_accum_steps=1, grad_clip=1.0,
+          on_step=lambda m: losses.append(m.loss))
+    assert abs(losses[0] - math.log(50257)) < 0.3
+    assert min(losses) < 1.5

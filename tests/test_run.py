@@ -1,0 +1,133 @@
+"""End to end: `python -m gpt_exp.run` as a user runs it, and everything a run leaves behind."""
+
+import json
+import math
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.helpers import only_run_dir, read_metrics, run_cli, wandb_records
+
+TINY_RUN = ["model=tiny", "train.max_steps=12", "optim.warmup_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, cache_dir):
+    cwd = tmp_path_factory.mktemp("offline_run")
+    result = run_cli("run", "data=shakespeare", "B=4", "T=32", *TINY_RUN, f"data.cache_dir={cache_dir}", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result, only_run_dir(cwd)
+
+
+def test_run_dir_layout(offline_run):
+    _, run_dir = offline_run
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", "/".join(run_dir.parts[-2:]))
+    assert run_dir.parent.parent.name == "outputs"
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "run.log", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    saved = OmegaConf.load(run_dir / ".hydra/config.yaml")
+    assert (saved.B, saved.T, saved.model.name, saved.train.max_steps) == (4, 32, "tiny", 12)  # B, T top-level
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_rows(offline_run):
+    _, run_dir = offline_run
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(12))
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tok_per_s", "dt_ms", "tokens"}
+    assert [r["tokens"] for r in rows] == [128 * (i + 1) for i in range(12)]
+    assert abs(rows[0]["loss"] - math.log(50257)) < 0.1
+    assert rows[0]["lr"] == pytest.approx(2e-4) and rows[2]["lr"] == pytest.approx(6e-4)  # warmup over 3 steps
+    assert rows[-1]["lr"] == pytest.approx(6e-4 * 0.1 + 0.5 * (1 + math.cos(math.pi * 8 / 9)) * 5.4e-4)
+    assert all(r["tok_per_s"] == pytest.approx(128 / (r["dt_ms"] / 1000), rel=1e-6) for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12 and summary["tokens"] == 1536
+    assert summary["final_loss"] == rows[-1]["loss"] and summary["best_loss"] == min(r["loss"] for r in rows)
+
+
+def test_log_reports_the_lectures_numbers(offline_run):
+    result, run_dir = offline_run
+    log = (run_dir / "run.log").read_text()
+    assert "loaded 338,025 tokens" in log
+    assert "1 epoch = 2,640 batches" in log
+    assert "model tiny: 1.23M params" in log
+    final_loss = read_metrics(run_dir)[-1]["loss"]
+    assert f"done: 12 steps, final loss {final_loss:.4f}" in log
+    assert "step 12/12 | loss" in log  # not a terminal: one progress line per step
+    assert "wandb sync" in result.stdout + result.stderr  # offline (no credentials) says how to upload later
+
+
+def test_wandb_offline_history_matches_metrics(offline_run):
+    _, run_dir = offline_run
+    [wandb_run] = list((run_dir / "wandb").glob("offline-run-*"))
+    records = wandb_records(wandb_run)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["loss"] for h in history] == [r["loss"] for r in read_metrics(run_dir)]
+    [run] = [r["run"] for r in records if r["type"] == "run"]
+    assert run["display_name"] == "/".join(run_dir.parts[-2:])
+    config = run["config"]["update"]
+    assert config["B"] == 4 and config["optim"]["lr"] == 0.0006 and config["model"]["name"] == "tiny"
+
+
+def test_second_run_reuses_the_token_cache(offline_run, tmp_path, cache_dir):
+    result = run_cli("run", *TINY_RUN, "train.max_steps=2", "logger.mode=disabled", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (only_run_dir(tmp_path) / "run.log").read_text()
+    assert "token cache hit" in log and "tokenized" not in log
+    assert not (only_run_dir(tmp_path) / "wandb").exists()  # logger.mode=disabled
+
+
+@pytest.mark.parametrize(
+    "env, warning",
+    [
+        ({}, "logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY)"),
+        ({"WANDB_API_KEY": "f" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}, "W&B server unreachable (127.0.0.1:9"),
+    ],
+)
+def test_wandb_failure_is_one_warning_and_the_run_goes_on(tmp_path, cache_dir, env, warning):
+    result = run_cli("run", *TINY_RUN, "train.max_steps=3", "logger.mode=online", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    warnings = [line for line in (run_dir / "run.log").read_text().splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warning in warnings[0] and "logging offline instead" in warnings[0]
+    assert len(read_metrics(run_dir)) == 3 and (run_dir / "loss.png").exists()
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))  # the history is kept, to sync later
+    assert len([r for r in wandb_records(offline) if r["type"] == "history"]) == 3
+
+
+def test_api_key_is_never_written(tmp_path, cache_dir):
+    key = "0123456789abcdef0123456789abcdef01234567"
+    result = run_cli("run", *TINY_RUN, "train.max_steps=2", "logger.mode=offline", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path, env={"WANDB_API_KEY": key})
+    assert result.returncode == 0, result.stderr
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert len(files) > 8
+    assert not [p for p in files if key.encode() in p.read_bytes()]
+
+
+def test_text_corpus_with_val_split(tmp_path, cache_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"Document number {i}. " * 200)
+    result = run_cli("run", "data=text", f"data.path={corpus}", *TINY_RUN, "train.max_steps=2", "logger.mode=disabled",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (only_run_dir(tmp_path) / "run.log").read_text()
+    total = int(re.search(r"loaded ([\d,]+) tokens", log).group(1).replace(",", ""))
+    val = int(re.search(r"val ([\d,]+)\)", log).group(1).replace(",", ""))
+    assert val == int(total * 0.1) and "tokenized 3 document(s)" in log
+
+
+@pytest.mark.slow
+def test_readme_main_job(tmp_path, cache_dir):
+    """The README's first command: the 124M model, 50 steps of B=4, T=32 on tiny shakespeare."""
+    result = run_cli("run", "data=shakespeare", "B=4", "T=32", "logger.mode=offline", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(only_run_dir(tmp_path))
+    assert len(rows) == 50 and abs(rows[0]["loss"] - math.log(50257)) < 0.3
+    assert rows[-1]["loss"] < 7.5  # the lecture's 50 steps from scratch reach ~6-7
