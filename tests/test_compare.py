@@ -1,0 +1,196 @@
+"""Tests for gpt_exp.compare on synthetic run dirs: the table's numbers, seed groups, broken runs, files, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gpt_exp.compare import (
+    RUNNING,
+    CompareError,
+    compare_table,
+    load_runs,
+    loss_curves,
+    main,
+    moving_average,
+    varying_keys,
+)
+
+
+def make_run(
+    run_dir: Path,
+    losses: list[float],
+    lr: float = 1e-3,
+    B: int = 4,
+    seed: int = 0,
+    status: str | None = "completed",
+    val_losses: list[float] = (),
+    tail: str = "",
+) -> Path:
+    """A run dir as `python -m gpt_exp.run` leaves it; status None means no summary.json (still running)."""
+    config = {
+        "B": B,
+        "T": 32,
+        "data": {"name": "shakespeare", "cache_dir": f"/tmp/cache/{run_dir.name}"},
+        "model": {"name": "tiny"},
+        "train": {"max_steps": 100, "seed": seed},
+        "optim": {"lr": lr, "warmup_steps": 2, "weight_decay": 0.1},
+        "logger": {"name": f"run-{run_dir.name}", "group": run_dir.parent.name},
+    }
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr={lr}", f"train.seed={seed}"]))
+    rows = [
+        dict(step=s, loss=loss, lr=lr, grad_norm=1.0, dt_ms=10.0, tok_per_s=1e3 * (s + 1), tokens=128 * (s + 1))
+        for s, loss in enumerate(losses)
+    ]
+    rows += [{"step": len(losses), "val_loss": v} for v in val_losses]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    if status is not None:
+        summary = {"status": status, "steps": len(losses), "wall_s": 2.5, "tokens": 128 * len(losses)}
+        summary["median_tok_per_s"] = 1234.0
+        if losses:
+            summary |= {"final_loss": losses[-1], "best_loss": min(losses)}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_varying_keys_skip_logger_and_paths(tmp_path: Path) -> None:
+    make_run(tmp_path / "0", [3.0], lr=1e-3, B=4)
+    make_run(tmp_path / "1", [3.0], lr=3e-4, B=4)
+    make_run(tmp_path / "2", [3.0], lr=3e-4, B=8)
+    assert varying_keys(load_runs([str(tmp_path)])) == ["B", "optim.lr"]
+
+
+def test_losses_come_from_metrics_and_summary(tmp_path: Path) -> None:
+    make_run(tmp_path / "done", [5.0, 3.0, 4.0], val_losses=[4.5, 4.25])
+    make_run(tmp_path / "going", [6.0, 2.5, 2.75], status=None)
+    done, going = load_runs([str(tmp_path / "done"), str(tmp_path / "going")])
+    assert (done.final_loss, done.best_loss, done.final_val_loss) == (4.0, 3.0, 4.25)
+    assert (done.status, done.steps, done.tokens, done.wall_s) == ("completed", 3, 384, 2.5)
+    # Without summary.json every number is read from metrics.jsonl.
+    assert (going.final_loss, going.best_loss, going.final_val_loss) == (2.75, 2.5, None)
+    assert (going.status, going.steps, going.tokens, going.wall_s) == (RUNNING, 3, 384, None)
+    assert going.median_tok_per_s == 2000.0  # median of 1000, 2000, 3000
+
+
+def test_table_sorted_by_metric_missing_last(tmp_path: Path) -> None:
+    make_run(tmp_path / "0", [5.0, 1.0, 3.0], lr=1e-3)  # final 3.0, best 1.0
+    make_run(tmp_path / "1", [2.0, 2.0], lr=3e-4)  # final 2.0, best 2.0
+    make_run(tmp_path / "2", [], lr=1e-4, status=None)  # started, no step yet
+    runs = load_runs([str(tmp_path)])
+    by_final = compare_table(runs)
+    assert [r["optim.lr"] for r in by_final] == [3e-4, 1e-3, 1e-4]
+    assert [r["final_loss"] for r in by_final] == [2.0, 3.0, None]
+    assert [r["optim.lr"] for r in compare_table(runs, "best_loss")] == [1e-3, 3e-4, 1e-4]
+    assert [r["optim.lr"] for r in compare_table(runs, "optim.lr")] == [1e-4, 3e-4, 1e-3]
+    with pytest.raises(CompareError, match="unknown --metric"):
+        compare_table(runs, "accuracy")
+
+
+def test_seeds_grouped_with_mean_and_sample_std(tmp_path: Path) -> None:
+    for seed, final in enumerate([1.0, 2.0, 3.0]):
+        make_run(tmp_path / str(seed), [6.0, final - 0.5, final], lr=1e-3, seed=seed)
+    make_run(tmp_path / "3", [6.0, 4.0], lr=3e-4, seed=0)
+    rows = compare_table(load_runs([str(tmp_path)]))
+    assert len(rows) == 2 and "train.seed" not in rows[0]
+    grouped, single = rows
+    assert (grouped["optim.lr"], grouped["n"], grouped["final_loss"], grouped["final_loss_std"]) == (1e-3, 3, 2.0, 1.0)
+    assert (grouped["best_loss"], grouped["best_loss_std"]) == (1.5, 1.0)
+    assert len(grouped["run_dirs"]) == 3
+    assert (single["n"], single["final_loss"], single["final_loss_std"]) == (1, 4.0, None)
+
+
+def test_seed_curve_is_mean_with_std_band(tmp_path: Path) -> None:
+    make_run(tmp_path / "0", [1.0, 2.0, 3.0], seed=0)
+    make_run(tmp_path / "1", [3.0, 4.0, 5.0], seed=1)
+    make_run(tmp_path / "2", [9.0], seed=2, status="failed")  # stopped early: left out of the mean
+    ((label, steps, mean, std),) = loss_curves(load_runs([str(tmp_path)]))
+    assert label == "all seeds (n=2)"
+    np.testing.assert_allclose(steps, [0, 1, 2])
+    np.testing.assert_allclose(mean, [2.0, 3.0, 4.0])
+    np.testing.assert_allclose(std, [np.sqrt(2)] * 3)
+    ((_, _, smoothed, _),) = loss_curves(load_runs([str(tmp_path)]), smooth=2)
+    np.testing.assert_allclose(smoothed, [2.0, 2.5, 3.5])
+
+
+def test_moving_average_keeps_length() -> None:
+    np.testing.assert_allclose(moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(moving_average(np.array([1.0, 2.0]), 1), [1.0, 2.0])
+
+
+def test_failed_and_running_jobs_in_a_sweep(tmp_path: Path) -> None:
+    make_run(tmp_path / "0", [4.0, 3.0], lr=1e-3)
+    make_run(tmp_path / "1", [4.0, 8.0], lr=1e-2, status="failed")
+    make_run(tmp_path / "2", [4.0, 3.5], lr=3e-4, status=None, tail='{"step": 2, "loss": 3.')
+    rows = {r["optim.lr"]: r for r in compare_table(load_runs([str(tmp_path)]))}
+    assert (rows[1e-2]["status"], rows[1e-2]["final_loss"]) == ("failed", 8.0)
+    assert (rows[3e-4]["status"], rows[3e-4]["final_loss"], rows[3e-4]["steps"]) == (RUNNING, 3.5, 2)
+
+
+def test_seed_group_uses_completed_runs_and_reports_the_mix(tmp_path: Path) -> None:
+    make_run(tmp_path / "0", [1.0], seed=0)
+    make_run(tmp_path / "1", [3.0], seed=1)
+    make_run(tmp_path / "2", [9.0], seed=2, status="failed")
+    (row,) = compare_table(load_runs([str(tmp_path)]))
+    assert (row["n"], row["final_loss"], row["status"]) == (2, 2.0, "2 completed, 1 failed")
+
+
+def test_broken_middle_line_is_an_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "0", [4.0, 3.0])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", lines[1]]) + "\n")
+    with pytest.raises(CompareError, match="line 2 is not JSON"):
+        load_runs([str(run)])
+
+
+def test_cli_writes_csv_json_png_to_sweep_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = tmp_path / "multirun" / "2026-11-25" / "09-01-33"
+    (sweep / "multirun.yaml").parent.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    make_run(sweep / "0", [5.0, 4.0, 3.0], lr=1e-3, val_losses=[3.25])
+    make_run(sweep / "1", [5.0, 4.5, 4.0], lr=3e-4)
+    make_run(sweep / "2", [5.0, 4.75], lr=1e-4, status=None, tail="\n")
+    assert main([str(sweep), "--smooth", "2", "--logx"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr" in out and "final_val_loss" in out and RUNNING in out
+    assert (sweep / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((sweep / "compare.json").read_text())
+    assert [r["final_loss"] for r in table] == [3.0, 4.0, 4.75]
+    assert table[0]["final_val_loss"] == 3.25
+    with open(sweep / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["optim.lr"]) for r in rows] == [1e-3, 3e-4, 1e-4]
+    assert rows[2]["status"] == RUNNING
+
+
+def test_cli_glob_and_out_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_run(tmp_path / "runs" / "a", [3.0], lr=1e-3)
+    make_run(tmp_path / "runs" / "b", [2.0], lr=3e-4)
+    assert main([str(tmp_path / "runs" / "*"), "--out", str(tmp_path / "report")]) == 0
+    assert [r["final_loss"] for r in json.loads((tmp_path / "report" / "compare.json").read_text())] == [2.0, 3.0]
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no runs under {tmp_path / 'empty'}")
+    make_run(tmp_path / "run", [3.0])
+    assert main([str(tmp_path / "run"), "--metric", "accuracy"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_missing_path_subprocess(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_sweep"
+    result = subprocess.run([sys.executable, "-m", "gpt_exp.compare", str(missing)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: {missing} does not exist")
+    assert "Traceback" not in result.stderr and result.stdout == ""
