@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -43,6 +44,7 @@ def seed_everything(seed: int) -> None:
 
 def run(dict_cfg: DictConfig) -> float:
     """One training run; returns the final training loss (the metric sweepers optimize)."""
+    started_at = time.perf_counter()
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     runtime = resolve_runtime(cfg.device)
@@ -70,7 +72,8 @@ def run(dict_cfg: DictConfig) -> float:
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
     config_for_wandb = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
-    tracker = Tracker(run_dir, cfg.logger, run_name(run_dir), config_for_wandb, cfg.train.max_steps, cfg.train.log_every)
+    tracker = Tracker(run_dir, cfg.logger, run_name(run_dir), config_for_wandb, cfg.train.max_steps, cfg.train.log_every,
+                      started_at=started_at)
     status = "failed"
     try:
         train(step_model, optimizer, loader, schedule, runtime, start_step=0, max_steps=cfg.train.max_steps,

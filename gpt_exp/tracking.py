@@ -163,7 +163,7 @@ class Tracker:
     """Sends each step to metrics.jsonl, the progress bar and W&B; writes loss.png and a summary at the end."""
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, config: dict, total_steps: int,
-                 log_every: int = 1, start_step: int = 0):
+                 log_every: int = 1, start_step: int = 0, started_at: float | None = None):
         self.run_dir, self.name, self.log_every = run_dir, name, log_every
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_file = open(self.metrics_path, "a", buffering=1)  # line-buffered: a crash loses no row
@@ -171,7 +171,7 @@ class Tracker:
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
         self.wandb = WandbRun(cfg, run_dir, name, config)
-        self.t0 = time.perf_counter()
+        self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
