@@ -75,6 +75,7 @@ class DeviceConfig:
     dtype: DType = DType.auto
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
     compile: Optional[bool] = None  # None: torch.compile on CUDA only
+    threads: Optional[int] = None  # torch CPU threads; None: the cores, shared out between parallel joblib jobs
 
 
 @dataclass
@@ -139,6 +140,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.B >= 1, "B", cfg.B, "the batch size must be >= 1, e.g. B=4")
     _require(cfg.T >= 1, "T", cfg.T, "the sequence length must be >= 1, e.g. T=32")
     _require(cfg.T <= m.block_size, "T", cfg.T, f"it exceeds model.block_size={m.block_size}; use T<={m.block_size}")
+    _require(cfg.device.threads is None or cfg.device.threads >= 1, "device.threads", cfg.device.threads,
+             "it must be >= 1, or null for all cores")
     _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be >= 0 (0 disables clipping)")
     _require(t.overfit_batches >= 0, "train.overfit_batches", t.overfit_batches, "it must be >= 0 (0: off)")

@@ -17,6 +17,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp.config import ConfigError, RunConfig, register_schema, validate
@@ -24,16 +25,29 @@ from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
 from gpt_exp.device import resolve_runtime
 from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
 from gpt_exp.tracking import Tracker
 from gpt_exp.train import LRSchedule, train
 
 log = logging.getLogger("gpt_exp")
 
 
-def run_name(run_dir: Path) -> str:
-    """The run dir below outputs/ ('2026-11-25/09-12-33'), which is also its W&B name."""
-    parts = run_dir.parts
-    return "/".join(parts[parts.index("outputs") + 1 :]) if "outputs" in parts else run_dir.name
+def parallel_jobs(hc) -> int:
+    """How many jobs of this sweep run side by side in this machine (joblib's n_jobs; 1 for other launchers)."""
+    launcher = hc.launcher
+    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = launcher.get("n_jobs") or 1
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)  # joblib: -1 = every core
+
+
+def wandb_identity(cfg: RunConfig, hc, run_dir: Path) -> tuple[str, str | None]:
+    """(name, group): a sweep's jobs share a group named after the sweep dir and are named by their overrides."""
+    if hc.mode == RunMode.MULTIRUN:
+        keys = swept_keys(Path(hc.sweep.dir), hc.sweeper.get("params"))
+        name = overrides_name(list(hc.overrides.task), keys) or f"job{hc.job.num}"
+        return cfg.logger.name or name, cfg.logger.group or below_outputs(Path(hc.sweep.dir))
+    return cfg.logger.name or below_outputs(run_dir), cfg.logger.group
 
 
 def seed_everything(seed: int) -> None:
@@ -47,8 +61,9 @@ def run(dict_cfg: DictConfig) -> float:
     started_at = time.perf_counter()
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
-    runtime = resolve_runtime(cfg.device)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    runtime = resolve_runtime(cfg.device, parallel_jobs(hc))
+    run_dir = Path(hc.runtime.output_dir)
     seed_everything(cfg.train.seed)
 
     tokens = prepare_tokens(cfg.data).load()
@@ -71,8 +86,10 @@ def run(dict_cfg: DictConfig) -> float:
     step_model = torch.compile(model) if runtime.compile else model
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
-    config_for_wandb = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
-    tracker = Tracker(run_dir, cfg.logger, run_name(run_dir), config_for_wandb, cfg.train.max_steps, cfg.train.log_every,
+    name, group = wandb_identity(cfg, hc, run_dir)
+    wandb_config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
+    wandb_config["overrides"] = list(hc.overrides.task)
+    tracker = Tracker(run_dir, cfg.logger, name, group, wandb_config, cfg.train.max_steps, cfg.train.log_every,
                       started_at=started_at)
     status = "failed"
     try:
@@ -93,6 +110,7 @@ def _fail(e: BaseException) -> None:
 
 
 register_schema()
+register_resolvers()
 
 
 @hydra.main(config_path="pkg://gpt_exp.conf", config_name="config", version_base="1.3")

@@ -66,13 +66,13 @@ def resolve_wandb_mode(mode: LoggerMode) -> str:
 class WandbRun:
     """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, config: dict):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None, config: dict):
         self.run = None
         self.mode = resolve_wandb_mode(cfg.mode)
         if self.mode == "disabled":
             return
-        init_args = dict(dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
-                         name=cfg.name or name, tags=list(cfg.tags), config=config)
+        init_args = dict(dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=group, name=name,
+                         tags=list(cfg.tags), config=config)
         if self.mode == "online" and not wandb_credentials_present():
             log.warning("logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY); "
                         "logging offline instead")
@@ -162,7 +162,7 @@ def _clock(seconds: float) -> str:
 class Tracker:
     """Sends each step to metrics.jsonl, the progress bar and W&B; writes loss.png and a summary at the end."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, config: dict, total_steps: int,
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, group: str | None, config: dict, total_steps: int,
                  log_every: int = 1, start_step: int = 0, started_at: float | None = None):
         self.run_dir, self.name, self.log_every = run_dir, name, log_every
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -170,7 +170,7 @@ class Tracker:
         self.rows: list[dict] = []
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
-        self.wandb = WandbRun(cfg, run_dir, name, config)
+        self.wandb = WandbRun(cfg, run_dir, name, group, config)
         self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
 
     def log_step(self, m: StepMetrics) -> None:
