@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +49,11 @@ def _pick_device(requested: DeviceType) -> torch.device:
     return torch.device(requested.value)
 
 
-def cpu_threads(requested: int | None, parallel_jobs: int) -> int:
-    """Threads for torch's CPU ops: jobs running side by side share the cores instead of oversubscribing them."""
-    if requested is not None:
-        return requested
-    return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
-
-
-def resolve_runtime(cfg: DeviceConfig, parallel_jobs: int = 1) -> Runtime:
-    torch.set_num_threads(cpu_threads(cfg.threads, parallel_jobs))
+def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None) -> Runtime:
+    # Jobs running side by side must share the cores, not oversubscribe them: the launcher says how many are ours.
+    threads = cfg.threads or launcher_threads
+    if threads:
+        torch.set_num_threads(threads)
     device = _pick_device(cfg.type)
     dtype = cfg.dtype
     if dtype == DType.auto:

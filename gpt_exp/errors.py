@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from gpt_exp.config import ConfigError, RunConfig
 
+_PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
 _LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
 
@@ -46,8 +47,9 @@ def _missing_option(e: MissingConfigException) -> str:
     what = found.group(1) if found else _first_line(text)
     options = re.findall(r"^\t([\w.-]+)$", text, flags=re.M)
     if options and "/" in what:
-        group, option = what.split("/", 1)
-        return f"unknown option {group}={option}; choose one of: {', '.join(options)}"
+        group, option = what.rsplit("/", 1)
+        plugins = _PLUGIN_HINT if group.startswith("hydra/") else ""
+        return f"unknown option {group}={option}; choose one of: {', '.join(options)}{plugins}"
     return f"cannot find config '{what}'; `python -m gpt_exp.run --help` lists the groups and their options"
 
 

@@ -32,13 +32,20 @@ from gpt_exp.train import LRSchedule, train
 log = logging.getLogger("gpt_exp")
 
 
-def parallel_jobs(hc) -> int:
-    """How many jobs of this sweep run side by side in this machine (joblib's n_jobs; 1 for other launchers)."""
+def launcher_threads(hc) -> int | None:
+    """CPU threads a job may use under its launcher: joblib's parallel jobs share the cores, a submitit job
+    gets its cpus_per_task; None: no limit known (all cores)."""
+    if hc.mode != RunMode.MULTIRUN:
+        return None
     launcher = hc.launcher
-    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
-        return 1
-    n_jobs = launcher.get("n_jobs") or 1
-    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)  # joblib: -1 = every core
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        n_jobs = launcher.get("n_jobs") or 1
+        parallel = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)  # joblib: -1 = every core
+        return max(1, (os.cpu_count() or 1) // parallel)
+    if "submitit" in target:
+        return launcher.get("cpus_per_task")
+    return None
 
 
 def wandb_identity(cfg: RunConfig, hc, run_dir: Path) -> tuple[str, str | None]:
@@ -62,7 +69,7 @@ def run(dict_cfg: DictConfig) -> float:
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     hc = HydraConfig.get()
-    runtime = resolve_runtime(cfg.device, parallel_jobs(hc))
+    runtime = resolve_runtime(cfg.device, launcher_threads(hc))
     run_dir = Path(hc.runtime.output_dir)
     seed_everything(cfg.train.seed)
 
@@ -77,8 +84,9 @@ def run(dict_cfg: DictConfig) -> float:
     m = cfg.model
     model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
     log.info(
-        "model %s: %.2fM params | device %s, %s, compile %s | %s tokens/step = %d x %d x %d micro-steps",
-        m.name, model.num_params() / 1e6, runtime.device, runtime.dtype.value, "on" if runtime.compile else "off",
+        "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d micro-steps",
+        m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(), runtime.dtype.value,
+        "on" if runtime.compile else "off",
         f"{tokens_per_step:,}", cfg.B, cfg.T, grad_accum_steps,
     )
     o = cfg.optim

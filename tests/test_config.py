@@ -90,3 +90,4 @@ def test_help_and_cfg_job(tmp_path):
     shown = run_cli("run", "--cfg", "job", "B=8", "model=tiny", cwd=tmp_path)
     cfg = OmegaConf.create(shown.stdout)
     assert (cfg.B, cfg.T, cfg.model.n_embd, cfg.optim.lr) == (8, 32, 24, 6e-4)
+    assert not (tmp_path / "outputs").exists()  # showing the config creates no run dir
