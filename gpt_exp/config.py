@@ -13,12 +13,18 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 
 
-class ConfigError(ValueError):
-    """A user mistake in the configuration or the data: printed as one line at the entry point."""
+class UserError(Exception):
+    """Something the user can fix: printed as one line naming the fix at the entry point, never a traceback."""
+
+    exit_code = 2
 
 
-class DataError(ConfigError):
-    """A problem with the user's corpus (missing, empty, not UTF-8, too short)."""
+class ConfigError(UserError, ValueError):
+    """A value in the configuration that cannot work."""
+
+
+class DataError(UserError):
+    """A problem with the user's corpus (missing, empty, not UTF-8, too short) or its cache."""
 
 
 class DataSource(str, Enum):
@@ -81,6 +87,8 @@ class DeviceConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 50
+    ckpt_every: int = 0  # N > 0: a checkpoint every N steps, at the end, and when interrupted; 0: none
+    keep_ckpts: int = 2  # the newest K checkpoints are kept
     seed: int = 1337
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     total_batch_size: Optional[int] = None  # tokens per optimizer step; None: one micro-batch (B*T)
@@ -119,6 +127,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: Optional[str] = None  # a run dir or checkpoint file to continue from
 
 
 def register_schema() -> None:
@@ -146,6 +155,8 @@ def validate(cfg: RunConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be >= 0 (0 disables clipping)")
     _require(t.overfit_batches >= 0, "train.overfit_batches", t.overfit_batches, "it must be >= 0 (0: off)")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be >= 1")
+    _require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "it must be >= 0 (0: no checkpoints)")
+    _require(t.keep_ckpts >= 1, "train.keep_ckpts", t.keep_ckpts, "keep at least 1 checkpoint")
     if t.total_batch_size is not None:
         micro = cfg.B * cfg.T
         _require(

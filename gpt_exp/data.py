@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.config import DataConfig, DataError, DataSource
@@ -87,19 +88,54 @@ class TokenCache:
         return np.memmap(self.bin_path, dtype=np.uint16, mode="r", shape=(self.num_tokens,))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cached(bin_path: Path, meta_path: Path) -> TokenCache | None:
-    """A complete cache entry, or None. The meta file is written last, so its presence marks completion."""
+    """A complete, intact cache entry, or None. The meta file is written last, so its presence marks completion;
+    a token file whose size or checksum disagrees with it is reported and left to be rebuilt."""
     if not meta_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["num_tokens"], meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("token cache metadata %s is unreadable; rebuilding the entry", meta_path)
+        return None
     if not bin_path.exists() or bin_path.stat().st_size != 2 * meta["num_tokens"]:
-        log.warning("token cache %s is truncated; rebuilding it", bin_path)
+        log.warning("token cache %s is truncated or missing; rebuilding it", bin_path)
+        return None
+    if _sha256(bin_path) != meta["sha256"]:
+        log.warning("token cache %s is corrupt (checksum mismatch); rebuilding it", bin_path)
         return None
     return TokenCache(bin_path, meta_path, meta["num_tokens"])
 
 
+def _build_cache(texts: list[str], files: list[Path], bin_path: Path, meta_path: Path) -> TokenCache:
+    n_bytes = sum(len(t) for t in texts)
+    t0 = time.perf_counter()
+    tokens = _tokenize(texts)
+    dt = time.perf_counter() - t0
+    log.info("tokenized %d document(s), %.1f MB in %.2f s (%.1f MB/s)", len(texts), n_bytes / 1e6, dt, n_bytes / 1e6 / dt)
+    with atomic_path(bin_path) as tmp:
+        tokens.tofile(tmp)
+    meta = {"num_tokens": int(tokens.size), "sha256": _sha256(bin_path), "num_documents": len(texts),
+            "tokenizer": TOKENIZER_ID, "dtype": "uint16", "sources": [str(p) for p in files[:10]]}
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    return TokenCache(bin_path, meta_path, int(tokens.size))
+
+
 def prepare_tokens(cfg: DataConfig) -> TokenCache:
-    """Tokenize the corpus into the cache unless a complete entry for the same content exists."""
+    """Tokenize the corpus into the cache unless a complete entry for the same content exists.
+
+    Any number of runs may start at once on one cache: a file lock lets exactly one tokenize while the
+    others wait, then read what it wrote.
+    """
     files = source_files(cfg)
     texts, key = _read_documents(files)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -110,20 +146,24 @@ def prepare_tokens(cfg: DataConfig) -> TokenCache:
         return hit
     if not any(texts):
         raise DataError(f"the corpus at {files[0] if len(files) == 1 else cfg.path} is empty; give a file with text")
-    n_bytes = sum(len(t) for t in texts)
-    t0 = time.perf_counter()
-    tokens = _tokenize(texts)
-    dt = time.perf_counter() - t0
-    log.info("tokenized %d document(s), %.1f MB in %.2f s (%.1f MB/s)", len(texts), n_bytes / 1e6, dt, n_bytes / 1e6 / dt)
     try:
-        with atomic_path(bin_path) as tmp:
-            tokens.tofile(tmp)
-        meta = {"num_tokens": int(tokens.size), "num_documents": len(texts), "tokenizer": TOKENIZER_ID,
-                "sources": [str(p) for p in files[:10]], "dtype": "uint16"}
-        atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache_dir / f"{key}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another process is tokenizing this corpus into %s; waiting for it", cache_dir)
+            lock.acquire()
+        try:
+            hit = _cached(bin_path, meta_path)  # built by the process that held the lock before us?
+            if hit is not None:
+                log.info("token cache hit: %s", bin_path)
+                return hit
+            return _build_cache(texts, files, bin_path, meta_path)
+        finally:
+            lock.release()
     except OSError as e:
         raise DataError(f"cannot write the token cache in {cache_dir} ({e.strerror}); set data.cache_dir=WRITABLE_DIR") from None
-    return TokenCache(bin_path, meta_path, int(tokens.size))
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

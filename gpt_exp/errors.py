@@ -9,16 +9,34 @@ import re
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from gpt_exp.config import ConfigError, RunConfig
+from gpt_exp.config import RunConfig, UserError
 
 _PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
 _LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
 
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError about a file behind `e` (itself, or what a resolver raised while creating the run dir)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.filename:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def is_user_error(e: BaseException) -> bool:
-    return isinstance(
-        e, (ConfigError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
+    """Mistakes and conditions the user can fix: config and data errors, and files that cannot be written
+    (a full disk, a read-only or wrong output dir)."""
+    if isinstance(e, OSError):
+        return e.filename is not None
+    return _os_error(e) is not None or isinstance(
+        e, (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
     )
+
+
+def _io_error(e: OSError) -> str:
+    return (f"cannot write {e.filename} ({e.strerror}); free disk space, fix its permissions, or write elsewhere "
+            f"(hydra.run.dir=DIR, data.cache_dir=DIR)")
 
 
 def _schema_keys(node: type = RunConfig, prefix: str = "") -> list[str]:
@@ -54,8 +72,10 @@ def _missing_option(e: MissingConfigException) -> str:
 
 
 def user_error_line(e: BaseException) -> str:
-    if isinstance(e, ConfigError):
+    if isinstance(e, UserError):
         return str(e)
+    if (os_error := _os_error(e)) is not None:
+        return _io_error(os_error)
     if isinstance(e, MissingConfigException):
         return _missing_option(e)
     if isinstance(e, OverrideParseException):

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,14 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_exp.config import ConfigError, RunConfig, register_schema, validate
+from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
+from gpt_exp.config import RunConfig, UserError, register_schema, validate
 from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
 from gpt_exp.device import resolve_runtime
 from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
 from gpt_exp.tracking import Tracker
-from gpt_exp.train import LRSchedule, train
+from gpt_exp.train import Diverged, LRSchedule, StepMetrics, StopOnSignal, train
 
 log = logging.getLogger("gpt_exp")
 
@@ -71,6 +73,8 @@ def run(dict_cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     runtime = resolve_runtime(cfg.device, launcher_threads(hc))
     run_dir = Path(hc.runtime.output_dir)
+    config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
+    resumed = load_resume(cfg.resume, config) if cfg.resume else None
     seed_everything(cfg.train.seed)
 
     tokens = prepare_tokens(cfg.data).load()
@@ -83,38 +87,64 @@ def run(dict_cfg: DictConfig) -> float:
     grad_accum_steps = tokens_per_step // (cfg.B * cfg.T)
     m = cfg.model
     model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
+    o = cfg.optim
+    optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type)
+    start_step, start_tokens = 0, 0
+    if resumed:
+        start_step, start_tokens = resumed.restore(model, optimizer, loader)
     log.info(
         "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d micro-steps",
         m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(), runtime.dtype.value,
-        "on" if runtime.compile else "off",
-        f"{tokens_per_step:,}", cfg.B, cfg.T, grad_accum_steps,
+        "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T, grad_accum_steps,
     )
-    o = cfg.optim
-    optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type)
     step_model = torch.compile(model) if runtime.compile else model
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
     name, group = wandb_identity(cfg, hc, run_dir)
-    wandb_config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
-    wandb_config["overrides"] = list(hc.overrides.task)
-    tracker = Tracker(run_dir, cfg.logger, name, group, wandb_config, cfg.train.max_steps, cfg.train.log_every,
-                      started_at=started_at)
+    tracker = Tracker(
+        run_dir, cfg.logger, name, group, {**config, "overrides": list(hc.overrides.task)}, cfg.train.max_steps,
+        cfg.train.log_every, started_at=started_at, previous_rows=resumed.metrics_before() if resumed else [],
+        wandb_id=resumed.wandb_id if resumed else None, summary_extra=resumed.summary() if resumed else {},
+    )
+
+    def save(step: int, tokens_seen: int) -> None:
+        state = {"step": step, "tokens": tokens_seen, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "loader": loader.state_dict(), "rng": rng_state(), "config": config, "wandb_id": tracker.wandb_id}
+        path = save_checkpoint(run_dir, state, cfg.train.keep_ckpts)
+        log.info("checkpoint: %s", path)
+
+    def on_step(metrics: StepMetrics) -> None:
+        tracker.log_step(metrics)
+        done = metrics.step + 1
+        if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
+            save(done, metrics.tokens)
+
     status = "failed"
     try:
-        train(step_model, optimizer, loader, schedule, runtime, start_step=0, max_steps=cfg.train.max_steps,
-              grad_accum_steps=grad_accum_steps, grad_clip=cfg.train.grad_clip, on_step=tracker.log_step)
-        status = "completed"
+        with StopOnSignal() as stop:
+            next_step = train(step_model, optimizer, loader, schedule, runtime, start_step=start_step,
+                              max_steps=cfg.train.max_steps, grad_accum_steps=grad_accum_steps,
+                              grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop)
+        status = "completed" if next_step == cfg.train.max_steps else "interrupted"
+        if cfg.train.ckpt_every and next_step > start_step:
+            save(next_step, tracker.rows[-1]["tokens"])
+    except Diverged:
+        status = "diverged"
+        raise
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         summary = tracker.close(status)
+    if status == "interrupted":
+        log.info("interrupted at step %d; continue with resume=%s", next_step, run_dir)
+        raise SystemExit(128 + (stop.requested or signal.SIGINT))
     return summary["final_loss"]
 
 
 def _fail(e: BaseException) -> None:
     print(f"error: {user_error_line(e)}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(getattr(e, "exit_code", 2))
 
 
 register_schema()
@@ -125,7 +155,7 @@ register_resolvers()
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except ConfigError as e:
+    except UserError as e:
         # Caught here, not in main(), so Hydra adds no "Error executing job" report, and a run that failed its
         # checks leaves no run dir that could pass for a run.
         run_dir = Path(HydraConfig.get().runtime.output_dir)

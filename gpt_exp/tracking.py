@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpt_exp.atomic import atomic_write_bytes
-from gpt_exp.config import LoggerConfig, LoggerMode
+from gpt_exp.config import LoggerConfig, LoggerMode, UserError
 from gpt_exp.plots import plot_loss_curve
 from gpt_exp.train import StepMetrics
 
@@ -66,13 +66,16 @@ def resolve_wandb_mode(mode: LoggerMode) -> str:
 class WandbRun:
     """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None, config: dict):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None, config: dict,
+                 resume_id: str | None = None):
         self.run = None
         self.mode = resolve_wandb_mode(cfg.mode)
         if self.mode == "disabled":
             return
         init_args = dict(dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=group, name=name,
                          tags=list(cfg.tags), config=config)
+        if resume_id:  # continue the W&B run of the checkpoint: same id, history appended
+            init_args.update(id=resume_id, resume="allow")
         if self.mode == "online" and not wandb_credentials_present():
             log.warning("logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY); "
                         "logging offline instead")
@@ -163,20 +166,37 @@ class Tracker:
     """Sends each step to metrics.jsonl, the progress bar and W&B; writes loss.png and a summary at the end."""
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, group: str | None, config: dict, total_steps: int,
-                 log_every: int = 1, start_step: int = 0, started_at: float | None = None):
+                 log_every: int = 1, started_at: float | None = None, previous_rows: list[dict] | None = None,
+                 wandb_id: str | None = None, summary_extra: dict | None = None):
+        """previous_rows: the history of the run this one resumes (copied into metrics.jsonl, counted in the
+        summary); wandb_id: the W&B run to continue."""
+        self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
         self.run_dir, self.name, self.log_every = run_dir, name, log_every
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_file = open(self.metrics_path, "a", buffering=1)  # line-buffered: a crash loses no row
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(previous_rows or [])
+        self.summary_extra = summary_extra or {}
+        try:
+            self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
+            self.metrics_file.writelines(json.dumps(row) + "\n" for row in self.rows)
+        except OSError as e:
+            raise UserError(f"cannot write {run_dir / 'metrics.jsonl'} ({e.strerror}); free disk space or fix "
+                            f"permissions of {run_dir.parent}") from None
+        start_step = self.rows[-1]["step"] + 1 if self.rows else 0
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
-        self.wandb = WandbRun(cfg, run_dir, name, group, config)
-        self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
+        self.wandb = WandbRun(cfg, run_dir, name, group, config, resume_id=wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.run.id if self.wandb.run is not None else None
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
         self.rows.append(row)
-        self.metrics_file.write(json.dumps(row) + "\n")
+        try:
+            self.metrics_file.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.metrics_file.name} ({e.strerror}); free disk space, then resume "
+                            f"from the last checkpoint") from None
         self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=m.step)
         if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
             self.progress.update(m)
@@ -186,7 +206,7 @@ class Tracker:
         self.progress.close()
         self.metrics_file.close()
         wall = time.perf_counter() - self.t0
-        summary: dict = {"status": status, "steps": len(self.rows), "wall_s": round(wall, 3)}
+        summary: dict = {"status": status, "steps": len(self.rows), "wall_s": round(wall, 3), **self.summary_extra}
         if self.rows:
             losses = [r["loss"] for r in self.rows]
             summary.update(
@@ -197,9 +217,9 @@ class Tracker:
             )
             plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name)
             log.info(
-                "done: %d steps, final loss %.4f, median %s tok/s, wall %.1f s, run dir %s",
-                len(self.rows), summary["final_loss"], f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
+                "%s: %d steps, final loss %.4f, median %s tok/s, wall %.1f s, run dir %s",
+                "done" if status == "completed" else status, len(self.rows), summary["final_loss"], f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
-        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         self.wandb.finish()
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary

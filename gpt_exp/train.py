@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from gpt_exp.config import Schedule
+from gpt_exp.config import Schedule, UserError
 from gpt_exp.data import BatchLoader
 from gpt_exp.device import Runtime
 
@@ -39,6 +40,37 @@ class LRSchedule:
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - min_lr)
 
 
+class Diverged(UserError):
+    """The loss became NaN or inf: the run stops; its last checkpoint stays as it was."""
+
+    exit_code = 3
+
+
+class StopOnSignal:
+    """Turns SIGINT (Ctrl-C) and SIGTERM (SLURM before preemption) into a request to stop after the current step,
+    so the run can write its checkpoint; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+
 @dataclass
 class StepMetrics:
     step: int
@@ -62,11 +94,14 @@ def train(
     grad_accum_steps: int,
     grad_clip: float,
     on_step: Callable[[StepMetrics], None],
-) -> None:
-    """Run optimizer steps start_step..max_steps-1, calling `on_step` after each."""
+    start_tokens: int = 0,
+    stop: StopOnSignal | None = None,
+) -> int:
+    """Run optimizer steps start_step..max_steps-1, calling `on_step` after each; returns the next step to run
+    (max_steps, or earlier when `stop` was requested)."""
     model.train()
     tokens_per_step = loader.B * loader.T * grad_accum_steps
-    tokens = start_step * tokens_per_step
+    tokens = start_tokens
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
@@ -88,5 +123,11 @@ def train(
         optimizer.step()
         loss_value = loss_accum.item()  # waits for the device, so dt below is the real step time
         dt = time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            raise Diverged(f"the loss is {loss_value} at step {step} (lr {lr:.3g}, grad norm {norm.item():.3g}); "
+                           f"lower optim.lr or raise optim.warmup_steps, and resume from the last checkpoint")
         tokens += tokens_per_step
         on_step(StepMetrics(step, loss_value, lr, norm.item(), dt * 1000, tokens_per_step / dt, tokens))
+        if stop is not None and stop.requested:
+            return step + 1
+    return max_steps

@@ -143,3 +143,16 @@ def test_val_split_holds_out_the_tail(shakespeare):
     assert len(val) == 33_802 and len(train) + len(val) == 338_025
     assert val[0] == shakespeare[len(train)]
     assert len(split_tokens(shakespeare, 0.0)[1]) == 0
+
+
+def test_corrupt_cache_is_detected_by_checksum_and_rebuilt(tmp_path, caplog):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("some words " * 100)
+    cache = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    good = cache.load().tolist()
+    with open(cache.bin_path, "r+b") as f:  # same size, one token flipped
+        f.seek(10)
+        f.write(b"\xff\xff")
+    rebuilt = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
+    assert "corrupt (checksum mismatch); rebuilding" in caplog.text
+    assert rebuilt.load().tolist() == good

@@ -1,0 +1,163 @@
+"""Checkpoints: a dict of every stateful piece's state_dict(), written atomically, the newest K kept.
+
+A checkpoint holds model, optimizer, loader position, RNG states, step, tokens seen, the config and the W&B run id,
+so that a resumed run continues exactly where the original stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt_exp.atomic import atomic_path
+from gpt_exp.config import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+_CKPT_NAME = re.compile(r"step_(\d+)\.pt")
+# Resuming with any of these changed cannot load the saved weights.
+SHAPE_KEYS = ("model.block_size", "model.vocab_size", "model.n_layer", "model.n_head", "model.n_embd")
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states as plain lists and tensors (loadable with weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CKPT_DIR / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a write in progress is a hidden temp file, never listed)."""
+    paths = [p for p in (run_dir / CKPT_DIR).glob("step_*.pt") if _CKPT_NAME.fullmatch(p.name)]
+    return sorted(paths, key=lambda p: int(_CKPT_NAME.fullmatch(p.name).group(1)))
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
+    """Write `state` for its step atomically (temp file, fsync, rename), then drop all but the newest `keep`."""
+    path = checkpoint_path(run_dir, state["step"])
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path} ({e.strerror}); free disk space or fix permissions, "
+                        f"then resume from the previous checkpoint") from None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def find_checkpoint(target: str) -> Path:
+    """The checkpoint `resume=` names: a checkpoint file, or the newest complete checkpoint of a run dir."""
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise ConfigError(f"resume={target} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
+    found = list_checkpoints(path)
+    if not found:
+        raise ConfigError(f"resume={target} holds no checkpoint ({CKPT_DIR}/step_*.pt); "
+                          f"runs write them with train.ckpt_every=N")
+    return found[-1]
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: whatever torch raises, it is the user's file
+        raise ConfigError(f"resume: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); "
+                          f"resume from another one in {path.parent}") from None
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+               if k != "resume" and old.get(k) != new.get(k)]
+    shape = [c for c in changes if c.split(":")[0] in SHAPE_KEYS]
+    if shape:
+        raise ConfigError(f"resume: the checkpoint's model has another shape ({'; '.join(shape)}); "
+                          f"resume with the original model settings")
+    return changes
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Resume:
+    """A run continued from a checkpoint: restores every stateful piece and carries the original run's history."""
+
+    def __init__(self, path: Path, state: dict, changes: list[str]):
+        self.path, self.state, self.changes = path, state, changes
+        self.step: int = state["step"]
+        self.wandb_id: str | None = state.get("wandb_id")
+        # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
+        self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader) -> tuple[int, int]:
+        """Load the saved states into the fresh pieces; returns (step, tokens) to continue from."""
+        model.load_state_dict(self.state["model"])
+        optimizer.load_state_dict(self.state["optimizer"])
+        loader.load_state_dict(self.state["loader"])
+        set_rng_state(self.state["rng"])
+        log.info("resumed from %s at step %d%s", self.path, self.step,
+                 f"; changed: {', '.join(self.changes)}" if self.changes else "")
+        return self.step, self.state["tokens"]
+
+    def metrics_before(self) -> list[dict]:
+        """The original run's metrics rows before the checkpoint's step, so the new run dir has the whole curve."""
+        metrics = self.source_run_dir / "metrics.jsonl" if self.source_run_dir else None
+        if metrics is None or not metrics.exists():
+            return []
+        rows = []
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            if row.get("step", self.step) < self.step:
+                rows.append(row)
+        return rows
+
+    def summary(self) -> dict:
+        return {"resumed_from": str(self.path), "resumed_at_step": self.step}
+
+
+def load_resume(target: str, current_config: dict) -> Resume:
+    path = find_checkpoint(target)
+    state = load_checkpoint(path)
+    return Resume(path, state, config_changes(state["config"], current_config))
