@@ -27,11 +27,9 @@ def _os_error(e: BaseException | None) -> OSError | None:
 def is_user_error(e: BaseException) -> bool:
     """Mistakes and conditions the user can fix: config and data errors, and files that cannot be written
     (a full disk, a read-only or wrong output dir)."""
-    if isinstance(e, OSError):
-        return e.filename is not None
-    return _os_error(e) is not None or isinstance(
-        e, (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
-    )
+    hydra_or_ours = (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException,
+                     OmegaConfBaseException)  # MissingConfigException is an OSError too: test these first
+    return isinstance(e, hydra_or_ours) or _os_error(e) is not None
 
 
 def _io_error(e: OSError) -> str:
@@ -74,10 +72,10 @@ def _missing_option(e: MissingConfigException) -> str:
 def user_error_line(e: BaseException) -> str:
     if isinstance(e, UserError):
         return str(e)
-    if (os_error := _os_error(e)) is not None:
-        return _io_error(os_error)
     if isinstance(e, MissingConfigException):
         return _missing_option(e)
+    if (os_error := _os_error(e)) is not None:
+        return _io_error(os_error)
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line: {_first_line(e)}; write overrides as key=value (quote lists: 'key=[a,b]')"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
