@@ -94,6 +94,8 @@ class TrainConfig:
     total_batch_size: Optional[int] = None  # tokens per optimizer step; None: one micro-batch (B*T)
     overfit_batches: int = 0  # N > 0: cycle the first N batches (the lecture's "overfit one batch")
     log_every: int = 1  # steps between progress updates; metrics.jsonl gets every step
+    eval_every: int = 0  # N > 0: the val loss every N steps and at the end (needs data.val_fraction > 0)
+    eval_batches: int = 20  # (B, T) batches of the val split per evaluation
 
 
 @dataclass
@@ -155,6 +157,10 @@ def validate(cfg: RunConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be >= 0 (0 disables clipping)")
     _require(t.overfit_batches >= 0, "train.overfit_batches", t.overfit_batches, "it must be >= 0 (0: off)")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be >= 0 (0: no evaluation)")
+    _require(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "it must be >= 1")
+    _require(t.eval_every == 0 or cfg.data.val_fraction > 0, "train.eval_every", t.eval_every,
+             f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "it must be >= 0 (0: no checkpoints)")
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", t.keep_ckpts, "keep at least 1 checkpoint")
     if t.total_batch_size is not None:

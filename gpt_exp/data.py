@@ -186,9 +186,11 @@ class BatchLoader:
             raise DataError(
                 f"the data has {len(tokens):,} tokens but one batch needs B*T+1 = {needed:,}; lower B or T (or add data)"
             )
-        self.position = self._start
-        self.batches_in_cycle = 0
-        self.epoch = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to this rank's first batch (evaluation reads the same val batches every time)."""
+        self.position, self.batches_in_cycle, self.epoch = self._start, 0, 0
 
     @property
     def _start(self) -> int:

@@ -22,14 +22,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
-from gpt_exp.config import RunConfig, UserError, register_schema, validate
+from gpt_exp.config import DataError, RunConfig, UserError, register_schema, validate
 from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
 from gpt_exp.device import resolve_runtime
 from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
 from gpt_exp.tracking import Tracker
-from gpt_exp.train import Diverged, LRSchedule, StepMetrics, StopOnSignal, train
+from gpt_exp.train import Diverged, LRSchedule, StepMetrics, StopOnSignal, evaluate, train
 
 log = logging.getLogger("gpt_exp")
 
@@ -66,7 +66,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run(dict_cfg: DictConfig) -> float:
-    """One training run; returns the final training loss (the metric sweepers optimize)."""
+    """One training run; returns the final val loss, or the final training loss without a val split."""
     started_at = time.perf_counter()
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
@@ -82,6 +82,7 @@ def run(dict_cfg: DictConfig) -> float:
     log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
     loader = BatchLoader(train_tokens, cfg.B, cfg.T, overfit_batches=cfg.train.overfit_batches)
     log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
+    val_loader = val_batches(val_tokens, cfg) if cfg.train.eval_every else None
 
     tokens_per_step = cfg.train.total_batch_size or cfg.B * cfg.T
     grad_accum_steps = tokens_per_step // (cfg.B * cfg.T)
@@ -116,6 +117,8 @@ def run(dict_cfg: DictConfig) -> float:
     def on_step(metrics: StepMetrics) -> None:
         tracker.log_step(metrics)
         done = metrics.step + 1
+        if val_loader and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            tracker.log_eval(metrics.step, evaluate(model, val_loader, runtime, cfg.train.eval_batches))
         if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
             save(done, metrics.tokens)
 
@@ -127,7 +130,7 @@ def run(dict_cfg: DictConfig) -> float:
                               grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop)
         status = "completed" if next_step == cfg.train.max_steps else "interrupted"
         if cfg.train.ckpt_every and next_step > start_step:
-            save(next_step, tracker.rows[-1]["tokens"])
+            save(next_step, tracker.tokens_seen)
     except Diverged:
         status = "diverged"
         raise
@@ -139,7 +142,14 @@ def run(dict_cfg: DictConfig) -> float:
     if status == "interrupted":
         log.info("interrupted at step %d; continue with resume=%s", next_step, run_dir)
         raise SystemExit(128 + (stop.requested or signal.SIGINT))
-    return summary["final_loss"]
+    return summary.get("final_val_loss", summary["final_loss"])  # what a sweeper minimizes
+
+
+def val_batches(val_tokens: np.ndarray, cfg: RunConfig) -> BatchLoader:
+    if len(val_tokens) < cfg.B * cfg.T + 1:
+        raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T+1 = "
+                        f"{cfg.B * cfg.T + 1:,}; raise data.val_fraction or lower B or T")
+    return BatchLoader(val_tokens, cfg.B, cfg.T)
 
 
 def _fail(e: BaseException) -> None:

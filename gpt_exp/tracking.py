@@ -186,39 +186,61 @@ class Tracker:
         self.wandb = WandbRun(cfg, run_dir, name, group, config, resume_id=wandb_id)
 
     @property
+    def tokens_seen(self) -> int:
+        return next((r["tokens"] for r in reversed(self.rows) if "tokens" in r), 0)
+
+    @property
     def wandb_id(self) -> str | None:
         return self.wandb.run.id if self.wandb.run is not None else None
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
         self.rows.append(row)
+        self._write(row)
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=m.step)
+        if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
+            self.progress.update(m)
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """A val_loss row (no `loss` key: rows are counted as training steps by `loss`)."""
+        row = {"step": step, "val_loss": val_loss}
+        self.rows.append(row)
+        self._write(row)
+        self.wandb.log({"val_loss": val_loss}, step=step)
+        log.info("step %d | val loss %.4f", step + 1, val_loss)
+
+    def _write(self, row: dict) -> None:
         try:
             self.metrics_file.write(json.dumps(row) + "\n")
         except OSError as e:
             raise UserError(f"cannot write {self.metrics_file.name} ({e.strerror}); free disk space, then resume "
                             f"from the last checkpoint") from None
-        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=m.step)
-        if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
-            self.progress.update(m)
 
     def close(self, status: str = "completed") -> dict:
         """Finish every sink; write summary.json (status: completed, failed or interrupted) and return it."""
         self.progress.close()
         self.metrics_file.close()
         wall = time.perf_counter() - self.t0
-        summary: dict = {"status": status, "steps": len(self.rows), "wall_s": round(wall, 3), **self.summary_extra}
-        if self.rows:
-            losses = [r["loss"] for r in self.rows]
+        summary: dict = {"status": status, "steps": 0, "wall_s": round(wall, 3), **self.summary_extra}
+        train_rows = [r for r in self.rows if "loss" in r]
+        val_rows = [r for r in self.rows if "val_loss" in r]
+        if val_rows:
+            summary["final_val_loss"] = val_rows[-1]["val_loss"]
+        if train_rows:
+            losses = [r["loss"] for r in train_rows]
             summary.update(
+                steps=len(train_rows),
                 final_loss=losses[-1],
                 best_loss=min(losses),
-                tokens=self.rows[-1]["tokens"],
-                median_tok_per_s=statistics.median(r["tok_per_s"] for r in self.rows),
+                tokens=self.tokens_seen,
+                median_tok_per_s=statistics.median(r["tok_per_s"] for r in train_rows),
             )
             plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name)
             log.info(
-                "%s: %d steps, final loss %.4f, median %s tok/s, wall %.1f s, run dir %s",
-                "done" if status == "completed" else status, len(self.rows), summary["final_loss"], f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
+                "%s: %d steps, final loss %.4f%s, median %s tok/s, wall %.1f s, run dir %s",
+                "done" if status == "completed" else status, len(train_rows), summary["final_loss"],
+                f", val loss {val_rows[-1]['val_loss']:.4f}" if val_rows else "",
+                f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
         self.wandb.finish()
         atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())

@@ -71,6 +71,21 @@ class StopOnSignal:
         self.requested = signum
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: BatchLoader, runtime: Runtime, batches: int) -> float:
+    """Mean loss over the first `batches` batches of the val split (the same batches every time)."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=runtime.device)
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        with runtime.autocast():
+            _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        total += loss.detach()
+    model.train()
+    return (total / batches).item()
+
+
 @dataclass
 class StepMetrics:
     step: int

@@ -20,6 +20,7 @@ CASES = [
     ("min lr ratio", ["optim.min_lr_ratio=1.5"], "error: optim.min_lr_ratio=1.5 is invalid: it must be in [0, 1]"),
     ("negative warmup", ["optim.warmup_steps=-1"], "error: optim.warmup_steps=-1 is invalid: it must be >= 0"),
     ("zero steps", ["train.max_steps=0"], "error: train.max_steps=0 is invalid: it must be >= 1"),
+    ("eval without val split", ["train.eval_every=10"], "error: train.eval_every=10 is invalid: there is no val split (data.val_fraction=0.0); set data.val_fraction=0.1"),
     ("negative ckpt_every", ["train.ckpt_every=-5"], "error: train.ckpt_every=-5 is invalid: it must be >= 0 (0: no checkpoints)"),
     ("grad accumulation", ["train.total_batch_size=1000"], "error: train.total_batch_size=1000 is invalid: it must be a positive multiple of B*T=128"),
     ("bad schedule", ["optim.schedule=linear"], "error: optim.schedule=linear: Invalid value 'linear', expected one of [cosine, constant]"),

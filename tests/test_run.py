@@ -131,3 +131,22 @@ def test_readme_main_job(tmp_path, cache_dir):
     rows = read_metrics(only_run_dir(tmp_path))
     assert len(rows) == 50 and abs(rows[0]["loss"] - math.log(50257)) < 0.3
     assert rows[-1]["loss"] < 7.5  # the lecture's 50 steps from scratch reach ~6-7
+
+
+def test_validation_loss_rows(tmp_path, cache_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    result = run_cli("run", "data=text", f"data.path={corpus}", *TINY_RUN, "train.max_steps=7", "train.eval_every=3",
+                     "train.eval_batches=2", "logger.mode=offline", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    rows = read_metrics(run_dir)
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 5, 6]  # every 3 steps and at the end
+    assert all(set(r) == {"step", "val_loss"} for r in val)  # `loss` stays the training loss only
+    assert len([r for r in rows if "loss" in r]) == 7
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_loss"] == val[-1]["val_loss"] and summary["steps"] == 7
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
+    assert [h["val_loss"] for h in history if "val_loss" in h] == [r["val_loss"] for r in val]
