@@ -132,7 +132,11 @@ class Resume:
         """Load the saved states into the fresh pieces; returns (step, tokens) to continue from."""
         model.load_state_dict(self.state["model"])
         optimizer.load_state_dict(self.state["optimizer"])
-        loader.load_state_dict(self.state["loader"])
+        # rank 0 saved its loader: its position is where the next global batch starts; rank r reads r*B*T on,
+        # so a checkpoint resumes under any world size
+        loader_state = dict(self.state["loader"])
+        loader_state["position"] += loader.rank * loader.B * loader.T
+        loader.load_state_dict(loader_state)
         set_rng_state(self.state["rng"])
         log.info("resumed from %s at step %d%s", self.path, self.step,
                  f"; changed: {', '.join(self.changes)}" if self.changes else "")

@@ -49,12 +49,14 @@ def _pick_device(requested: DeviceType) -> torch.device:
     return torch.device(requested.value)
 
 
-def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None) -> Runtime:
+def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None, local_rank: int = 0) -> Runtime:
     # Jobs running side by side must share the cores, not oversubscribe them: the launcher says how many are ours.
     threads = cfg.threads or launcher_threads
     if threads:
         torch.set_num_threads(threads)
     device = _pick_device(cfg.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
     dtype = cfg.dtype
     if dtype == DType.auto:
         dtype = DType.bf16 if device.type == "cuda" else DType.fp32

@@ -6,6 +6,7 @@ User mistakes (config or data) end as one line on stderr and exit code 2; anythi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -20,15 +21,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
-from gpt_exp.config import DataError, RunConfig, UserError, register_schema, validate
+from gpt_exp.config import ConfigError, DataError, RunConfig, UserError, register_schema, validate
 from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
-from gpt_exp.device import resolve_runtime
+from gpt_exp.device import Runtime, resolve_runtime
+from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
 from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
-from gpt_exp.tracking import Tracker
+from gpt_exp.tracking import RankTracker, Tracker
 from gpt_exp.train import Diverged, LRSchedule, StepMetrics, StopOnSignal, evaluate, train
 
 log = logging.getLogger("gpt_exp")
@@ -71,8 +74,22 @@ def run(dict_cfg: DictConfig) -> float:
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     hc = HydraConfig.get()
-    runtime = resolve_runtime(cfg.device, launcher_threads(hc))
-    run_dir = Path(hc.runtime.output_dir)
+    d = launch_env()
+    runtime = resolve_runtime(cfg.device, launcher_threads(hc), local_rank=d.local_rank)
+    init_process_group(d, runtime.device_type)
+    if not d.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one console: rank 0's
+    run_dir = Path(broadcast(hc.runtime.output_dir, d))  # rank 0 decides where the run lives
+    try:
+        return train_run(cfg, dict_cfg, hc, d, runtime, run_dir, started_at)
+    finally:
+        destroy(d)
+        if not d.is_main:
+            shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)  # this rank's scratch Hydra dir
+
+
+def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtime, run_dir: Path,
+              started_at: float) -> float:
     config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
     resumed = load_resume(cfg.resume, config) if cfg.resume else None
     seed_everything(cfg.train.seed)
@@ -80,25 +97,30 @@ def run(dict_cfg: DictConfig) -> float:
     tokens = prepare_tokens(cfg.data).load()
     train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
     log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
-    loader = BatchLoader(train_tokens, cfg.B, cfg.T, overfit_batches=cfg.train.overfit_batches)
+    loader = BatchLoader(train_tokens, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.overfit_batches)
     log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
-    val_loader = val_batches(val_tokens, cfg) if cfg.train.eval_every else None
+    val_loader = val_batches(val_tokens, cfg, d) if cfg.train.eval_every else None
 
-    tokens_per_step = cfg.train.total_batch_size or cfg.B * cfg.T
-    grad_accum_steps = tokens_per_step // (cfg.B * cfg.T)
+    micro_batch = cfg.B * cfg.T * d.world_size
+    tokens_per_step = cfg.train.total_batch_size or micro_batch
+    if tokens_per_step % micro_batch:
+        raise ConfigError(f"train.total_batch_size={tokens_per_step} is not a multiple of B*T*world_size = "
+                          f"{cfg.B}*{cfg.T}*{d.world_size} = {micro_batch}; change it or B")
+    grad_accum_steps = tokens_per_step // micro_batch
     m = cfg.model
     model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
     o = cfg.optim
     optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type)
-    start_step, start_tokens = 0, 0
-    if resumed:
-        start_step, start_tokens = resumed.restore(model, optimizer, loader)
+    start_step, start_tokens = resumed.restore(model, optimizer, loader) if resumed else (0, 0)
     log.info(
-        "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d micro-steps",
-        m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(), runtime.dtype.value,
-        "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T, grad_accum_steps,
+        "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d "
+        "micro-steps x %d ranks", m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(),
+        runtime.dtype.value, "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T,
+        grad_accum_steps, d.world_size,
     )
     step_model = torch.compile(model) if runtime.compile else model
+    if d.enabled:
+        step_model = DDP(step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
     name, group = wandb_identity(cfg, hc, run_dir)
@@ -106,19 +128,20 @@ def run(dict_cfg: DictConfig) -> float:
         run_dir, cfg.logger, name, group, {**config, "overrides": list(hc.overrides.task)}, cfg.train.max_steps,
         cfg.train.log_every, started_at=started_at, previous_rows=resumed.metrics_before() if resumed else [],
         wandb_id=resumed.wandb_id if resumed else None, summary_extra=resumed.summary() if resumed else {},
-    )
+    ) if d.is_main else RankTracker()
 
     def save(step: int, tokens_seen: int) -> None:
+        if not d.is_main:  # the ranks hold identical weights; rank 0 writes them once
+            return
         state = {"step": step, "tokens": tokens_seen, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "loader": loader.state_dict(), "rng": rng_state(), "config": config, "wandb_id": tracker.wandb_id}
-        path = save_checkpoint(run_dir, state, cfg.train.keep_ckpts)
-        log.info("checkpoint: %s", path)
+        log.info("checkpoint: %s", save_checkpoint(run_dir, state, cfg.train.keep_ckpts))
 
     def on_step(metrics: StepMetrics) -> None:
         tracker.log_step(metrics)
         done = metrics.step + 1
         if val_loader and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
-            tracker.log_eval(metrics.step, evaluate(model, val_loader, runtime, cfg.train.eval_batches))
+            tracker.log_eval(metrics.step, evaluate(model, val_loader, runtime, cfg.train.eval_batches, d))
         if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
             save(done, metrics.tokens)
 
@@ -127,7 +150,7 @@ def run(dict_cfg: DictConfig) -> float:
         with StopOnSignal() as stop:
             next_step = train(step_model, optimizer, loader, schedule, runtime, start_step=start_step,
                               max_steps=cfg.train.max_steps, grad_accum_steps=grad_accum_steps,
-                              grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop)
+                              grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop, d=d)
         status = "completed" if next_step == cfg.train.max_steps else "interrupted"
         if cfg.train.ckpt_every and next_step > start_step:
             save(next_step, tracker.tokens_seen)
@@ -142,18 +165,20 @@ def run(dict_cfg: DictConfig) -> float:
     if status == "interrupted":
         log.info("interrupted at step %d; continue with resume=%s", next_step, run_dir)
         raise SystemExit(128 + (stop.requested or signal.SIGINT))
-    return summary.get("final_val_loss", summary["final_loss"])  # what a sweeper minimizes
+    return summary.get("final_val_loss", summary.get("final_loss", math.nan))  # what a sweeper minimizes
 
 
-def val_batches(val_tokens: np.ndarray, cfg: RunConfig) -> BatchLoader:
-    if len(val_tokens) < cfg.B * cfg.T + 1:
-        raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T+1 = "
-                        f"{cfg.B * cfg.T + 1:,}; raise data.val_fraction or lower B or T")
-    return BatchLoader(val_tokens, cfg.B, cfg.T)
+def val_batches(val_tokens: np.ndarray, cfg: RunConfig, d: Dist) -> BatchLoader:
+    needed = cfg.B * cfg.T * d.world_size + 1
+    if len(val_tokens) < needed:
+        raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T*world_size+1 = "
+                        f"{needed:,}; raise data.val_fraction or lower B or T")
+    return BatchLoader(val_tokens, cfg.B, cfg.T, d.rank, d.world_size)
 
 
 def _fail(e: BaseException) -> None:
-    print(f"error: {user_error_line(e)}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same mistake; one line is enough
+        print(f"error: {user_error_line(e)}", file=sys.stderr)
     raise SystemExit(getattr(e, "exit_code", 2))
 
 
@@ -169,7 +194,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         # Caught here, not in main(), so Hydra adds no "Error executing job" report, and a run that failed its
         # checks leaves no run dir that could pass for a run.
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if not (run_dir / "metrics.jsonl").exists():
+        if not (run_dir / "metrics.jsonl").exists() and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         _fail(e)
 

@@ -6,6 +6,7 @@ Dirs are named by time to the second; a second run in the same second gets a suf
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,6 +22,10 @@ def claim_dir(path: str) -> str:
     Registered with use_cache=True, so it runs once per config: Hydra copies the resolver cache from the
     sweep's config to each job's, so every job of a sweep sees the same sweep dir.
     """
+    if int(os.environ.get("RANK", "0")) > 0:
+        # under torchrun every rank composes the config; rank 0 alone owns the run dir and tells the others.
+        # This rank's Hydra files and log go to a scratch dir, removed when the run ends.
+        return tempfile.mkdtemp(prefix=f"gpt_exp-rank{os.environ['RANK']}-")
     candidate, n = path, 0
     while True:
         try:

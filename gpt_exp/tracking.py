@@ -245,3 +245,21 @@ class Tracker:
         self.wandb.finish()
         atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
+
+
+class RankTracker:
+    """The tracker of a rank other than 0 under DDP: it writes nothing, since rank 0 alone owns the run's outputs."""
+
+    wandb_id = None
+
+    def __init__(self) -> None:
+        self.tokens_seen = 0
+
+    def log_step(self, m: StepMetrics) -> None:
+        self.tokens_seen = m.tokens
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        pass
+
+    def close(self, status: str = "completed") -> dict:
+        return {}

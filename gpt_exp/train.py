@@ -13,6 +13,7 @@ import torch
 from gpt_exp.config import Schedule, UserError
 from gpt_exp.data import BatchLoader
 from gpt_exp.device import Runtime
+from gpt_exp.distributed import Dist, all_reduce_mean
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, runtime: Runtime, batches: int) -> float:
-    """Mean loss over the first `batches` batches of the val split (the same batches every time)."""
+def evaluate(model: torch.nn.Module, loader: BatchLoader, runtime: Runtime, batches: int, d: Dist = Dist()) -> float:
+    """Mean loss over the first `batches` batches of the val split (the same batches every time; each rank
+    reads its own stride and the ranks average)."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=runtime.device)
@@ -83,7 +85,7 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, runtime: Runtime, batc
             _, loss = model(x.to(runtime.device), y.to(runtime.device))
         total += loss.detach()
     model.train()
-    return (total / batches).item()
+    return all_reduce_mean(total / batches, d).item()
 
 
 @dataclass
@@ -111,26 +113,30 @@ def train(
     on_step: Callable[[StepMetrics], None],
     start_tokens: int = 0,
     stop: StopOnSignal | None = None,
+    d: Dist = Dist(),
 ) -> int:
     """Run optimizer steps start_step..max_steps-1, calling `on_step` after each; returns the next step to run
-    (max_steps, or earlier when `stop` was requested)."""
+    (max_steps, or earlier when `stop` was requested). Under DDP `model` is the DDP-wrapped model."""
     model.train()
-    tokens_per_step = loader.B * loader.T * grad_accum_steps
+    tokens_per_step = loader.B * loader.T * grad_accum_steps * d.world_size
     tokens = start_tokens
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=runtime.device)
-        for _ in range(grad_accum_steps):
+        for micro_step in range(grad_accum_steps):
             x, y = loader.next_batch()
             x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+            if d.enabled:  # all-reduce the gradients once, on the last micro-step (DDP reads this in forward)
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with runtime.autocast():
                 _, loss = model(x, y)
             # the mean over the whole accumulated batch, not a sum of micro-batch means
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
+        all_reduce_mean(loss_accum, d)  # the logged loss is the mean over all ranks
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         lr = schedule(step)
         for group in optimizer.param_groups:
