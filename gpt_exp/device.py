@@ -15,6 +15,7 @@ class Runtime:
     device: torch.device
     dtype: DType  # fp32 or bf16, never auto
     compile: bool
+    peak_flops: float | None = None  # this device's dense peak for dtype; None: unknown, no MFU
 
     @property
     def device_type(self) -> str:
@@ -30,6 +31,33 @@ class Runtime:
             torch.cuda.synchronize()
         elif self.device_type == "mps":
             torch.mps.synchronize()
+
+
+# Dense (not sparse) tensor-core peaks in FLOP/s as NVIDIA lists them, by a substring of the device name; the
+# first match wins, so more specific names come first. bf16 for autocast, tf32 for fp32 matmuls with TF32 on.
+PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
+    "H100": {"bf16": 989e12, "tf32": 495e12},  # SXM
+    "H200": {"bf16": 989e12, "tf32": 495e12},
+    "GH200": {"bf16": 989e12, "tf32": 495e12},
+    "B200": {"bf16": 2250e12, "tf32": 1100e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12},
+    "A10G": {"bf16": 70e12, "tf32": 35e12},
+    "A10": {"bf16": 125e12, "tf32": 62.5e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12},
+    "L4": {"bf16": 121e12, "tf32": 60e12},
+    "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
+    "RTX 3090": {"bf16": 71e12, "tf32": 35.6e12},
+}
+
+
+def peak_flops(device_name: str, dtype: DType, tf32: bool) -> float | None:
+    """The device's dense peak for this dtype, or None where unknown (CPUs, unlisted GPUs): no MFU then."""
+    kind = "bf16" if dtype == DType.bf16 else "tf32" if tf32 else None
+    for name, peaks in PEAK_FLOPS.items():
+        if name in device_name and kind:
+            return peaks[kind]
+    return None
 
 
 def _mps_available() -> bool:
@@ -65,4 +93,5 @@ def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None, loca
     if device.type == "cuda" and cfg.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the fp32 rate on Ampere and newer
     compile_model = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    return Runtime(device=device, dtype=dtype, compile=compile_model)
+    peak = peak_flops(torch.cuda.get_device_name(device), dtype, cfg.tf32) if device.type == "cuda" else None
+    return Runtime(device=device, dtype=dtype, compile=compile_model, peak_flops=peak)

@@ -95,6 +95,13 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied weight once
 
+    def flops_per_token(self, T: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per weight of the
+        matmuls (the position embedding is a lookup, not a matmul) plus the attention scores, 12 * L * C * T."""
+        c = self.config
+        matmul_params = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * T
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of length {T} exceeds block_size {self.config.block_size}"

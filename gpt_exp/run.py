@@ -128,6 +128,8 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
         run_dir, cfg.logger, name, group, {**config, "overrides": list(hc.overrides.task)}, cfg.train.max_steps,
         cfg.train.log_every, started_at=started_at, previous_rows=resumed.metrics_before() if resumed else [],
         wandb_id=resumed.wandb_id if resumed else None, summary_extra=resumed.summary() if resumed else {},
+        flops_per_token=model.flops_per_token(cfg.T),
+        peak_flops=runtime.peak_flops * d.world_size if runtime.peak_flops else None,
     ) if d.is_main else RankTracker()
 
     def save(step: int, tokens_seen: int) -> None:

@@ -167,13 +167,15 @@ class Tracker:
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, group: str | None, config: dict, total_steps: int,
                  log_every: int = 1, started_at: float | None = None, previous_rows: list[dict] | None = None,
-                 wandb_id: str | None = None, summary_extra: dict | None = None):
+                 wandb_id: str | None = None, summary_extra: dict | None = None, flops_per_token: float = 0.0,
+                 peak_flops: float | None = None):
         """previous_rows: the history of the run this one resumes (copied into metrics.jsonl, counted in the
         summary); wandb_id: the W&B run to continue."""
         self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
         self.run_dir, self.name, self.log_every = run_dir, name, log_every
         self.rows: list[dict] = list(previous_rows or [])
         self.summary_extra = summary_extra or {}
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # peak of all ranks together
         try:
             self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
             self.metrics_file.writelines(json.dumps(row) + "\n" for row in self.rows)
@@ -195,6 +197,8 @@ class Tracker:
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
+        if self.peak_flops:  # model FLOPs utilization: achieved FLOP/s over the devices' dense peak
+            row["mfu"] = m.tok_per_s * self.flops_per_token / self.peak_flops
         self.rows.append(row)
         self._write(row)
         self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=m.step)

@@ -97,3 +97,9 @@ def test_gpt2_124m_overfits_one_batch_with_default_optimizer(shakespeare):
           on_step=lambda m: losses.append(m.loss))
     assert abs(losses[0] - math.log(50257)) < 0.3
     assert min(losses) < 1.5
+
+
+def test_flops_per_token_is_palms_formula():
+    model = GPT(GPTConfig())
+    matmul_weights = 124_439_808 - 1024 * 768  # everything but the position embedding
+    assert model.flops_per_token(1024) == 6 * matmul_weights + 12 * 12 * 768 * 1024  # ~855 MFLOP per token
