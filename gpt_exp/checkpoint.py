@@ -17,6 +17,9 @@ import torch
 
 from gpt_exp.atomic import atomic_path
 from gpt_exp.config import ConfigError, UserError
+from gpt_exp.distributed import load_full_optimizer_state
+from gpt_exp.hf import load_hf_gpt2
+from gpt_exp.model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +131,21 @@ class Resume:
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader) -> tuple[int, int]:
-        """Load the saved states into the fresh pieces; returns (step, tokens) to continue from."""
+    def restore_model(self, model: torch.nn.Module) -> None:
+        """The saved weights, whole, into the fresh (not yet sharded or wrapped) model."""
         model.load_state_dict(self.state["model"])
-        optimizer.load_state_dict(self.state["optimizer"])
+
+    def restore_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
+                         sharded: bool) -> tuple[int, int]:
+        """Optimizer, loader and RNG states; returns (step, tokens) to continue from."""
+        if self.state.get("sharded", False) != sharded:
+            saved = "fsdp" if self.state.get("sharded") else "ddp or one process"
+            fix = "train.strategy=fsdp under torchrun" if self.state.get("sharded") else "train.strategy=ddp"
+            raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
+        if sharded:
+            load_full_optimizer_state(model, optimizer, self.state["optimizer"])
+        else:
+            optimizer.load_state_dict(self.state["optimizer"])
         # rank 0 saved its loader: its position is where the next global batch starts; rank r reads r*B*T on,
         # so a checkpoint resumes under any world size
         loader_state = dict(self.state["loader"])
@@ -165,3 +179,21 @@ def load_resume(target: str, current_config: dict) -> Resume:
     path = find_checkpoint(target)
     state = load_checkpoint(path)
     return Resume(path, state, config_changes(state["config"], current_config))
+
+
+def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
+    """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
+    or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
+    path = Path(target).expanduser()
+    if hf or (path / "config.json").is_file():
+        model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}
+    else:
+        ckpt = find_checkpoint(target)
+        state = load_checkpoint(ckpt)
+        if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+            raise ConfigError(f"{ckpt} is not a gpt_exp checkpoint (no model, config and step); give a run dir")
+        m = state["config"]["model"]
+        model = GPT(GPTConfig(m["block_size"], m["vocab_size"], m["n_layer"], m["n_head"], m["n_embd"]))
+        model.load_state_dict(state["model"])
+        info = {"name": m["name"], "source": str(ckpt), "step": state["step"]}
+    return model.eval(), {**info, "params": model.num_params()}

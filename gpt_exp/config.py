@@ -50,6 +50,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"  # every rank holds the whole model; gradients are averaged
+    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded over the ranks (torch's fully_shard)
+
+
 class LoggerMode(str, Enum):
     auto = "auto"  # online where W&B credentials exist, otherwise offline
     online = "online"
@@ -89,6 +94,7 @@ class TrainConfig:
     max_steps: int = 50
     ckpt_every: int = 0  # N > 0: a checkpoint every N steps, at the end, and when interrupted; 0: none
     keep_ckpts: int = 2  # the newest K checkpoints are kept
+    strategy: Strategy = Strategy.ddp  # with several processes (torchrun): ddp, or fsdp for models too big for one GPU
     seed: int = 1337
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     total_batch_size: Optional[int] = None  # tokens per optimizer step; None: one micro-batch (B*T)

@@ -75,3 +75,38 @@ def broadcast(obj: Any, d: Dist) -> Any:
 def destroy(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each transformer block is a unit (gathered just before it runs), the rest the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Reduce gradients across ranks on this backward or not (off for all but the last micro-step)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    else:  # DDP reads this in its forward
+        model.require_backward_grad_sync = enabled
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts as whole tensors on the CPU, gathered from the shards under FSDP (every rank
+    must call this then; rank 0 writes the result), so that any world size can load them."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a gathered optimizer state (from `full_state` of a sharded run) into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -92,6 +92,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, path: str) -> "GPT":
+        """A Hugging Face GPT2LMHeadModel directory (config.json + model.safetensors or pytorch_model.bin),
+        read from local files only."""
+        from gpt_exp.hf import load_hf_gpt2  # hf.py imports this module
+
+        return load_hf_gpt2(path)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied weight once
 
@@ -116,7 +124,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, device_type: str
+        self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, device_type: str,
+        fused: bool = True,
     ) -> torch.optim.AdamW:
         """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -124,7 +133,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        # the fused kernel where torch has one for the device (sharded DTensor parameters take the foreach path)
+        fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 

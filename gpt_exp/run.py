@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
-from gpt_exp.config import ConfigError, DataError, RunConfig, UserError, register_schema, validate
+from gpt_exp.config import ConfigError, DataError, RunConfig, Strategy, UserError, register_schema, validate
 from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
 from gpt_exp.device import Runtime, resolve_runtime
-from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
+from gpt_exp.distributed import Dist, broadcast, destroy, full_state, init_process_group, launch_env, shard_model
 from gpt_exp.errors import is_user_error, user_error_line
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
@@ -109,17 +109,23 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     grad_accum_steps = tokens_per_step // micro_batch
     m = cfg.model
     model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
+    if resumed:
+        resumed.restore_model(model)
+    sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
+    if sharded:
+        shard_model(model)  # before the optimizer: it must hold the sharded parameters
     o = cfg.optim
-    optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type)
-    start_step, start_tokens = resumed.restore(model, optimizer, loader) if resumed else (0, 0)
+    optimizer = model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps, runtime.device_type,
+                                          fused=not sharded)
+    start_step, start_tokens = resumed.restore_training(model, optimizer, loader, sharded) if resumed else (0, 0)
     log.info(
         "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d "
-        "micro-steps x %d ranks", m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(),
+        "micro-steps x %d ranks%s", m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(),
         runtime.dtype.value, "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T,
-        grad_accum_steps, d.world_size,
+        grad_accum_steps, d.world_size, " (fsdp)" if sharded else "",
     )
     step_model = torch.compile(model) if runtime.compile else model
-    if d.enabled:
+    if d.enabled and not sharded:
         step_model = DDP(step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
@@ -133,10 +139,12 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     ) if d.is_main else RankTracker()
 
     def save(step: int, tokens_seen: int) -> None:
-        if not d.is_main:  # the ranks hold identical weights; rank 0 writes them once
+        model_state, optimizer_state = full_state(model, optimizer, sharded)  # every rank takes part under FSDP
+        if not d.is_main:  # rank 0 writes the whole state once
             return
-        state = {"step": step, "tokens": tokens_seen, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng_state(), "config": config, "wandb_id": tracker.wandb_id}
+        state = {"step": step, "tokens": tokens_seen, "model": model_state, "optimizer": optimizer_state,
+                 "sharded": sharded, "loader": loader.state_dict(), "rng": rng_state(), "config": config,
+                 "wandb_id": tracker.wandb_id}
         log.info("checkpoint: %s", save_checkpoint(run_dir, state, cfg.train.keep_ckpts))
 
     def on_step(metrics: StepMetrics) -> None:

@@ -13,7 +13,7 @@ import torch
 from gpt_exp.config import Schedule, UserError
 from gpt_exp.data import BatchLoader
 from gpt_exp.device import Runtime
-from gpt_exp.distributed import Dist, all_reduce_mean
+from gpt_exp.distributed import Dist, all_reduce_mean, set_grad_sync
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def train(
         for micro_step in range(grad_accum_steps):
             x, y = loader.next_batch()
             x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-            if d.enabled:  # all-reduce the gradients once, on the last micro-step (DDP reads this in forward)
-                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            if d.enabled:  # all-reduce the gradients once, on the last micro-step, not on every one
+                set_grad_sync(model, micro_step == grad_accum_steps - 1)
             with runtime.autocast():
                 _, loss = model(x, y)
             # the mean over the whole accumulated batch, not a sum of micro-batch means
@@ -138,6 +138,7 @@ def train(
             loss.backward()
         all_reduce_mean(loss_accum, d)  # the logged loss is the mean over all ranks
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -62,3 +62,38 @@ def test_ddp_checkpoint_resumes_under_any_world_size(tmp_path, cache_dir):
         rows = read_metrics(only_run_dir(cwd))
         assert [r["step"] for r in rows] == list(range(6))
         assert max(abs(r["loss"] - e) for r, e in zip(rows, expected)) < 1e-3, how
+
+
+def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
+    """train.strategy=fsdp shards parameters, gradients and optimizer state over 2 CPU ranks (gloo); its losses
+    are those of one process, and its gathered checkpoint resumes with FSDP and loads into a plain model."""
+    import torch
+
+    from gpt_exp.checkpoint import list_checkpoints
+    from gpt_exp.model import GPT, GPTConfig
+
+    common = [*RUN, "optim.schedule=constant", "T=64", "train.total_batch_size=512", f"data.cache_dir={cache_dir}"]
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    assert run_cli("run", *common, "B=4", cwd=straight_dir).returncode == 0
+    expected = [r["loss"] for r in read_metrics(only_run_dir(straight_dir))]
+
+    fsdp = torchrun(tmp_path, *common, "B=2", "train.strategy=fsdp", "train.max_steps=4", "train.ckpt_every=2")
+    assert fsdp.returncode == 0, fsdp.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert "x 2 ranks (fsdp)" in (run_dir / "run.log").read_text()
+    assert max(abs(r["loss"] - e) for r, e in zip(read_metrics(run_dir), expected)) < 1e-3
+
+    state = torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
+    GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=24)).load_state_dict(state["model"])  # whole tensors
+
+    cwd = tmp_path / "resumed"
+    cwd.mkdir()
+    resumed = torchrun(cwd, *common, "B=2", "train.strategy=fsdp", f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_metrics(only_run_dir(cwd))
+    assert [r["step"] for r in rows] == list(range(6))
+    assert max(abs(r["loss"] - e) for r, e in zip(rows, expected)) < 1e-3
+
+    single = run_cli("run", *common, "B=4", f"resume={run_dir}", cwd=cwd)
+    assert single.returncode == 2 and "resume it with train.strategy=fsdp under torchrun" in single.stderr

@@ -1,0 +1,145 @@
+"""Text from a trained model: the lecture's top-k sampling, from a run's checkpoint or a Hugging Face GPT-2 dir.
+
+`python -m gpt_exp.sample resume=RUN_DIR prompt="ROMEO:"`; also the key=value parsing the eval CLI shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+import torch
+from torch.nn import functional as F
+
+from gpt_exp.checkpoint import load_model
+from gpt_exp.config import ConfigError, DeviceConfig, DeviceType, DType, UserError
+from gpt_exp.device import resolve_runtime
+from gpt_exp.model import GPT
+from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+
+Args = TypeVar("Args")
+_KIND = {int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass
+class SampleArgs:
+    resume: str | None = None  # a run dir (its newest checkpoint) or a checkpoint file
+    hf: str | None = None  # or a Hugging Face GPT-2 dir
+    prompt: str = "Hello, I'm a language model,"  # the lecture's; "" starts from <|endoftext|>
+    max_new_tokens: int = 100
+    num_samples: int = 3
+    top_k: int = 50
+    temperature: float = 1.0
+    seed: int = 1337
+    device: DeviceType = DeviceType.cpu
+
+
+def _convert(key: str, value: str, default: object) -> object:
+    kind = str if default is None else type(default)
+    try:
+        return kind(value)
+    except ValueError:
+        expected = f"one of {', '.join(m.value for m in kind)}" if issubclass(kind, Enum) else _KIND[kind]
+        raise ConfigError(f"{key}={value} is invalid: it must be {expected}") from None
+
+
+def parse_args(argv: list[str], schema: type[Args]) -> Args:
+    """`key=value` arguments (the look of Hydra overrides) into the dataclass `schema`, each value converted to
+    the type of its field's default."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"cannot parse '{arg}'; write key=value, keys: {', '.join(fields)}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{key}'; {hint}")
+        values[key] = _convert(key, value, fields[key].default)
+    return schema(**values)
+
+
+def usage(command: str, schema: type) -> str:
+    keys = " ".join(f"[{f.name}={f.name.upper() if f.default is None else getattr(f.default, 'value', f.default)}]"
+                    for f in dataclasses.fields(schema))
+    return f"usage: python -m gpt_exp.{command} {keys}"
+
+
+def inference_device(device: DeviceType) -> torch.device:
+    """The device to run on, fp32 and uncompiled (a one-line error for device=cuda without a GPU)."""
+    return resolve_runtime(DeviceConfig(type=device, dtype=DType.fp32, compile=False)).device
+
+
+def model_source(resume: str | None, hf: str | None) -> tuple[GPT, dict]:
+    """The model `resume=` or `hf=` names (exactly one of them), on the CPU in eval mode."""
+    if (resume is None) == (hf is None):
+        raise ConfigError("name one model: resume=RUN_DIR (or a checkpoint .pt file) or hf=HF_GPT2_DIR")
+    return load_model(resume, hf=False) if resume else load_model(hf, hf=True)
+
+
+def describe(info: dict) -> str:
+    step = f", step {info['step']}" if info["step"] is not None else ""
+    return f"model {info['name']} ({info['params'] / 1e6:.2f}M params{step}) from {info['source']}"
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """`idx` (B, T) with `max_new_tokens` sampled tokens appended to each row: softmax over the `top_k` most
+    likely next tokens, the context cropped to the model's block_size (no KV cache: each step reruns it)."""
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -block_size:])
+        logits = logits[:, -1, :] / temperature
+        top_logits, top_indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)
+        idx = torch.cat((idx, torch.gather(top_indices, -1, choice)), dim=1)
+    return idx
+
+
+def _check(args: SampleArgs) -> None:
+    for key in ("max_new_tokens", "num_samples", "top_k"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"{key}={getattr(args, key)} is invalid: it must be >= 1")
+    if not args.temperature > 0:
+        raise ConfigError(f"temperature={args.temperature} is invalid: it must be > 0, e.g. 1.0 (lower: safer text)")
+
+
+def sample_texts(model: GPT, args: SampleArgs, device: torch.device) -> list[str]:
+    """`args.num_samples` texts, each the prompt followed by `args.max_new_tokens` sampled tokens."""
+    enc = gpt2_encoding()
+    prompt = enc.encode(args.prompt) or [EOT_TOKEN]  # an empty prompt: start where a document starts
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    rows = generate(model, idx, args.max_new_tokens, args.top_k, args.temperature, generator).tolist()
+    skip = 0 if args.prompt else 1  # the <|endoftext|> start is not part of the text
+    return [enc.decode(row[skip:]) for row in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(usage("sample", SampleArgs))
+        return 0
+    try:
+        args = parse_args(argv, SampleArgs)
+        _check(args)
+        device = inference_device(args.device)
+        model, info = model_source(args.resume, args.hf)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{describe(info)}, on {device}", file=sys.stderr)
+    texts = sample_texts(model.to(device), args, device)
+    for i, text in enumerate(texts, 1):
+        print(f"--- sample {i}/{len(texts)} ---\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""HellaSwag: scores match a hand computation (each ending scored alone, unpadded), `limit=` takes the first N,
+the CLI prints the one result line, and a missing file or a malformed line is one line with exit code 2."""
+
+import json
+import logging
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gpt_exp import eval as evals
+from gpt_exp.eval import hellaswag_scores, load_hellaswag, main
+from gpt_exp.hf import save_hf_gpt2
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.tokenizer import gpt2_encoding
+from tests.helpers import run_cli
+
+CONTEXTS = [
+    ("Roof shingle removal", "A man is sitting on a roof.", "he",
+     ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+      "starts pulling up roofing on a roof."]),
+    ("Clean and jerk", "A lady walks to a barbell. She bends down and grabs the pole.", "the lady",
+     ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
+      "stands and lifts the weight over her head."]),
+    ("Canoeing", "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water,"
+     " with other individuals visible in the background.", "the child and a different man",
+     ["are then shown paddling down a river in a boat while a woman talks.", "are driving the canoe, they go down"
+      " the river flowing side to side.", "sit in a canoe while the man paddles.",
+      "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."]),
+    ("Baking cookies", "A kitchen is shown with a bowl of dough.", "A woman",
+     ["adds chocolate chips and stirs.", "flies out of the window.", "reads a newspaper about taxes.",
+      "puts the bowl into a washing machine and closes it."]),
+    ("Playing guitar", "A boy sits on a bed holding a guitar.", "He",
+     ["tunes the strings and starts to play.", "throws the guitar at a wall.", "eats it.", "sings."]),
+    ("Skiing", "People are skiing down a snowy slope.", "One skier",
+     ["falls and rolls in the snow.", "jumps over a small ramp and lands.", "takes off the skis and walks up.",
+      "stops next to a friend and waves at the camera while laughing loudly."]),
+]
+
+
+def official_line(i: int, label: int) -> str:
+    """One line of hellaswag_val.jsonl, with every key the official file has."""
+    activity, ctx_a, ctx_b, endings = CONTEXTS[i]
+    return json.dumps({"ind": 24 + i, "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
+                       "ctx": f"{ctx_a} {ctx_b}", "split": "val", "split_type": "indomain", "label": label,
+                       "endings": endings, "source_id": f"activitynet~v_{i:011d}"})
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # far from uniform predictions, so the endings' losses are well apart
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+@torch.no_grad()
+def hand_losses(model: GPT, ctx: str, ending: str) -> tuple[float, float]:
+    """(sum, mean) loss of the ending's tokens after the context, the sequence alone and unpadded."""
+    enc = gpt2_encoding()
+    ctx_tokens, end_tokens = enc.encode(ctx), enc.encode(" " + ending)
+    logits, _ = model(torch.tensor([ctx_tokens + end_tokens]))
+    predicted = logits[0, len(ctx_tokens) - 1 : -1]  # the logits at t score token t + 1
+    losses = F.cross_entropy(predicted, torch.tensor(end_tokens), reduction="none")
+    return losses.sum().item(), losses.mean().item()
+
+
+@pytest.fixture(scope="module")
+def dataset(model, tmp_path_factory):
+    """The examples' file, labelled so that the model's acc_norm pick is right on the first four, wrong on two."""
+    lines, picks_sum = [], []
+    for i, (_, ctx_a, ctx_b, endings) in enumerate(CONTEXTS):
+        sums, means = zip(*(hand_losses(model, f"{ctx_a} {ctx_b}", e) for e in endings))
+        best = min(range(4), key=lambda j: means[j])
+        assert sorted(means)[1] - means[best] > 1e-3  # a clear winner, not a rounding tie
+        label = best if i < 4 else (best + 1) % 4
+        lines.append(official_line(i, label))
+        picks_sum.append(min(range(4), key=lambda j: sums[j]) == label)
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, sum(picks_sum) / len(CONTEXTS)
+
+
+def test_scores_match_the_hand_computation(model, dataset):
+    path, expected_acc = dataset
+    scores = hellaswag_scores(model, load_hellaswag(path), "cpu")
+    assert scores == {"examples": 6, "acc_norm": pytest.approx(4 / 6), "acc": pytest.approx(expected_acc)}
+
+
+def test_limit_takes_the_first_examples(model, dataset):
+    examples = load_hellaswag(dataset[0], limit=2)
+    assert [e["ind"] for e in examples] == [24, 25]
+    assert hellaswag_scores(model, examples, "cpu")["acc_norm"] == 1.0  # the first four are the model's picks
+
+
+def test_progress_line_with_a_rate(model, dataset, monkeypatch, caplog):
+    monkeypatch.setattr(evals, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="gpt_exp.eval"):
+        hellaswag_scores(model, load_hellaswag(dataset[0]), "cpu")
+    assert "hellaswag: 6/6 examples, acc_norm 0.6667" in caplog.text and "examples/s" in caplog.text
+
+
+def test_cli_prints_the_result_line(model, dataset, tmp_path):
+    save_hf_gpt2(model, tmp_path / "hf")
+    result = run_cli("eval", "hellaswag", f"path={dataset[0]}", f"hf={tmp_path / 'hf'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"hellaswag: 6 examples, acc_norm 0.6667, acc {dataset[1]:.4f}\n"
+
+
+def test_cli_limit(model, dataset, tmp_path, capsys):
+    save_hf_gpt2(model, tmp_path / "hf")
+    assert main(["hellaswag", f"path={dataset[0]}", f"hf={tmp_path / 'hf'}", "limit=5"]) == 0
+    assert capsys.readouterr().out == "hellaswag: 5 examples, acc_norm 0.8000, acc " + \
+        f"{hellaswag_scores(model, load_hellaswag(dataset[0], 5), 'cpu')['acc']:.4f}\n"
+
+
+@pytest.mark.parametrize("lines, message", [
+    (None, "path={path} does not exist; use the official hellaswag_val.jsonl"),
+    ([official_line(0, 1), official_line(1, 2), '{"ctx": "A man", "endings": ["a", "b"]'],
+     "{path}:3: not JSON (Expecting ',' delimiter)"),
+    ([official_line(0, 1), '{"ctx": "A man", "endings": ["a", "b"], "label": 0}'],
+     "{path}:2: not a HellaSwag example (a ctx string, 4 endings and a label 0-3)"),
+    ([], "{path} holds no examples"),
+])
+def test_file_mistakes_are_one_line_and_exit_2(tmp_path, lines, message):
+    path = tmp_path / "hellaswag_val.jsonl"
+    if lines is not None:
+        path.write_text("\n".join(lines) + "\n")
+    result = run_cli("eval", "hellaswag", f"path={path}", "resume=unused", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: " + message.format(path=path)), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hellaswg"], "error: unknown eval 'hellaswg'; choose one of: hellaswag"),
+    (["hellaswag", "pth=x"], "error: unknown key 'pth'; did you mean path?"),
+    (["hellaswag", "path=x", "limit=-1"], "error: limit=-1 is invalid: it must be >= 0"),
+])
+def test_argument_mistakes_are_one_line(capsys, args, message):
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(message)

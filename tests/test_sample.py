@@ -1,0 +1,112 @@
+"""Sampling: the CLI prints num_samples texts that start with the prompt and are exactly what `generate` makes
+from the same seed, from a run's checkpoint or its Hugging Face export; bad arguments are one line, exit 2."""
+
+import re
+
+import pytest
+import torch
+
+from gpt_exp.checkpoint import load_model
+from gpt_exp.hf import save_hf_gpt2
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.sample import generate, main
+from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+from tests.helpers import only_run_dir, run_cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cache_dir):
+    cwd = tmp_path_factory.mktemp("sample_run")
+    result = run_cli("run", "model=tiny", "train.max_steps=3", "train.ckpt_every=3", "logger.mode=disabled",
+                     f"data.cache_dir={cache_dir}", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return only_run_dir(cwd)
+
+
+def samples(stdout: str) -> list[str]:
+    return [s.removesuffix("\n\n") for s in re.split(r"^--- sample \d+/\d+ ---\n", stdout, flags=re.M)[1:]]
+
+
+def test_cli_prints_what_generate_makes(run_dir, tmp_path):
+    result = run_cli("sample", f"resume={run_dir}", "prompt=ROMEO:", "max_new_tokens=12", "num_samples=2",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "model tiny (1.23M params, step 3)" in result.stderr
+    printed = samples(result.stdout)
+    assert len(printed) == 2 and all(text.startswith("ROMEO:") for text in printed)
+
+    model, _ = load_model(str(run_dir))
+    enc = gpt2_encoding()
+    prompt = enc.encode("ROMEO:")
+    rows = generate(model, torch.tensor([prompt, prompt]), 12, top_k=50, temperature=1.0,
+                    generator=torch.Generator().manual_seed(1337))
+    assert rows.shape == (2, len(prompt) + 12)
+    assert printed == [enc.decode(row) for row in rows.tolist()]
+    assert printed[0] != printed[1]
+
+
+def test_same_seed_same_text_and_hf_export_samples_alike(run_dir, tmp_path, capsys):
+    model, _ = load_model(str(run_dir))
+    save_hf_gpt2(model, tmp_path / "hf")
+    texts = {}
+    for source, seed in ((f"resume={run_dir}", 7), (f"resume={run_dir}", 7), (f"resume={run_dir}", 8),
+                         (f"hf={tmp_path / 'hf'}", 7)):
+        assert main([source, f"seed={seed}", "max_new_tokens=8", "num_samples=3", "prompt=To be"]) == 0
+        texts.setdefault((source.split("=")[0], seed), []).append(samples(capsys.readouterr().out))
+    assert texts[("resume", 7)][0] == texts[("resume", 7)][1] == texts[("hf", 7)][0]
+    assert len(texts[("resume", 7)][0]) == 3 and texts[("resume", 8)][0] != texts[("resume", 7)][0]
+
+
+def test_empty_prompt_starts_at_a_document_boundary(run_dir, capsys):
+    assert main([f"resume={run_dir}", "prompt=", "max_new_tokens=5", "num_samples=1"]) == 0
+    [text] = samples(capsys.readouterr().out)
+    model, _ = load_model(str(run_dir))
+    row = generate(model, torch.tensor([[EOT_TOKEN]]), 5, generator=torch.Generator().manual_seed(1337))[0]
+    assert text == gpt2_encoding().decode(row[1:].tolist())  # the 5 new tokens, without <|endoftext|>
+
+
+def test_generate_crops_to_block_size_and_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 100, (2, 6))
+    out = generate(model, idx, max_new_tokens=10, top_k=1)
+    assert out.shape == (2, 16) and torch.equal(out[:, :6], idx)
+    greedy = idx
+    for _ in range(10):
+        logits, _ = model(greedy[:, -8:])
+        greedy = torch.cat((greedy, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, greedy)
+
+
+def test_top_k_limits_the_choice():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = torch.zeros((200, 1), dtype=torch.long)
+    with torch.no_grad():
+        allowed = set(model(idx[:1])[0][0, -1].topk(3).indices.tolist())
+    drawn = generate(model, idx, 1, top_k=3, generator=torch.Generator().manual_seed(0))[:, 1]
+    assert set(drawn.tolist()) == allowed  # 200 draws see all three, and nothing else
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resume=no/such/run"], "error: resume=no/such/run does not exist; give a run dir"),
+    (["hf=no/such/dir"], "error: no/such/dir does not exist; give a Hugging Face GPT-2 dir"),
+    (["resume=x", "tempreature=0.5"], "error: unknown key 'tempreature'; did you mean temperature?"),
+    ([], "error: name one model: resume=RUN_DIR"),
+])
+def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli("sample", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("top_k=many", "top_k=many is invalid: it must be an integer"),
+    ("temperature=0", "temperature=0.0 is invalid: it must be > 0"),
+    ("device=tpu", "device=tpu is invalid: it must be one of auto, cpu, cuda, mps"),
+    ("prompt", "cannot parse 'prompt'; write key=value"),
+])
+def test_bad_values_are_one_line(run_dir, capsys, arg, message):
+    assert main([f"resume={run_dir}", arg]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
