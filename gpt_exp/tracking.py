@@ -12,6 +12,7 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,11 +65,16 @@ def resolve_wandb_mode(mode: LoggerMode) -> str:
 
 
 class WandbRun:
-    """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth."""
+    """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth.
+
+    W&B starts in a background thread (about a second: its import, its service process, a reachability check),
+    so training starts at once; the first log call waits for it.
+    """
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None, config: dict,
                  resume_id: str | None = None):
-        self.run = None
+        self._run = None
+        self._starting: threading.Thread | None = None
         self.mode = resolve_wandb_mode(cfg.mode)
         if self.mode == "disabled":
             return
@@ -76,6 +82,10 @@ class WandbRun:
                          tags=list(cfg.tags), config=config)
         if resume_id:  # continue the W&B run of the checkpoint: same id, history appended
             init_args.update(id=resume_id, resume="allow")
+        self._starting = threading.Thread(target=self._start, args=(init_args,), name="wandb-init", daemon=True)
+        self._starting.start()
+
+    def _start(self, init_args: dict) -> None:
         if self.mode == "online" and not wandb_credentials_present():
             log.warning("logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY); "
                         "logging offline instead")
@@ -88,34 +98,42 @@ class WandbRun:
         failures = []
         for mode in modes:
             try:
-                self.run, self.mode = _wandb_init(mode, init_args), mode
+                self._run, self.mode = _wandb_init(mode, init_args), mode
                 break
             except Exception as e:  # noqa: BLE001 -- whatever W&B raises, the run goes on
                 failures.append(f"{mode}: {type(e).__name__}: {_first_line(e)}")
         if failures:
-            outcome = "logging offline instead" if self.run else "continuing with local logs only"
+            outcome = "logging offline instead" if self._run else "continuing with local logs only"
             log.warning("W&B init failed (%s); %s", "; ".join(failures), outcome)
+
+    @property
+    def run(self):
+        """The W&B run once it has started (None if disabled or failed)."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        return self._run
 
     def log(self, row: dict, step: int) -> None:
         if self.run is None:
             return
         try:
-            self.run.log(row, step=step)
+            self._run.log(row, step=step)
         except Exception as e:  # noqa: BLE001
             log.warning("W&B logging failed (%s); continuing with local logs only", _first_line(e))
-            self.run = None
+            self._run = None
 
     def finish(self) -> None:
         if self.run is None:
             return
-        run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
+        run_dir = Path(self._run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
         try:
-            self.run.finish()
+            self._run.finish()
         except Exception as e:  # noqa: BLE001
             log.warning("W&B finish failed (%s)", _first_line(e))
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
-        self.run = None
+        self._run = None
 
 
 def _wandb_init(mode: str, init_args: dict):
