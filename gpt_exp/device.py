@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,19 @@ def _pick_device(requested: DeviceType) -> torch.device:
     return torch.device(requested.value)
 
 
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS. Without this, every buffer over
+    32 MB (the 154 MB embedding gradient, autocast's bf16 weight copies) is mmap'ed and page-faulted in anew each
+    step: ~10% of an fp32 and ~30% of a bf16 124M step on a CPU. The price: the process keeps its peak RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)  # no mmap'ed chunks: large buffers come from the heap, and return to it
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
+
+
 def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None, local_rank: int = 0) -> Runtime:
     # Jobs running side by side must share the cores, not oversubscribe them: the launcher says how many are ours.
     threads = cfg.threads or launcher_threads
@@ -85,6 +100,8 @@ def resolve_runtime(cfg: DeviceConfig, launcher_threads: int | None = None, loca
     device = _pick_device(cfg.type)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
+    elif device.type == "cpu" and sys.platform == "linux":
+        keep_freed_memory()
     dtype = cfg.dtype
     if dtype == DType.auto:
         dtype = DType.bf16 if device.type == "cuda" else DType.fp32

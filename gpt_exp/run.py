@@ -111,6 +111,8 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
     if resumed:
         resumed.restore_model(model)
+    if runtime.device_type == "cpu" and not d.enabled:
+        model.sparse_embedding_grad()
     sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
     if sharded:
         shard_model(model)  # before the optimizer: it must hold the sharded parameters

@@ -120,7 +120,6 @@ def train(
     model.train()
     tokens_per_step = loader.B * loader.T * grad_accum_steps * d.world_size
     tokens = start_tokens
-    max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -137,7 +136,10 @@ def train(
             loss_accum += loss.detach()
             loss.backward()
         all_reduce_mean(loss_accum, d)  # the logged loss is the mean over all ranks
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:  # measure the norm for the log, without a pass that multiplies every gradient by 1
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         lr = schedule(step)
         for group in optimizer.param_groups:
