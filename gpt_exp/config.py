@@ -29,7 +29,7 @@ class DataError(UserError):
 
 class DataSource(str, Enum):
     shakespeare = "shakespeare"  # tiny shakespeare, shipped inside the package
-    text = "text"  # a UTF-8 file or a directory of .txt files at data.path
+    text = "text"  # data.path: a UTF-8 file, or a folder of .txt, .jsonl, .jsonl.gz and .parquet files
 
 
 class DeviceType(str, Enum):
@@ -67,7 +67,12 @@ class DataConfig:
     source: DataSource = DataSource.shakespeare
     path: Optional[str] = None
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/gpt_exp or ~/.cache/gpt_exp
-    val_fraction: float = 0.0  # the tail of the token stream held out for validation
+    # documents held out for validation (spread evenly); a one-document corpus holds out the tail of its tokens
+    val_fraction: float = 0.0
+    text_key: str = "text"  # the field with a document's text in .jsonl, .jsonl.gz and .parquet files
+    shard_tokens: int = 100_000_000  # tokens per cache shard (it ends at the next chunk boundary, <300K tokens later)
+    threads: Optional[int] = None  # tokenizer threads when the cache is built; None: one per core
+    shuffle_seed: Optional[int] = 0  # the shard order of every epoch after the first; None: the stored order
 
 
 @dataclass
@@ -188,6 +193,9 @@ def validate(cfg: RunConfig) -> None:
         list(o.betas),
         "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
     )
+    _require(cfg.data.shard_tokens >= 1, "data.shard_tokens", cfg.data.shard_tokens, "it must be >= 1, e.g. 100000000")
+    _require(cfg.data.threads is None or cfg.data.threads >= 1, "data.threads", cfg.data.threads,
+             "it must be >= 1, or null for one per core")
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "it must be in [0, 1)")
     if cfg.data.source == DataSource.text:
         _require(cfg.data.path is not None, "data.path", None, "data=text needs data.path=FILE_OR_DIR")

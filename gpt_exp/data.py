@@ -1,29 +1,31 @@
-"""The data path: pretokenize a corpus once into a uint16 cache keyed by content, then stream (B, T) batches.
+"""The data path: a corpus tokenized once into uint16 shards keyed by its content, (B, T) batches streamed from them.
 
 The loader is the lecture's DataLoaderLite: a B*T+1 token buffer, x = buf[:-1], y = buf[1:], wrapping at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator
 
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from gpt_exp.atomic import atomic_path, atomic_write_bytes
-from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.tokenizer import EOT_TOKEN, TOKENIZER_ID, gpt2_encoding
+from gpt_exp.config import ConfigError, DataConfig, DataError
+from gpt_exp.prepare import (build_cache, corpus_key, manifest_path, read_manifest, repair_shards, shard_problems,
+                             source_files)
+from gpt_exp.tokenizer import EOT_TOKEN
 
 log = logging.getLogger(__name__)
+
+_GOLDEN = (5**0.5 - 1) / 2  # frac((i + 1) * golden ratio) spreads documents evenly over [0, 1)
+_SCAN_TOKENS = 1 << 24  # tokens per block when looking for document starts: memory stays flat
 
 
 def default_cache_dir() -> Path:
@@ -31,155 +33,184 @@ def default_cache_dir() -> Path:
     return Path(base) / "gpt_exp" / "tokens"
 
 
-def source_files(cfg: DataConfig) -> list[Path]:
-    """The documents of a corpus, in a fixed order (one file is one document)."""
-    if cfg.source == DataSource.shakespeare:
-        return [Path(str(resources.files("gpt_exp") / "assets" / "tinyshakespeare.txt"))]
-    path = Path(cfg.path).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"data.path={cfg.path} holds no .txt files; point it at a text file or a folder of .txt files")
-        return files
-    raise DataError(f"data.path={cfg.path} does not exist; give an existing text file or folder of .txt files")
+class ShardedTokens:
+    """A token stream over memory-mapped shards: len(), tokens[i] and tokens[a:b] across shard boundaries (a slice
+    inside one shard is a view; one across shards copies only itself). `spans` lists its (shard, start, stop) pieces
+    in stream order: whole shards, or what a val split or a shuffled epoch keeps of them."""
 
+    def __init__(self, shards: list[np.ndarray], spans: np.ndarray | None = None, num_documents: int = 1):
+        if spans is None:
+            spans = np.array([(i, 0, len(s)) for i, s in enumerate(shards)], dtype=np.int64).reshape(-1, 3)
+        self.shards, self.num_documents = shards, num_documents
+        self.spans = spans[spans[:, 2] > spans[:, 1]]
+        self._ends = np.cumsum(self.spans[:, 2] - self.spans[:, 1])
 
-def _read_documents(files: list[Path]) -> tuple[list[str], str]:
-    """Decode every file as UTF-8 and hash the corpus (with the tokenizer) into the cache key."""
-    digest = hashlib.sha256(TOKENIZER_ID.encode())
-    texts = []
-    for path in files:
-        raw = path.read_bytes()
-        digest.update(len(raw).to_bytes(8, "little"))  # document boundaries are part of the content
-        digest.update(raw)
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{path} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                f"convert it, e.g. `iconv -f latin1 -t utf-8 {path.name}`"
-            ) from None
-    return texts, digest.hexdigest()[:24]
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
 
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("ShardedTokens slices take no step")
+            return self._read(start, max(start, stop))
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(f"token {index} is out of range for {len(self)} tokens")
+        return self._read(i, i + 1)[0]
 
-def _tokenize(texts: list[str]) -> np.ndarray:
-    """gpt2 tokens of every document, an <|endoftext|> between documents."""
-    enc = gpt2_encoding()
-    encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1) if len(texts) > 1 else [
-        enc.encode_ordinary(texts[0])
-    ]
-    out: list[int] = []
-    for i, ids in enumerate(encoded):
-        if i:
-            out.append(EOT_TOKEN)
-        out.extend(ids)
-    return np.array(out, dtype=np.uint16)  # the gpt2 vocab (50257) fits in 16 bits
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        parts, k = [], int(np.searchsorted(self._ends, start, side="right"))
+        while start < stop:
+            shard, lo, hi = (int(v) for v in self.spans[k])
+            span_start = int(self._ends[k]) - (hi - lo)
+            a, b = lo + start - span_start, min(hi, lo + stop - span_start)
+            parts.append(self.shards[shard][a:b])
+            start, k = start + b - a, k + 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
+
+    def take(self, ranges: np.ndarray | list, num_documents: int = 1) -> ShardedTokens:
+        """The stream made of `ranges` ([start, stop) rows, in order) of this one, cut where its spans end."""
+        r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        r = r[r[:, 1] > r[:, 0]]
+        first = np.searchsorted(self._ends, r[:, 0], side="right")
+        counts = np.searchsorted(self._ends, r[:, 1] - 1, side="right") - first + 1  # spans each range touches
+        which = np.repeat(np.arange(len(r)), counts)
+        k = first[which] + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        span_start = (self._ends - (self.spans[:, 2] - self.spans[:, 1]))[k]  # in stream coordinates
+        lo = np.maximum(r[which, 0], span_start) - span_start + self.spans[k, 1]
+        hi = np.minimum(r[which, 1], self._ends[k]) - span_start + self.spans[k, 1]
+        return ShardedTokens(self.shards, np.stack([self.spans[k, 0], lo, hi], axis=1), num_documents)
+
+    def shuffled(self, seed: int, epoch: int) -> ShardedTokens:
+        """The same spans grouped by shard, the shards in an order drawn from (seed, epoch)."""
+        rank = np.empty(len(self.shards), dtype=np.int64)
+        rank[np.random.default_rng([seed, epoch]).permutation(len(self.shards))] = np.arange(len(self.shards))
+        order = np.argsort(rank[self.spans[:, 0]], kind="stable")
+        return ShardedTokens(self.shards, self.spans[order], self.num_documents)
+
+    def document_starts(self) -> np.ndarray:
+        """Where each document starts: at 0 and after every <|endoftext|> (gpt2 never encodes text as that token)."""
+        def scan(start: int) -> np.ndarray:
+            return np.flatnonzero(self[start : start + _SCAN_TOKENS] == EOT_TOKEN) + (start + 1)
+
+        with ThreadPoolExecutor(8) as pool:  # numpy compares without the GIL
+            found = list(pool.map(scan, range(0, len(self), _SCAN_TOKENS)))
+        return np.concatenate([np.zeros(1, dtype=np.int64), *found])
 
 
 @dataclass(frozen=True)
 class TokenCache:
-    bin_path: Path
-    meta_path: Path
+    manifest_path: Path
+    shard_paths: tuple[Path, ...]
+    shard_tokens: tuple[int, ...]
     num_tokens: int
+    num_documents: int
 
-    def load(self) -> np.memmap:
-        return np.memmap(self.bin_path, dtype=np.uint16, mode="r", shape=(self.num_tokens,))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def load(self) -> ShardedTokens:
+        shards = [np.memmap(p, dtype=np.uint16, mode="r", shape=(n,)) if n else np.empty(0, dtype=np.uint16)
+                  for p, n in zip(self.shard_paths, self.shard_tokens)]
+        return ShardedTokens(shards, num_documents=self.num_documents)
 
 
-def _cached(bin_path: Path, meta_path: Path) -> TokenCache | None:
-    """A complete, intact cache entry, or None. The meta file is written last, so its presence marks completion;
-    a token file whose size or checksum disagrees with it is reported and left to be rebuilt."""
-    if not meta_path.exists():
-        return None
+def _token_cache(cache_dir: Path, key: str, manifest: dict) -> TokenCache:
+    shards = manifest["shards"]
+    return TokenCache(manifest_path(cache_dir, key), tuple(cache_dir / s["file"] for s in shards),
+                      tuple(s["num_tokens"] for s in shards), manifest["num_tokens"], manifest["num_documents"])
+
+
+def _check(cfg: DataConfig) -> None:
+    if cfg.shard_tokens < 1:
+        raise ConfigError(f"data.shard_tokens={cfg.shard_tokens} is invalid: it must be >= 1, e.g. 100000000")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"data.threads={cfg.threads} is invalid: it must be >= 1, or null for one per core")
+    if not cfg.text_key:
+        raise ConfigError("data.text_key='' is invalid: name the field that holds the text, e.g. data.text_key=text")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the cache entry's file lock: one process builds it while the others wait, then read what it wrote."""
+    lock = FileLock(path)
     try:
-        meta = json.loads(meta_path.read_text())
-        meta["num_tokens"], meta["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("token cache metadata %s is unreadable; rebuilding the entry", meta_path)
-        return None
-    if not bin_path.exists() or bin_path.stat().st_size != 2 * meta["num_tokens"]:
-        log.warning("token cache %s is truncated or missing; rebuilding it", bin_path)
-        return None
-    if _sha256(bin_path) != meta["sha256"]:
-        log.warning("token cache %s is corrupt (checksum mismatch); rebuilding it", bin_path)
-        return None
-    return TokenCache(bin_path, meta_path, meta["num_tokens"])
-
-
-def _build_cache(texts: list[str], files: list[Path], bin_path: Path, meta_path: Path) -> TokenCache:
-    n_bytes = sum(len(t) for t in texts)
-    t0 = time.perf_counter()
-    tokens = _tokenize(texts)
-    dt = time.perf_counter() - t0
-    log.info("tokenized %d document(s), %.1f MB in %.2f s (%.1f MB/s)", len(texts), n_bytes / 1e6, dt, n_bytes / 1e6 / dt)
-    with atomic_path(bin_path) as tmp:
-        tokens.tofile(tmp)
-    meta = {"num_tokens": int(tokens.size), "sha256": _sha256(bin_path), "num_documents": len(texts),
-            "tokenizer": TOKENIZER_ID, "dtype": "uint16", "sources": [str(p) for p in files[:10]]}
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
-    return TokenCache(bin_path, meta_path, int(tokens.size))
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is tokenizing this corpus into %s; waiting for it", path.parent)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare_tokens(cfg: DataConfig) -> TokenCache:
-    """Tokenize the corpus into the cache unless a complete entry for the same content exists.
-
-    Any number of runs may start at once on one cache: a file lock lets exactly one tokenize while the
-    others wait, then read what it wrote.
-    """
-    files = source_files(cfg)
-    texts, key = _read_documents(files)
+    """The corpus's token cache: read back when a complete, intact entry for the same content exists; otherwise built
+    (or resumed, or its damaged shards rebuilt) here, under a file lock so that parallel first runs build it once."""
+    _check(cfg)
+    sources = source_files(cfg)
+    where = str(sources[0].path) if len(sources) == 1 else cfg.path
+    key = corpus_key(sources, cfg.text_key)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
-    hit = _cached(bin_path, meta_path)
-    if hit is not None:
-        log.info("token cache hit: %s", bin_path)
-        return hit
-    if not any(texts):
-        raise DataError(f"the corpus at {files[0] if len(files) == 1 else cfg.path} is empty; give a file with text")
+    manifest = read_manifest(cache_dir, key)
+    if manifest is not None and not shard_problems(cache_dir, manifest["shards"]):
+        log.info("token cache hit: %s", manifest_path(cache_dir, key))
+        return _token_cache(cache_dir, key, manifest)
+    if not any(s.size for s in sources):
+        raise DataError(f"the corpus at {where} is empty; give a file with text")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(cache_dir / f"{key}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another process is tokenizing this corpus into %s; waiting for it", cache_dir)
-            lock.acquire()
-        try:
-            hit = _cached(bin_path, meta_path)  # built by the process that held the lock before us?
-            if hit is not None:
-                log.info("token cache hit: %s", bin_path)
-                return hit
-            return _build_cache(texts, files, bin_path, meta_path)
-        finally:
-            lock.release()
+        with _locked(cache_dir / f"{key}.lock"):
+            manifest = read_manifest(cache_dir, key)  # built or repaired by the process that held the lock before us?
+            if manifest is None:
+                return _token_cache(cache_dir, key, build_cache(sources, cache_dir, key, cfg, where))
+            damaged = shard_problems(cache_dir, manifest["shards"])
+            for i, problem in damaged:
+                log.warning("token cache %s is %s; rebuilding it", cache_dir / manifest["shards"][i]["file"], problem)
+            repair_shards(sources, cache_dir, key, manifest, [i for i, _ in damaged], cfg)
+            if not damaged:
+                log.info("token cache hit: %s", manifest_path(cache_dir, key))
+            return _token_cache(cache_dir, key, manifest)
     except OSError as e:
-        raise DataError(f"cannot write the token cache in {cache_dir} ({e.strerror}); set data.cache_dir=WRITABLE_DIR") from None
+        raise DataError(f"cannot write the token cache in {cache_dir} ({e.strerror}); "
+                        f"set data.cache_dir=WRITABLE_DIR") from None
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the tail of the stream for validation; slices of a memmap stay memmaps (no copy)."""
-    n_val = int(len(tokens) * val_fraction)
-    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+def _runs(starts: np.ndarray, selected: np.ndarray, num_tokens: int) -> np.ndarray:
+    """[start, stop) token ranges of the runs of consecutive selected documents (each with its trailing separator)."""
+    edges = np.append(starts, num_tokens)
+    flips = np.diff(np.concatenate([[0], selected.astype(np.int8), [0]]))
+    return np.stack([edges[np.flatnonzero(flips == 1)], edges[np.flatnonzero(flips == -1)]], axis=1)
+
+
+def split_tokens(tokens: ShardedTokens | np.ndarray, val_fraction: float) -> tuple[ShardedTokens, ShardedTokens]:
+    """Hold out documents for validation: document i (from 0) when frac((i + 1) * golden ratio) < val_fraction, a
+    fixed and evenly spread sample; a corpus of one document, or of too few for the rule to pick one, holds out the
+    tail of its token stream instead. Nothing is copied: both parts are spans of the same shards."""
+    if not isinstance(tokens, ShardedTokens):
+        tokens = ShardedTokens([np.asarray(tokens)])
+    n = len(tokens)
+    if val_fraction > 0 and tokens.num_documents > 1:
+        starts = tokens.document_starts()
+        held_out = np.modf((np.arange(len(starts)) + 1) * _GOLDEN)[0] < val_fraction
+        if held_out.any():
+            return (tokens.take(_runs(starts, ~held_out, n), int((~held_out).sum())),
+                    tokens.take(_runs(starts, held_out, n), int(held_out.sum())))
+    n_val = int(n * val_fraction)
+    return tokens.take([[0, n - n_val]], tokens.num_documents), tokens.take([[n - n_val, n]], 1)
 
 
 class BatchLoader:
     """Streams (x, y) batches of shape (B, T) through the token stream; in DDP each rank takes its own stride.
 
-    overfit_batches=N > 0 cycles the first N batches (of this rank) forever.
+    overfit_batches=N > 0 cycles the first N batches (of this rank) forever. With shuffle_seed, every epoch after the
+    first reads the shards of a ShardedTokens in an order drawn from (seed, epoch); one shard reads the same always.
     """
 
-    def __init__(self, tokens: np.ndarray, B: int, T: int, rank: int = 0, world_size: int = 1, overfit_batches: int = 0):
-        self.tokens, self.B, self.T = tokens, B, T
+    def __init__(self, tokens: ShardedTokens | np.ndarray, B: int, T: int, rank: int = 0, world_size: int = 1,
+                 overfit_batches: int = 0, shuffle_seed: int | None = None):
+        self.source, self.B, self.T, self.shuffle_seed = tokens, B, T, shuffle_seed
         self.rank, self.world_size, self.overfit_batches = rank, world_size, overfit_batches
         needed = B * T * world_size + 1
         if len(tokens) < needed:
@@ -188,9 +219,15 @@ class BatchLoader:
             )
         self.reset()
 
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch, self.tokens = epoch, self.source
+        if epoch and self.shuffle_seed is not None and isinstance(self.source, ShardedTokens):
+            self.tokens = self.source.shuffled(self.shuffle_seed, epoch)
+
     def reset(self) -> None:
         """Back to this rank's first batch (evaluation reads the same val batches every time)."""
-        self.position, self.batches_in_cycle, self.epoch = self._start, 0, 0
+        self.position, self.batches_in_cycle = self._start, 0
+        self._set_epoch(0)
 
     @property
     def _start(self) -> int:
@@ -202,7 +239,7 @@ class BatchLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.tokens) // self._stride
+        return (len(self.source) - 1) // self._stride  # a batch reads B*T+1 tokens
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.B * self.T
@@ -214,11 +251,13 @@ class BatchLoader:
             self.position, self.batches_in_cycle = self._start, 0
         elif self.position + self._stride + 1 > len(self.tokens):
             # the next batch would run past the end: wrap around, as the lecture's loader does
-            self.position, self.epoch = self._start, self.epoch + 1
+            self.position = self._start
+            self._set_epoch(self.epoch + 1)
         return x, y
 
     def state_dict(self) -> dict:
         return {"position": self.position, "batches_in_cycle": self.batches_in_cycle, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position, self.batches_in_cycle, self.epoch = state["position"], state["batches_in_cycle"], state["epoch"]
+        self.position, self.batches_in_cycle = state["position"], state["batches_in_cycle"]
+        self._set_epoch(state["epoch"])

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
 from gpt_exp.config import ConfigError, DataError, RunConfig, Strategy, UserError, register_schema, validate
-from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
+from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.device import Runtime, resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, full_state, init_process_group, launch_env, shard_model
 from gpt_exp.errors import is_user_error, user_error_line
@@ -97,7 +97,8 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     tokens = prepare_tokens(cfg.data).load()
     train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
     log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
-    loader = BatchLoader(train_tokens, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.overfit_batches)
+    loader = BatchLoader(train_tokens, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.overfit_batches,
+                         shuffle_seed=cfg.data.shuffle_seed)
     log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
     val_loader = val_batches(val_tokens, cfg, d) if cfg.train.eval_every else None
 
@@ -180,7 +181,7 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     return summary.get("final_val_loss", summary.get("final_loss", math.nan))  # what a sweeper minimizes
 
 
-def val_batches(val_tokens: np.ndarray, cfg: RunConfig, d: Dist) -> BatchLoader:
+def val_batches(val_tokens: ShardedTokens, cfg: RunConfig, d: Dist) -> BatchLoader:
     needed = cfg.B * cfg.T * d.world_size + 1
     if len(val_tokens) < needed:
         raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T*world_size+1 = "

@@ -4,7 +4,7 @@ import torch
 
 from gpt_exp import data
 from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.data import BatchLoader, prepare_tokens, split_tokens
+from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
@@ -18,18 +18,20 @@ def text_cfg(path, cache_dir) -> DataConfig:
 
 
 def test_shakespeare_cache_is_uint16_memmap(shakespeare, cache_dir):
-    assert isinstance(shakespeare, np.memmap) and shakespeare.dtype == np.uint16
+    assert isinstance(shakespeare, ShardedTokens) and len(shakespeare.shards) == 1
+    assert isinstance(shakespeare.shards[0], np.memmap) and shakespeare.shards[0].dtype == np.uint16
     assert len(shakespeare) == 338_025
     assert shakespeare[:6].tolist() == [5962, 22307, 25, 198, 8421, 356]
     cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
-    assert cache.bin_path.parent == cache_dir and cache.bin_path.stat().st_size == 2 * 338_025
+    [shard] = cache.shard_paths
+    assert shard.parent == cache_dir and shard.stat().st_size == 2 * 338_025
 
 
 def test_second_prepare_does_not_tokenize(shakespeare, cache_dir, monkeypatch):
-    def fail(texts):
+    def fail(*args):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data, "_tokenize", fail)
+    monkeypatch.setattr(data, "build_cache", fail)
     cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
     assert cache.num_tokens == 338_025
 
@@ -40,8 +42,8 @@ def test_changed_content_gets_a_new_cache_entry(tmp_path):
     first = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
     corpus.write_text("hello there world")
     second = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
-    assert first.bin_path != second.bin_path
-    assert second.load().tolist() == gpt2_encoding().encode_ordinary("hello there world")
+    assert first.shard_paths != second.shard_paths
+    assert second.load()[:].tolist() == gpt2_encoding().encode_ordinary("hello there world")
 
 
 def test_directory_of_txt_files_joined_by_endoftext(tmp_path):
@@ -49,7 +51,7 @@ def test_directory_of_txt_files_joined_by_endoftext(tmp_path):
     (tmp_path / "docs" / "b.txt").write_text("Second document.")
     (tmp_path / "docs" / "sub" / "a.txt").write_text("First one\n")  # sorted by path: b.txt < sub/a.txt
     (tmp_path / "docs" / "notes.md").write_text("not a .txt: ignored")
-    tokens = prepare_tokens(text_cfg(tmp_path / "docs", tmp_path / "c")).load().tolist()
+    tokens = prepare_tokens(text_cfg(tmp_path / "docs", tmp_path / "c")).load()[:].tolist()
     enc = gpt2_encoding()
     assert tokens == enc.encode_ordinary("Second document.") + [EOT_TOKEN] + enc.encode_ordinary("First one\n")
 
@@ -58,10 +60,10 @@ def test_truncated_cache_is_rebuilt(tmp_path, caplog):
     corpus = tmp_path / "a.txt"
     corpus.write_text("some words " * 100)
     cache = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
-    with open(cache.bin_path, "r+b") as f:
+    with open(cache.shard_paths[0], "r+b") as f:
         f.truncate(10)
     rebuilt = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
-    assert rebuilt.bin_path.stat().st_size == 2 * cache.num_tokens
+    assert rebuilt.shard_paths[0].stat().st_size == 2 * cache.num_tokens
     assert "truncated" in caplog.text
 
 
@@ -149,10 +151,10 @@ def test_corrupt_cache_is_detected_by_checksum_and_rebuilt(tmp_path, caplog):
     corpus = tmp_path / "a.txt"
     corpus.write_text("some words " * 100)
     cache = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
-    good = cache.load().tolist()
-    with open(cache.bin_path, "r+b") as f:  # same size, one token flipped
+    good = cache.load()[:].tolist()
+    with open(cache.shard_paths[0], "r+b") as f:  # same size, one token flipped
         f.seek(10)
         f.write(b"\xff\xff")
     rebuilt = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
     assert "corrupt (checksum mismatch); rebuilding" in caplog.text
-    assert rebuilt.load().tolist() == good
+    assert rebuilt.load()[:].tolist() == good

@@ -1,0 +1,604 @@
+"""Tokenize a corpus into the token cache's uint16 shards, streaming, on every core: `python -m gpt_exp.prepare`.
+
+Reads .txt (a document per file), .jsonl(.gz) and .parquet (a document per record); the run builds the same cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import numpy as np
+import tiktoken
+
+from gpt_exp.atomic import atomic_path, atomic_write_bytes
+from gpt_exp.config import DataConfig, DataError, DataSource
+from gpt_exp.tokenizer import EOT_TOKEN, TOKENIZER_ID, gpt2_encoding
+
+log = logging.getLogger(__name__)
+
+TEXT, JSONL, JSONL_GZ, PARQUET = "text", "jsonl", "jsonl.gz", "parquet"
+_SUFFIXES = {".txt": TEXT, ".jsonl": JSONL, ".jsonl.gz": JSONL_GZ, ".parquet": PARQUET}
+CACHE_VERSION = "shards-v1"  # part of the cache key: a new layout never reads an old entry
+CHUNK_BYTES = 1 << 20  # the unit of work of a tokenizer thread (~250K tokens; small: a short tail at the end)
+PROGRESS_SECONDS = 5.0
+_PARQUET_BATCH_ROWS = 1024
+_EOT = np.array([EOT_TOKEN], dtype=np.uint16)
+_thread = threading.local()
+
+
+# ---- the corpus: files, their kinds, the content key ----
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    kind: str  # TEXT, JSONL, JSONL_GZ or PARQUET
+    size: int  # bytes on disk
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((kind for suffix, kind in _SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def _source(path: Path, kind: str) -> Source:
+    return Source(path, kind, path.stat().st_size)
+
+
+def source_files(cfg: DataConfig) -> list[Source]:
+    """The files of a corpus, in a fixed order (sorted by path)."""
+    if cfg.source == DataSource.shakespeare:
+        return [_source(Path(str(resources.files("gpt_exp") / "assets" / "tinyshakespeare.txt")), TEXT)]
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        if path.name.lower().endswith(".gz") and _kind(path) != JSONL_GZ:
+            raise DataError(f"{path} is compressed; only .jsonl.gz files are read compressed: decompress it first")
+        return [_source(path, _kind(path) or TEXT)]  # a file named directly is text unless its suffix says otherwise
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if _kind(p) and p.is_file())
+        if not files:
+            raise DataError(f"data.path={cfg.path} holds no .txt files (nor .jsonl, .jsonl.gz or .parquet); "
+                            f"point it at a text file or a folder of them")
+        return [_source(p, _kind(p)) for p in files]
+    raise DataError(f"data.path={cfg.path} does not exist; give an existing file, or a folder of .txt, .jsonl, "
+                    f".jsonl.gz or .parquet files")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 23):
+                digest.update(block)  # releases the GIL: files hash in parallel threads
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror})") from None
+    return digest.hexdigest()
+
+
+def corpus_key(sources: list[Source], text_key: str) -> str:
+    """The cache key: a hash of every file's content, kind and order, and of the tokenizer."""
+    digest = hashlib.sha256(f"{TOKENIZER_ID}|{CACHE_VERSION}".encode())
+    if any(s.kind != TEXT for s in sources):
+        digest.update(f"|text_key={text_key}".encode())
+    with ThreadPoolExecutor(min(8, len(sources))) as pool:
+        for source, file_hash in zip(sources, pool.map(_file_sha256, [s.path for s in sources])):
+            digest.update(f"|{source.kind}|{source.size}|{file_hash}".encode())
+    return digest.hexdigest()[:24]
+
+
+# ---- reading: pieces of files, cut where the tokens cannot change ----
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A position in the corpus: a file, an offset in it (a byte; a row for Parquet), the documents begun before."""
+
+    file: int
+    offset: int
+    docs: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of one file, tokenized by a thread: bytes of a text file or whole JSON lines, or Parquet rows."""
+
+    path: str
+    kind: str
+    data: Any  # bytes, or a pyarrow string array for Parquet
+    offset: int  # where data starts in its file (a byte; a row for Parquet); offset 0 of a text file starts a document
+    line: int = 1  # jsonl: the line number of data's first line
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if isinstance(self.data, bytes) else self.data.nbytes
+
+
+# (piece, the offset after it or None at the end of its file, bytes of the file read so far)
+_Pieces = Iterator[tuple[Piece, int | None, int]]
+
+
+def _char_before(data: bytes | bytearray, i: int) -> str:
+    return bytes(data[max(0, i - 4) : i]).decode("utf-8", "replace")[-1:]
+
+
+def _char_at(data: bytes | bytearray, i: int) -> str:
+    return bytes(data[i : i + 4]).decode("utf-8", "replace")[:1]
+
+
+def safe_cut(data: bytes | bytearray, lo: int = 0) -> int:
+    """The last point in data[lo:] where a text splits into two that tokenize to the same tokens as the whole, or 0.
+
+    That is before a space or after a newline with a non-space character on each side: gpt2's pre-tokenizer always
+    breaks there and a space never ends a piece, so no piece crosses the cut. Only the last 64 KB are searched.
+    """
+    lo, hi = max(lo, len(data) - (1 << 16), 1), len(data) - 4  # the character after the cut must be whole
+    if hi <= lo:
+        return 0
+    space, newline = data.rfind(b" ", lo, hi), data.rfind(b"\n", lo, hi)
+    while max(space, newline) >= lo:
+        i = max(space, newline)
+        if not _char_before(data, i).isspace() and not _char_at(data, i + 1).isspace():
+            return i if i == space else i + 1
+        if i == space:
+            space = data.rfind(b" ", lo, i)
+        else:
+            newline = data.rfind(b"\n", lo, i)
+    return 0
+
+
+def _line_cut(data: bytes | bytearray, lo: int = 0) -> int:
+    return data.rfind(b"\n", lo) + 1
+
+
+def _byte_pieces(f: BinaryIO, offset: int, stop: int | None, cut: Callable) -> Iterator[tuple[bytes, int, bool]]:
+    """(data, its offset, at the end of the file) for pieces of about CHUNK_BYTES from `offset` up to `stop`."""
+    buf, searched = bytearray(), 0
+    while True:
+        want = CHUNK_BYTES if stop is None else min(CHUNK_BYTES, stop - offset - len(buf))
+        more = f.read(want) if want > 0 else b""
+        buf += more
+        if len(more) < want or want <= 0:  # a short read: the end of the file; want <= 0: the end of the range
+            if buf or offset == 0:  # an empty text file is still a document
+                yield bytes(buf), offset, want > 0
+            return
+        at = cut(buf, searched)
+        if at <= 0:  # no cut point yet (a very long line or word): read on
+            searched = max(0, len(buf) - 8)
+            continue
+        yield bytes(buf[:at]), offset, False
+        offset, searched = offset + at, 0
+        del buf[:at]
+
+
+def _skip_lines(f: BinaryIO, n: int) -> int:
+    """Read past the first n bytes of f; the newlines among them."""
+    lines = 0
+    while n > 0 and (block := f.read(min(n, 1 << 23))):
+        lines, n = lines + block.count(b"\n"), n - len(block)
+    return lines
+
+
+@contextmanager
+def _open_bytes(source: Source) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
+    """A binary stream of the file's text (decompressed for .jsonl.gz) and a function giving its position on disk."""
+    raw = open(source.path, "rb")
+    try:
+        yield (gzip.GzipFile(fileobj=raw) if source.kind == JSONL_GZ else raw), raw.tell
+    finally:
+        raw.close()
+
+
+def _text_pieces(source: Source, first: int, stop: int | None) -> _Pieces:
+    with _open_bytes(source) as (f, position):
+        line = 1
+        if source.kind == TEXT:
+            f.seek(first)
+        else:
+            line += _skip_lines(f, first)
+        cut = safe_cut if source.kind == TEXT else _line_cut
+        for data, offset, eof in _byte_pieces(f, first, stop, cut):
+            after = None if eof else offset + len(data)
+            yield Piece(str(source.path), source.kind, data, offset, line), after, position()
+            if source.kind != TEXT:
+                line += data.count(b"\n")
+
+
+def _read_pieces(source: Source, first: int, stop: int | None, text_key: str) -> _Pieces:
+    """The pieces of a file from `first` to `stop`; its reading errors as one line."""
+    try:
+        if source.kind == PARQUET:
+            yield from _parquet_pieces(source, first, stop, text_key)
+        else:
+            yield from _text_pieces(source, first, stop)
+    except gzip.BadGzipFile as e:  # an OSError: first
+        raise DataError(f"{source.path} is not a gzip file ({e}); name it .jsonl if it is not compressed") from None
+    except EOFError:
+        raise DataError(f"{source.path} is truncated: its gzip stream ends early") from None
+    except zlib.error as e:
+        raise DataError(f"{source.path} is a corrupt gzip file ({e})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {source.path} ({e.strerror or e})") from None
+
+
+def _parquet_module(path: Path):
+    try:
+        import pyarrow.parquet as pq  # optional: only Parquet corpora need it
+    except ImportError:
+        raise DataError(f"{path} is a Parquet file: reading it needs pyarrow (pip install pyarrow)") from None
+    return pq
+
+
+def _parquet_pieces(source: Source, first: int, stop: int | None, text_key: str) -> _Pieces:
+    pq = _parquet_module(source.path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(source.path)
+    except pa.ArrowException as e:
+        raise DataError(f"{source.path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    key, schema = text_key, pf.schema_arrow
+    if key not in schema.names:
+        raise DataError(f"{source.path} has no {key!r} column (it has: {', '.join(schema.names[:8])}); "
+                        f"set data.text_key=COLUMN")
+    if not (pa.types.is_string(schema.field(key).type) or pa.types.is_large_string(schema.field(key).type)):
+        raise DataError(f"{source.path}: column {key!r} holds {schema.field(key).type}, not text; "
+                        f"set data.text_key=COLUMN")
+    rows, stop = pf.metadata.num_rows, pf.metadata.num_rows if stop is None else stop
+    row, groups = 0, []
+    for g in range(pf.num_row_groups):  # skip the row groups before `first` without reading them
+        if groups or row + pf.metadata.row_group(g).num_rows > first:
+            groups.append(g)
+        else:
+            row += pf.metadata.row_group(g).num_rows
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=[key]):
+        lo, hi = max(first - row, 0), min(batch.num_rows, stop - row)
+        if hi > lo:
+            done = row + hi
+            yield (Piece(str(source.path), PARQUET, batch.column(0).slice(lo, hi - lo), row + lo),
+                   None if done >= rows else done, source.size * done // rows)
+        row += batch.num_rows
+        if row >= stop:
+            return
+
+
+@dataclass(frozen=True)
+class Chunk:
+    pieces: list[Piece]
+    end: tuple[int, int]  # (file, offset) where the corpus continues after this chunk
+    position: int  # bytes of the corpus's files read up to its end
+    nbytes: int  # bytes of text (and JSON) in it
+
+
+def _chunks(sources: list[Source], start: Cursor, stop: Cursor | None, text_key: str) -> Iterator[Chunk]:
+    """The corpus from `start` to `stop` in chunks of about CHUNK_BYTES: a piece of a big file, or many small files."""
+    group, size, done = [], 0, sum(s.size for s in sources[: start.file])
+    for i in range(start.file, len(sources) if stop is None else min(stop.file + 1, len(sources))):
+        first = start.offset if i == start.file else 0
+        last = stop.offset if stop is not None and i == stop.file else None
+        if last == 0:
+            break
+        for piece, after, position in _read_pieces(sources[i], first, last, text_key):
+            group.append(piece)
+            size += piece.nbytes
+            end = (i + 1, 0) if after is None else (i, after)
+            if size >= CHUNK_BYTES:
+                yield Chunk(group, end, done + position, size)
+                group, size = [], 0
+        done += sources[i].size
+    if group:
+        yield Chunk(group, end, done, size)
+
+
+# ---- tokenizing: on every core, in order ----
+
+
+def _decode(data: bytes, path: str, offset: int, where: str = "") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where or path} is not UTF-8 (byte {offset + e.start}: {data[e.start:e.start + 1]!r}); "
+                        f"convert it, e.g. `iconv -f latin1 -t utf-8 {Path(path).name}`") from None
+
+
+def _json_text(line: bytes, path: str, where: str, offset: int, text_key: str) -> str:
+    try:
+        record = json.loads(_decode(line, path, offset, where))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); write one object per line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object; write one object per line, its text in {text_key!r}")
+    if text_key not in record:
+        raise DataError(f"{where} has no {text_key!r} field (it has: {', '.join(list(record)[:8])}); "
+                        f"set data.text_key=FIELD")
+    if not isinstance(record[text_key], str):
+        raise DataError(f"{where}: {text_key!r} is {type(record[text_key]).__name__}, not a string")
+    return record[text_key]
+
+
+def _documents(piece: Piece, text_key: str) -> Iterator[tuple[str, bool]]:
+    """(text, whether it starts a document) for the texts in a piece."""
+    if piece.kind == TEXT:
+        yield _decode(piece.data, piece.path, piece.offset), piece.offset == 0
+    elif piece.kind == PARQUET:
+        for i, text in enumerate(piece.data.to_pylist()):
+            if not isinstance(text, str):
+                raise DataError(f"{piece.path} row {piece.offset + i}: {text_key!r} is null; drop or fill that row")
+            yield text, True
+    else:
+        offset = piece.offset
+        for i, line in enumerate(piece.data.split(b"\n")):
+            if line.strip():  # blank lines are no documents
+                yield _json_text(line, piece.path, f"{piece.path}:{piece.line + i}", offset, text_key), True
+            offset += len(line) + 1
+
+
+def _thread_encoding() -> tiktoken.Encoding:
+    """This thread's own copy of gpt2 (the same ranks and pattern): tiktoken's regex runs ~25% slower in every thread
+    but the first one to use an Encoding, so each tokenizer thread gets one of its own (built in ~0.03 s)."""
+    if not hasattr(_thread, "enc"):
+        gpt2 = gpt2_encoding()
+        _thread.enc = tiktoken.Encoding(gpt2.name, pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                                        special_tokens=gpt2._special_tokens, explicit_n_vocab=gpt2.n_vocab)
+    return _thread.enc
+
+
+def encode_pieces(pieces: list[Piece], text_key: str) -> tuple[np.ndarray, int]:
+    """The gpt2 tokens of `pieces`, an <|endoftext|> before every document that starts in them; and how many do."""
+    enc = _thread_encoding()
+    parts, docs = [], 0
+    for piece in pieces:
+        for text, starts_document in _documents(piece, text_key):
+            if starts_document:
+                parts.append(_EOT)
+                docs += 1
+            # encode_ordinary's tokens, as an array: no list of Python ints to build
+            parts.append(enc.encode_to_numpy(text, disallowed_special=()).astype(np.uint16))
+    return (np.concatenate(parts) if parts else np.empty(0, np.uint16)), docs
+
+
+def _encoded(chunks: Iterator[Chunk], text_key: str, threads: int) -> Iterator[tuple[Chunk, tuple[np.ndarray, int]]]:
+    """(chunk, its tokens and documents) in corpus order, encoded by `threads` threads (tiktoken lets go of the GIL
+    while it encodes); at most 2 chunks per thread in flight, so memory stays flat however big the corpus."""
+    encode = functools.partial(encode_pieces, text_key=text_key)
+    gpt2_encoding()  # loaded once, before the threads copy it
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
+    try:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(encode, chunk.pieces)))
+            if len(pending) >= 2 * threads:
+                chunk, future = pending.popleft()
+                yield chunk, future.result()
+        while pending:
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error or Ctrl-C: the chunks being encoded finish first
+
+
+# ---- writing: shards, the progress file, the manifest ----
+
+
+def shard_path(cache_dir: Path, key: str, index: int) -> Path:
+    return cache_dir / f"{key}-{index:05d}.bin"
+
+
+def manifest_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"{key}.json"
+
+
+def _progress_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"{key}.progress"  # not .json: nothing that could pass for a manifest
+
+
+class _Progress:
+    """A line with MB/s and tokens/s every few seconds while shards are written, and the rates at the end."""
+
+    def __init__(self, total_bytes: int):
+        self.total, self.t0, self.last, self.nbytes, self.tokens = max(total_bytes, 1), time.perf_counter(), 0.0, 0, 0
+
+    def update(self, chunk: Chunk, tokens: int) -> None:
+        self.nbytes, self.tokens = self.nbytes + chunk.nbytes, self.tokens + tokens
+        now = time.perf_counter()
+        if now - max(self.last, self.t0) >= PROGRESS_SECONDS:
+            self.last, dt = now, now - self.t0
+            log.info("prepare: %3.0f%% | %s MB, %.1f MB/s | %s tokens, %.2fM tok/s", 100 * chunk.position / self.total,
+                     f"{self.nbytes / 1e6:,.1f}", self.nbytes / 1e6 / dt, f"{self.tokens:,}", self.tokens / 1e6 / dt)
+
+    def summary(self) -> str:
+        dt, mb = max(time.perf_counter() - self.t0, 1e-9), self.nbytes / 1e6
+        return f"{mb:,.1f} MB in {dt:.2f} s ({mb / dt:.1f} MB/s, {self.tokens / dt / 1e6:.2f}M tok/s)"
+
+
+def _write_shards(encoded: Iterator, cache_dir: Path, key: str, index: int, cursor: Cursor, shard_tokens: float,
+                  progress: _Progress) -> Iterator[dict]:
+    """Shards of at least `shard_tokens` tokens (ending at a chunk boundary), each written atomically; their entries."""
+    pending = next(encoded, None)
+    while pending is not None:
+        path, start, n, digest = shard_path(cache_dir, key, index), cursor, 0, hashlib.sha256()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            while pending is not None and n < shard_tokens:
+                chunk, (tokens, docs) = pending
+                if docs and cursor.docs == 0:
+                    tokens = tokens[1:]  # an <|endoftext|> goes between documents: none before the first
+                f.write(tokens.data)
+                digest.update(tokens.data)
+                n, cursor = n + len(tokens), Cursor(*chunk.end, cursor.docs + docs)
+                progress.update(chunk, len(tokens))
+                pending = next(encoded, None)
+        yield {"file": path.name, "num_tokens": n, "sha256": digest.hexdigest(), "start": astuple(start),
+               "end": astuple(cursor)}
+        index += 1
+
+
+def _thread_count(threads: int | None) -> int:
+    return threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _build(sources: list[Source], cache_dir: Path, key: str, text_key: str, start: Cursor, stop: Cursor | None,
+           index: int, shard_tokens: float, threads: int, progress: _Progress) -> Iterator[dict]:
+    """Tokenize the corpus from `start` to `stop` (the end if None) into shards numbered from `index`."""
+    encoded = _encoded(_chunks(sources, start, stop, text_key), text_key, threads)
+    try:
+        yield from _write_shards(encoded, cache_dir, key, index, start, shard_tokens, progress)
+    finally:
+        encoded.close()  # on an error or an interrupt: stop the threads now
+
+
+def shard_problem(cache_dir: Path, shard: dict) -> str | None:
+    """Why a shard cannot be used ("truncated or missing", "corrupt (checksum mismatch)"), or None."""
+    path = cache_dir / shard["file"]
+    if not path.exists() or path.stat().st_size != 2 * shard["num_tokens"]:
+        return "truncated or missing"
+    return None if _file_sha256(path) == shard["sha256"] else "corrupt (checksum mismatch)"
+
+
+def shard_problems(cache_dir: Path, shards: list[dict]) -> list[tuple[int, str]]:
+    """(index, problem) of every shard that fails its size or sha256 check (checked in parallel threads)."""
+    threads = max(1, min(8, len(shards)))
+    with ThreadPoolExecutor(threads) as pool:
+        problems = list(pool.map(lambda s: shard_problem(cache_dir, s), shards))
+    return [(i, p) for i, p in enumerate(problems) if p]
+
+
+def read_manifest(cache_dir: Path, key: str) -> dict | None:
+    """The manifest of a complete cache entry (written last, so it marks completion), or None (absent, unreadable)."""
+    path = manifest_path(cache_dir, key)
+    try:
+        manifest = json.loads(path.read_text())
+        shards = manifest["shards"]
+        if manifest["num_tokens"] != sum(s["num_tokens"] for s in shards) or not all(
+                {"file", "sha256", "start", "end"} <= s.keys() for s in shards):
+            raise ValueError("its shards disagree with it")
+        return manifest
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("token cache manifest %s is unreadable (%s); rebuilding the entry", path, e)
+        return None
+
+
+def _resumable(cache_dir: Path, key: str) -> list[dict]:
+    """The intact shards an interrupted build left, in order (up to the first damaged one)."""
+    try:
+        shards = json.loads(_progress_path(cache_dir, key).read_text())["shards"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    damaged = shard_problems(cache_dir, shards)
+    return shards[: damaged[0][0]] if damaged else shards
+
+
+def _remove_entry(cache_dir: Path, key: str) -> None:
+    for path in (*cache_dir.glob(f"{key}-*.bin"), _progress_path(cache_dir, key)):
+        path.unlink(missing_ok=True)
+
+
+def build_cache(sources: list[Source], cache_dir: Path, key: str, cfg: DataConfig, where: str) -> dict:
+    """Tokenize the corpus into shards and write the manifest last; resumes the shards an interrupted build finished.
+
+    The caller holds the cache lock. A corpus error removes the entry: fixing the corpus changes the key anyway.
+    """
+    for stale in cache_dir.glob(f".{key}*.tmp"):  # left by a killed build
+        stale.unlink()
+    shards = _resumable(cache_dir, key)
+    start = Cursor(*shards[-1]["end"]) if shards else Cursor(0, 0, 0)
+    left, threads = sum(s.size for s in sources[start.file :]), _thread_count(cfg.threads)
+    if shards:
+        log.info("resuming an interrupted prepare: %d shard(s) already built; going on at file %d of %d, offset %s",
+                 len(shards), start.file + 1, len(sources), f"{start.offset:,}")
+    log.info("tokenizing %d file(s), %s MB, into %s (%d thread(s))", len(sources) - start.file,
+             f"{left / 1e6:,.1f}", cache_dir, threads)
+    progress = _Progress(sum(s.size for s in sources))
+    try:
+        for shard in _build(sources, cache_dir, key, cfg.text_key, start, None, len(shards), cfg.shard_tokens, threads,
+                            progress):
+            shards.append(shard)
+            atomic_write_bytes(_progress_path(cache_dir, key), json.dumps({"shards": shards}).encode())
+    except DataError:
+        _remove_entry(cache_dir, key)
+        raise
+    num_tokens, num_documents = sum(s["num_tokens"] for s in shards), shards[-1]["end"][2] if shards else 0
+    if num_tokens <= max(num_documents - 1, 0):  # nothing but the <|endoftext|> between documents
+        _remove_entry(cache_dir, key)
+        raise DataError(f"the corpus at {where} is empty; give a file with text")
+    manifest = {"version": CACHE_VERSION, "tokenizer": TOKENIZER_ID, "dtype": "uint16", "num_tokens": num_tokens,
+                "num_documents": num_documents, "text_key": cfg.text_key, "num_sources": len(sources),
+                "sources": [str(s.path) for s in sources[:10]], "shards": shards}
+    atomic_write_bytes(manifest_path(cache_dir, key), json.dumps(manifest, indent=1).encode())
+    _progress_path(cache_dir, key).unlink(missing_ok=True)
+    log.info("tokenized %s document(s): %s tokens, %s, %d shard(s)", f"{num_documents:,}", f"{num_tokens:,}",
+             progress.summary(), len(shards))
+    return manifest
+
+
+def repair_shards(sources: list[Source], cache_dir: Path, key: str, manifest: dict, indices: list[int],
+                  cfg: DataConfig) -> None:
+    """Rebuild damaged shards of a complete entry from where each began in the corpus (the caller holds the lock)."""
+    for i in indices:
+        shard = manifest["shards"][i]
+        start, stop = Cursor(*shard["start"]), Cursor(*shard["end"])
+        progress = _Progress(sum(s.size for s in sources))
+        threads = _thread_count(cfg.threads)
+        [rebuilt] = _build(sources, cache_dir, key, cfg.text_key, start, stop, i, float("inf"), threads, progress)
+        if rebuilt["sha256"] != shard["sha256"]:
+            raise RuntimeError(f"rebuilt shard {shard['file']} differs from its manifest entry; delete the entry {key}")
+        log.info("rebuilt shard %s: %s tokens, %s", shard["file"], f"{rebuilt['num_tokens']:,}", progress.summary())
+
+
+# ---- the command line ----
+
+USAGE = """usage: python -m gpt_exp.prepare [data=NAME] [data.path=FILE_OR_DIR] [data.cache_dir=DIR] [KEY=VALUE]...
+
+Builds the token cache that `python -m gpt_exp.run` with the same overrides reads (it then starts at once).
+An interrupted prepare keeps its finished shards: run the same command again to continue."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from gpt_exp.config import register_schema, validate
+    from gpt_exp.data import prepare_tokens  # data.py builds through this module: import it here, not at the top
+    from gpt_exp.errors import is_user_error, user_error_line
+
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        register_schema()
+        with initialize_config_module("gpt_exp.conf", version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("config", overrides=args))
+        validate(cfg)
+        cache = prepare_tokens(cfg.data)
+    except KeyboardInterrupt:
+        print("interrupted: the finished shards are kept; run the same command to go on", file=sys.stderr)
+        raise SystemExit(130)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {user_error_line(e)}", file=sys.stderr)
+        raise SystemExit(getattr(e, "exit_code", 2))
+    print(f"token cache ready: {cache.num_tokens:,} tokens, {cache.num_documents:,} document(s), "
+          f"{len(cache.shard_paths)} shard(s) in {cache.manifest_path}")
+
+
+if __name__ == "__main__":
+    main()

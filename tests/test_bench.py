@@ -1,0 +1,26 @@
+"""Smoke runs of the benchmarks at tiny sizes, so that they do not rot; no assertion on speed."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench(*args: str) -> str:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True, timeout=600).stdout
+
+
+def test_train_step_bench_prints_a_ratio_and_equal_losses():
+    out = bench(str(BENCH / "train_step.py"), "--case", "tiny-fp32", "--rounds", "1", "--steps", "6", "--warmup", "2")
+    match = re.search(r"tok/s ratio ([\d.]+)x, max \|dloss\| ([\d.e+-]+)", out)
+    assert match, out
+    assert float(match.group(1)) > 0 and float(match.group(2)) < 1e-3  # same init, same batches, same losses
+
+
+def test_lecture_loop_prints_one_row_per_step():
+    out = bench(str(BENCH / "lecture.py"), "--steps", "3", "--n_layer", "1", "--n_head", "1", "--n_embd", "8",
+                "--block_size", "64")
+    rows = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and '"loss": 10.8' in rows[0]  # ln(50257) = 10.82 at the start
