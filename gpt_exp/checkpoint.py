@@ -6,7 +6,6 @@ so that a resumed run continues exactly where the original stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from gpt_exp.atomic import atomic_path
+from gpt_exp.compare import read_metrics
 from gpt_exp.config import ConfigError, UserError
 from gpt_exp.distributed import load_full_optimizer_state
 from gpt_exp.hf import load_hf_gpt2
@@ -157,19 +157,11 @@ class Resume:
         return self.step, self.state["tokens"]
 
     def metrics_before(self) -> list[dict]:
-        """The original run's metrics rows before the checkpoint's step, so the new run dir has the whole curve."""
-        metrics = self.source_run_dir / "metrics.jsonl" if self.source_run_dir else None
-        if metrics is None or not metrics.exists():
+        """The original run's metrics rows before the checkpoint's step, so the new run dir has the whole curve
+        (a last line cut short by a kill is dropped; a broken line before it is refused, by compare's reader)."""
+        if self.source_run_dir is None:
             return []
-        rows = []
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                continue
-            if row.get("step", self.step) < self.step:
-                rows.append(row)
-        return rows
+        return [r for r in read_metrics(self.source_run_dir / "metrics.jsonl") if r.get("step", self.step) < self.step]
 
     def summary(self) -> dict:
         return {"resumed_from": str(self.path), "resumed_at_step": self.step}

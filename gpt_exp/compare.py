@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp.atomic import atomic_path
+from gpt_exp.config import UserError
 
 RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
@@ -32,7 +33,7 @@ IGNORED_SECTIONS = ("logger.", "hydra.")
 IGNORED_SUFFIXES = ("dir", "path")
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     """A problem with the user's input, printed as one line by the CLI."""
 
 

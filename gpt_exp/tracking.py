@@ -196,10 +196,11 @@ class Tracker:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # peak of all ranks together
         try:
             self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
-            self.metrics_file.writelines(json.dumps(row) + "\n" for row in self.rows)
         except OSError as e:
             raise UserError(f"cannot write {run_dir / 'metrics.jsonl'} ({e.strerror}); free disk space or fix "
                             f"permissions of {run_dir.parent}") from None
+        for row in self.rows:
+            self._write(row)
         start_step = self.rows[-1]["step"] + 1 if self.rows else 0
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
@@ -239,7 +240,7 @@ class Tracker:
                             f"from the last checkpoint") from None
 
     def close(self, status: str = "completed") -> dict:
-        """Finish every sink; write summary.json (status: completed, failed or interrupted) and return it."""
+        """Finish every sink; write summary.json (status: completed, failed, interrupted or diverged); return it."""
         self.progress.close()
         self.metrics_file.close()
         wall = time.perf_counter() - self.t0
