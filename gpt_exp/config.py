@@ -45,6 +45,11 @@ class DType(str, Enum):
     bf16 = "bf16"  # autocast: weights and optimizer stay fp32
 
 
+class CpuMatmul(str, Enum):
+    onednn = "onednn"  # fp32 linears in oneDNN: ~2.5x MKL on AMD CPUs (gpt_exp/linear.py)
+    blas = "blas"  # torch's own path (MKL): bit-for-bit what plain PyTorch computes
+
+
 class Schedule(str, Enum):
     cosine = "cosine"
     constant = "constant"
@@ -92,6 +97,7 @@ class DeviceConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
     compile: Optional[bool] = None  # None: torch.compile on CUDA only
     threads: Optional[int] = None  # torch CPU threads; None: the cores, shared out between parallel joblib jobs
+    cpu_matmul: CpuMatmul = CpuMatmul.onednn  # which library runs fp32 matmuls on a CPU
 
 
 @dataclass

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
-from gpt_exp.config import ConfigError, DataError, RunConfig, Strategy, UserError, register_schema, validate
+from gpt_exp.config import ConfigError, CpuMatmul, DataError, RunConfig, Strategy, UserError, register_schema, validate
 from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.device import Runtime, resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, full_state, init_process_group, launch_env, shard_model
@@ -114,6 +114,10 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
         resumed.restore_model(model)
     if runtime.device_type == "cpu" and not d.enabled:
         model.sparse_embedding_grad()
+    onednn = model.onednn_matmuls(cfg.device.cpu_matmul == CpuMatmul.onednn)
+    precision = runtime.dtype.value
+    if runtime.device_type == "cpu" and runtime.dtype.value == "fp32":
+        precision += " (matmuls in oneDNN)" if onednn else " (matmuls in torch's BLAS)"
     sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
     if sharded:
         shard_model(model)  # before the optimizer: it must hold the sharded parameters
@@ -124,7 +128,7 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     log.info(
         "model %s: %.2fM params | device %s (%d CPU threads), %s, compile %s | %s tokens/step = %d x %d x %d "
         "micro-steps x %d ranks%s", m.name, model.num_params() / 1e6, runtime.device, torch.get_num_threads(),
-        runtime.dtype.value, "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T,
+        precision, "on" if runtime.compile else "off", f"{tokens_per_step:,}", cfg.B, cfg.T,
         grad_accum_steps, d.world_size, " (fsdp)" if sharded else "",
     )
     step_model = torch.compile(model) if runtime.compile else model

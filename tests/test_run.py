@@ -52,6 +52,7 @@ def test_log_reports_the_lectures_numbers(offline_run):
     assert "loaded 338,025 tokens" in log
     assert "1 epoch = 2,640 batches" in log
     assert "model tiny: 1.23M params" in log
+    assert "fp32 (matmuls in oneDNN)" in log  # the default on a CPU (gpt_exp/linear.py)
     final_loss = read_metrics(run_dir)[-1]["loss"]
     assert f"done: 12 steps, final loss {final_loss:.4f}" in log
     assert "step 12/12 | loss" in log  # not a terminal: one progress line per step
@@ -71,11 +72,12 @@ def test_wandb_offline_history_matches_metrics(offline_run):
 
 
 def test_second_run_reuses_the_token_cache(offline_run, tmp_path, cache_dir):
-    result = run_cli("run", *TINY_RUN, "train.max_steps=2", "logger.mode=disabled", f"data.cache_dir={cache_dir}",
-                     cwd=tmp_path)
+    result = run_cli("run", *TINY_RUN, "train.max_steps=2", "logger.mode=disabled", "device.cpu_matmul=blas",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     log = (only_run_dir(tmp_path) / "run.log").read_text()
     assert "token cache hit" in log and "tokenized" not in log
+    assert "fp32 (matmuls in torch's BLAS)" in log
     assert not (only_run_dir(tmp_path) / "wandb").exists()  # logger.mode=disabled
 
 
