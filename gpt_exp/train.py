@@ -88,21 +88,6 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, runtime: Runtime, batc
     return all_reduce_mean(total / batches, d).item()
 
 
-def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-    """Scale the gradients to a total norm of at most `max_norm` (0: leave them) and return their norm before.
-
-    A fused AdamW takes the scale as its `grad_scale` (which GradScaler uses for AMP) and divides each gradient by
-    it as it reads them: one pass over the gradients (the norm) instead of three (norm, multiply, optimizer)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    full_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-    if max_norm > 0 and optimizer.defaults.get("fused"):
-        optimizer.grad_scale = torch.clamp((full_norm + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm_'s coefficient
-    elif max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return full_norm
-
-
 @dataclass
 class StepMetrics:
     step: int
@@ -151,7 +136,11 @@ def train(
             loss_accum += loss.detach()
             loss.backward()
         all_reduce_mean(loss_accum, d)  # the logged loss is the mean over all ranks
-        norm = clip_gradients(model, optimizer, grad_clip)
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:  # measure the norm for the log, without a pass that multiplies every gradient by 1
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
