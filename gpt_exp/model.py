@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt_exp.linear import Linear, onednn_available
 
@@ -37,8 +38,18 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = causal_attention(q, k, v)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA: flash attention where available. On a CPU under bf16 autocast, torch's flash kernel costs 2.4x the
+    plain math path for short sequences (T=32: 1.34 vs 0.55 ms per layer, forward + backward; ~4% of a 124M
+    step) and wins from a few hundred tokens on (T=1024: 128 vs 487 ms), so short sequences take the math path."""
+    if q.device.type == "cpu" and q.size(-2) <= 64 and torch.is_autocast_enabled("cpu"):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):

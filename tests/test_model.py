@@ -7,7 +7,7 @@ import torch
 from gpt_exp.config import DataConfig, DataSource, DType, Schedule
 from gpt_exp.data import BatchLoader, prepare_tokens
 from gpt_exp.device import Runtime
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.model import GPT, GPTConfig, causal_attention
 from gpt_exp.train import LRSchedule, train
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
@@ -30,6 +30,17 @@ def test_gpt2_124m_shapes_and_initial_loss(shakespeare):
     assert logits.shape == (4, 32, 50257)
     assert abs(loss.item() - math.log(50257)) < 0.3  # ~10.82: a uniform guess over the vocabulary
     assert model(x)[1] is None
+
+
+@pytest.mark.parametrize("T", [32, 96])  # the math path (short sequences under CPU autocast) and flash
+def test_causal_attention_under_bf16_autocast_matches_fp32(T):
+    q, k, v = torch.randn(3, 2, 4, T, 16, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    assert torch.equal(causal_attention(q, k, v), want)  # fp32: SDPA as it is
 
 
 def test_residual_projections_get_scaled_init():
