@@ -24,3 +24,14 @@ def test_lecture_loop_prints_one_row_per_step():
                 "--block_size", "64")
     rows = [line for line in out.splitlines() if line.startswith("{")]
     assert len(rows) == 3 and '"loss": 10.8' in rows[0]  # ln(50257) = 10.82 at the start
+
+
+def test_step_profile_splits_the_step_into_phases():
+    out = bench(str(BENCH / "step_profile.py"), "--case", "tiny-fp32", "--steps", "6", "--warmup", "2")
+    match = re.search(r"tiny-fp32: step ([\d.]+) ms \(median of 4\) = (.*)", out)
+    assert match, out
+    phases = dict(re.findall(r"(\w+) (-?[\d.]+) ms", match.group(2)))
+    assert list(phases) == ["data", "forward", "backward", "clip", "optimizer", "logging", "other"]
+    assert float(phases["forward"]) > 0 and float(phases["backward"]) > 0 and float(phases["logging"]) > 0
+    timed = sum(float(ms) for name, ms in phases.items() if name != "other")
+    assert timed <= float(match.group(1)) * 1.05  # medians of parts need not add up exactly, but cannot exceed it
