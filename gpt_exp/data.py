@@ -201,6 +201,11 @@ def split_tokens(tokens: ShardedTokens | np.ndarray, val_fraction: float) -> tup
     return tokens.take([[0, n - n_val]], tokens.num_documents), tokens.take([[n - n_val, n]], 1)
 
 
+def split_xy(buf: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lecture's inputs and targets: x = buf[:-1], y = buf[1:], as (B, T) views of one B*T+1 buffer."""
+    return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+
 class BatchLoader:
     """Streams (x, y) batches of shape (B, T) through the token stream; in DDP each rank takes its own stride.
 
@@ -242,9 +247,12 @@ class BatchLoader:
         return (len(self.source) - 1) // self._stride  # a batch reads B*T+1 tokens
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_xy(torch.from_numpy(self.next_tokens().astype(np.int64)), self.B, self.T)
+
+    def next_tokens(self) -> np.ndarray:
+        """The next batch's B*T+1 tokens as stored in the cache (x and y overlap in all but one), advancing."""
         n = self.B * self.T
-        buf = torch.from_numpy(self.tokens[self.position : self.position + n + 1].astype(np.int64))
-        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        tokens = self.tokens[self.position : self.position + n + 1]
         self.position += self._stride
         self.batches_in_cycle += 1
         if self.overfit_batches and self.batches_in_cycle == self.overfit_batches:
@@ -253,7 +261,7 @@ class BatchLoader:
             # the next batch would run past the end: wrap around, as the lecture's loader does
             self.position = self._start
             self._set_epoch(self.epoch + 1)
-        return x, y
+        return tokens
 
     def state_dict(self) -> dict:
         return {"position": self.position, "batches_in_cycle": self.batches_in_cycle, "epoch": self.epoch}
@@ -261,3 +269,30 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.position, self.batches_in_cycle = state["position"], state["batches_in_cycle"]
         self._set_epoch(state["epoch"])
+
+
+class DeviceBatches:
+    """A loader's (x, y) batches on the training device. On CUDA the B*T+1 tokens travel in one asynchronous copy
+    from page-locked host memory, so the host goes on queueing the step meanwhile; two host buffers take turns, and
+    an event per buffer keeps one from being refilled while its last copy may still be reading it. Elsewhere the
+    loader's batch is already where it trains."""
+
+    def __init__(self, loader: BatchLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.pinned = device.type == "cuda"
+        if self.pinned:
+            n = loader.B * loader.T + 1
+            self._host = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._turn = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.pinned:
+            return self.loader.next_batch()
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # the last copy out of this buffer has finished (at once if there was none)
+        host.numpy()[:] = self.loader.next_tokens()  # uint16 -> int64 straight into page-locked memory
+        buf = host.to(self.device, non_blocking=True)
+        copied.record()
+        return split_xy(buf, self.loader.B, self.loader.T)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from gpt_exp.config import Schedule, UserError
-from gpt_exp.data import BatchLoader
+from gpt_exp.data import BatchLoader, DeviceBatches
 from gpt_exp.device import Runtime
 from gpt_exp.distributed import Dist, all_reduce_mean, set_grad_sync
 
@@ -120,13 +120,13 @@ def train(
     model.train()
     tokens_per_step = loader.B * loader.T * grad_accum_steps * d.world_size
     tokens = start_tokens
+    batches = DeviceBatches(loader, runtime.device)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=runtime.device)
         for micro_step in range(grad_accum_steps):
-            x, y = loader.next_batch()
-            x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+            x, y = batches.next_batch()
             if d.enabled:  # all-reduce the gradients once, on the last micro-step, not on every one
                 set_grad_sync(model, micro_step == grad_accum_steps - 1)
             with runtime.autocast():

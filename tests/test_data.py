@@ -4,7 +4,7 @@ import torch
 
 from gpt_exp import data
 from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
+from gpt_exp.data import BatchLoader, DeviceBatches, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
@@ -108,6 +108,19 @@ def test_loader_wraps_after_one_epoch(shakespeare):
     assert loader.position == 0 and loader.epoch == 1
     again, _ = loader.next_batch()
     assert torch.equal(again, first)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned-memory copies need a CUDA GPU"))])
+def test_device_batches_are_the_loaders_batches(shakespeare, device):
+    reference = BatchLoader(shakespeare, B=4, T=32)
+    batches = DeviceBatches(BatchLoader(shakespeare, B=4, T=32), torch.device(device))
+    assert batches.pinned == (device == "cuda")
+    for _ in range(5):  # more batches than host buffers: each is refilled only after its copy is done
+        x, y = batches.next_batch()
+        want_x, want_y = reference.next_batch()
+        assert x.device.type == device and x.dtype == torch.int64 and x.shape == (4, 32)
+        assert torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y)
 
 
 def test_overfit_batches_cycles(shakespeare):
