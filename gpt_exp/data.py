@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from gpt_exp.config import ConfigError, DataConfig, DataError
+from gpt_exp.filehash import FileHashes
 from gpt_exp.prepare import (build_cache, corpus_key, manifest_path, read_manifest, repair_shards, shard_problems,
                              source_files)
 from gpt_exp.tokenizer import EOT_TOKEN
@@ -151,11 +152,13 @@ def prepare_tokens(cfg: DataConfig) -> TokenCache:
     _check(cfg)
     sources = source_files(cfg)
     where = str(sources[0].path) if len(sources) == 1 else cfg.path
-    key = corpus_key(sources, cfg.text_key)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    hashes = FileHashes(cache_dir)  # a file unchanged since an earlier run hashed it is not read again
+    key = corpus_key(sources, cfg.text_key, hashes)
     manifest = read_manifest(cache_dir, key)
-    if manifest is not None and not shard_problems(cache_dir, manifest["shards"]):
+    if manifest is not None and not shard_problems(cache_dir, manifest["shards"], hashes):
         log.info("token cache hit: %s", manifest_path(cache_dir, key))
+        hashes.save()
         return _token_cache(cache_dir, key, manifest)
     if not any(s.size for s in sources):
         raise DataError(f"the corpus at {where} is empty; give a file with text")
@@ -164,13 +167,15 @@ def prepare_tokens(cfg: DataConfig) -> TokenCache:
         with _locked(cache_dir / f"{key}.lock"):
             manifest = read_manifest(cache_dir, key)  # built or repaired by the process that held the lock before us?
             if manifest is None:
-                return _token_cache(cache_dir, key, build_cache(sources, cache_dir, key, cfg, where))
-            damaged = shard_problems(cache_dir, manifest["shards"])
-            for i, problem in damaged:
-                log.warning("token cache %s is %s; rebuilding it", cache_dir / manifest["shards"][i]["file"], problem)
-            repair_shards(sources, cache_dir, key, manifest, [i for i, _ in damaged], cfg)
-            if not damaged:
-                log.info("token cache hit: %s", manifest_path(cache_dir, key))
+                manifest = build_cache(sources, cache_dir, key, cfg, where)
+            else:
+                damaged = shard_problems(cache_dir, manifest["shards"], hashes)
+                for i, problem in damaged:
+                    log.warning("token cache %s is %s; rebuilding it", cache_dir / manifest["shards"][i]["file"], problem)
+                repair_shards(sources, cache_dir, key, manifest, [i for i, _ in damaged], cfg)
+                if not damaged:
+                    log.info("token cache hit: %s", manifest_path(cache_dir, key))
+            hashes.save()
             return _token_cache(cache_dir, key, manifest)
     except OSError as e:
         raise DataError(f"cannot write the token cache in {cache_dir} ({e.strerror}); "

@@ -28,6 +28,7 @@ import tiktoken
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.config import DataConfig, DataError, DataSource
+from gpt_exp.filehash import FileHashes, file_sha256
 from gpt_exp.tokenizer import EOT_TOKEN, TOKENIZER_ID, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -80,24 +81,15 @@ def source_files(cfg: DataConfig) -> list[Source]:
                     f".jsonl.gz or .parquet files")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 23):
-                digest.update(block)  # releases the GIL: files hash in parallel threads
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror})") from None
-    return digest.hexdigest()
-
-
-def corpus_key(sources: list[Source], text_key: str) -> str:
-    """The cache key: a hash of every file's content, kind and order, and of the tokenizer."""
+def corpus_key(sources: list[Source], text_key: str, hashes: FileHashes | None = None) -> str:
+    """The cache key: a hash of every file's content, kind and order, and of the tokenizer. With `hashes`, files
+    unchanged since a run hashed them are not read again."""
     digest = hashlib.sha256(f"{TOKENIZER_ID}|{CACHE_VERSION}".encode())
     if any(s.kind != TEXT for s in sources):
         digest.update(f"|text_key={text_key}".encode())
     with ThreadPoolExecutor(min(8, len(sources))) as pool:
-        for source, file_hash in zip(sources, pool.map(_file_sha256, [s.path for s in sources])):
+        sha256 = hashes.sha256 if hashes else file_sha256
+        for source, file_hash in zip(sources, pool.map(sha256, [s.path for s in sources])):
             digest.update(f"|{source.kind}|{source.size}|{file_hash}".encode())
     return digest.hexdigest()[:24]
 
@@ -461,19 +453,20 @@ def _build(sources: list[Source], cache_dir: Path, key: str, text_key: str, star
         encoded.close()  # on an error or an interrupt: stop the threads now
 
 
-def shard_problem(cache_dir: Path, shard: dict) -> str | None:
+def shard_problem(cache_dir: Path, shard: dict, hashes: FileHashes | None = None) -> str | None:
     """Why a shard cannot be used ("truncated or missing", "corrupt (checksum mismatch)"), or None."""
     path = cache_dir / shard["file"]
     if not path.exists() or path.stat().st_size != 2 * shard["num_tokens"]:
         return "truncated or missing"
-    return None if _file_sha256(path) == shard["sha256"] else "corrupt (checksum mismatch)"
+    digest = hashes.sha256(path) if hashes else file_sha256(path)
+    return None if digest == shard["sha256"] else "corrupt (checksum mismatch)"
 
 
-def shard_problems(cache_dir: Path, shards: list[dict]) -> list[tuple[int, str]]:
+def shard_problems(cache_dir: Path, shards: list[dict], hashes: FileHashes | None = None) -> list[tuple[int, str]]:
     """(index, problem) of every shard that fails its size or sha256 check (checked in parallel threads)."""
     threads = max(1, min(8, len(shards)))
     with ThreadPoolExecutor(threads) as pool:
-        problems = list(pool.map(lambda s: shard_problem(cache_dir, s), shards))
+        problems = list(pool.map(lambda s: shard_problem(cache_dir, s, hashes), shards))
     return [(i, p) for i, p in enumerate(problems) if p]
 
 

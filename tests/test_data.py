@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_exp import data
+from gpt_exp import data, filehash
 from gpt_exp.config import DataConfig, DataError, DataSource
 from gpt_exp.data import BatchLoader, DeviceBatches, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -34,6 +34,25 @@ def test_second_prepare_does_not_tokenize(shakespeare, cache_dir, monkeypatch):
     monkeypatch.setattr(data, "build_cache", fail)
     cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
     assert cache.num_tokens == 338_025
+
+
+def test_later_runs_read_neither_the_corpus_nor_the_shards_to_hash_them(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    cfg = DataConfig(source=DataSource.text, path=str(corpus), cache_dir=str(tmp_path / "cache"))
+    reads = []
+    real = filehash.file_sha256
+    monkeypatch.setattr(filehash, "file_sha256", lambda path: reads.append(path.name) or real(path))
+    first = prepare_tokens(cfg)  # builds: hashes the corpus
+    assert reads == ["corpus.txt"] and first.shard_paths
+    prepare_tokens(cfg)  # checks the shards written by the first run once
+    assert sorted(reads[1:]) == sorted(p.name for p in first.shard_paths)
+    reads.clear()
+    assert prepare_tokens(cfg).num_tokens == first.num_tokens
+    assert reads == []  # nothing changed since: the memo answers
+    corpus.write_text(corpus.read_text() + "All: Speak, speak.\n")
+    prepare_tokens(cfg)
+    assert reads[0] == "corpus.txt"  # a changed corpus is read again (and gets a new entry)
 
 
 def test_changed_content_gets_a_new_cache_entry(tmp_path):
