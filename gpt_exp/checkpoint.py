@@ -16,7 +16,7 @@ import torch
 
 from gpt_exp.atomic import atomic_path
 from gpt_exp.compare import read_metrics
-from gpt_exp.config import ConfigError, UserError
+from gpt_exp.config import ConfigError, UserError, flatten
 from gpt_exp.distributed import load_full_optimizer_state
 from gpt_exp.hf import load_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
@@ -101,7 +101,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
                if k != "resume" and old.get(k) != new.get(k)]
     shape = [c for c in changes if c.split(":")[0] in SHAPE_KEYS]
@@ -109,16 +109,6 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         raise ConfigError(f"resume: the checkpoint's model has another shape ({'; '.join(shape)}); "
                           f"resume with the original model settings")
     return changes
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class Resume:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import UserError
+from gpt_exp.config import UserError, flatten
 
 RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
@@ -115,7 +115,8 @@ def load_run(run_dir: Path) -> RunRecord:
         stats.update({k: summary[k] for k in stats if k in summary})
     return RunRecord(
         path=run_dir,
-        params=_flatten(_read_config(run_dir / ".hydra" / "config.yaml")),
+        params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
+                for k, v in flatten(_read_config(run_dir / ".hydra" / "config.yaml")).items()},
         curve_steps=np.array([r["step"] for r in train], dtype=float),
         curve_losses=losses,
         final_val_loss=float(vals[-1]) if vals else None,
@@ -149,17 +150,6 @@ def _read_config(path: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException:  # ${hydra:...} cannot resolve outside a Hydra job; compare it as text
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value  # hashable, for grouping
-    return flat
 
 
 def varying_keys(runs: list[RunRecord]) -> list[str]:

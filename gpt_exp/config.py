@@ -205,3 +205,14 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "it must be in [0, 1)")
     if cfg.data.source == DataSource.text:
         _require(cfg.data.path is not None, "data.path", None, "data=text needs data.path=FILE_OR_DIR")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"optim.lr": 0.0006, ...}, keys in config order."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
