@@ -5,7 +5,7 @@ The run is `python -m gpt_exp.run` itself, in this process, with stopwatches wra
 training loop calls (the product code carries no timers). CPU only: on a GPU these calls return before the work
 is done, so only the step total would be right.
     python bench/step_profile.py                          # 124M fp32, 124M bf16 and tiny, B=4, T=32
-    python bench/step_profile.py --case 124m-bf16 --steps 30
+    python bench/step_profile.py --case 124m-bf16 --steps 30 train.grad_clip=0
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def profile_run(overrides: list[str]) -> list[dict]:
     spent: dict[str, float] = defaultdict(float)
     steps: list[dict] = []
     patches = [(BatchLoader, "next_batch", "data"), (GPT, "forward", "forward"), (torch.Tensor, "backward", "backward"),
-               (torch.nn.utils, "clip_grad_norm_", "clip"), (torch.nn.utils, "get_total_norm", "clip"),
+               (torch.nn.utils, "get_total_norm", "clip"), (torch.nn.utils, "clip_grads_with_norm_", "clip"),
                (torch.optim.AdamW, "step", "optimizer"), (Tracker, "log_step", "logging")]
     for owner, name, phase in patches:
         setattr(owner, name, _timed(phase, getattr(owner, name), spent))
@@ -73,12 +73,12 @@ def profile_run(overrides: list[str]) -> list[dict]:
     return steps
 
 
-def child(case: str, steps: int, B: int, T: int) -> None:
+def child(case: str, steps: int, B: int, T: int, overrides: list[str]) -> None:
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
     with tempfile.TemporaryDirectory() as cwd:
         os.chdir(cwd)
         rows = profile_run([f"B={B}", f"T={T}", f"train.max_steps={steps}", "device=cpu", "logger.mode=offline",
-                            *CASES[case]])
+                            *CASES[case], *overrides])
     print("ROWS " + json.dumps(rows))
 
 
@@ -99,12 +99,13 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=4)
     parser.add_argument("--T", type=int, default=32)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="more gpt_exp overrides, e.g. train.grad_clip=0")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.steps, args.B, args.T)
+        return child(args.child, args.steps, args.B, args.T, args.overrides)
     for case in args.case or list(CASES):  # each case in a fresh process, as a user's run would be
         out = subprocess.run([sys.executable, __file__, "--child", case, "--steps", str(args.steps), "--B", str(args.B),
-                              "--T", str(args.T)], capture_output=True, text=True, check=True)
+                              "--T", str(args.T), *args.overrides], capture_output=True, text=True, check=True)
         [line] = [line for line in out.stdout.splitlines() if line.startswith("ROWS ")]
         report(case, json.loads(line[5:]), args.warmup)
 

@@ -8,7 +8,7 @@ from gpt_exp.config import DataConfig, DataSource, DType, Schedule
 from gpt_exp.data import BatchLoader, prepare_tokens
 from gpt_exp.device import Runtime
 from gpt_exp.model import GPT, GPTConfig, causal_attention
-from gpt_exp.train import LRSchedule, train
+from gpt_exp.train import LRSchedule, clip_gradients, train
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=DType.fp32, compile=False)
@@ -81,6 +81,28 @@ def _train_losses(shakespeare, steps, lr, grad_accum=1, B=4):
     train(model, opt, loader, LRSchedule(lr, 0, steps, kind=Schedule.constant), CPU_FP32, start_step=0,
           max_steps=steps, grad_accum_steps=grad_accum, grad_clip=1.0, on_step=lambda m: losses.append(m.loss))
     return losses
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, 0.0])
+def test_clip_gradients_is_clip_grad_norm(on_cpu, max_norm):
+    """Bit for bit what clip_grad_norm_ (or, with clipping off, get_total_norm) gives, skipped pass or not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    (model(torch.randn(5, 8)) * 3).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = clip_gradients(model, max_norm, on_cpu)
+    ours = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    if max_norm > 0:
+        want_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        want_norm = torch.nn.utils.get_total_norm(grads)
+    assert norm.item() > 0.5  # the small max_norm does clip
+    assert torch.equal(norm, want_norm)
+    assert all(torch.equal(a, p.grad) for a, p in zip(ours, model.parameters()))
+    assert any(not torch.equal(a, g) for a, g in zip(ours, grads)) == (max_norm == 0.5)
 
 
 def test_tiny_model_overfits_one_batch(shakespeare):
