@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 CASES = {
     "124m-fp32": ["device.dtype=fp32"],

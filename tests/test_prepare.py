@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from gpt_exp import corpus as corpus_module
 from gpt_exp import prepare
 from gpt_exp.config import DataConfig, DataError, DataSource
 from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
-from gpt_exp.prepare import safe_cut
+from gpt_exp.corpus import safe_cut
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import run_cli
 
@@ -48,7 +49,7 @@ def text_cfg(path: Path, cache: Path, **kw) -> DataConfig:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """2 KB chunks: a small corpus is split, spread over threads and cut into shards like a big one."""
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 2048)
 
 
 @pytest.fixture
@@ -206,7 +207,7 @@ def test_parquet_rows_are_documents(tmp_path, small_chunks, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(prepare, "_PARQUET_BATCH_ROWS", 7)  # pieces of 7 rows: shards end inside row groups
+    monkeypatch.setattr(corpus_module, "_PARQUET_BATCH_ROWS", 7)  # pieces of 7 rows: shards end inside row groups
 
     rng = random.Random(2)
     docs = [tricky_text(rng, rng.randint(0, 80)) for _ in range(60)]
