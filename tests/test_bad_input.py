@@ -24,6 +24,7 @@ CASES = [
     ("negative ckpt_every", ["train.ckpt_every=-5"], "error: train.ckpt_every=-5 is invalid: it must be >= 0 (0: no checkpoints)"),
     ("grad accumulation", ["train.total_batch_size=1000"], "error: train.total_batch_size=1000 is invalid: it must be a positive multiple of B*T=128"),
     ("bad schedule", ["optim.schedule=linear"], "error: optim.schedule=linear: Invalid value 'linear', expected one of [cosine, constant]"),
+    ("bad cpu matmul", ["device.cpu_matmul=mkl"], "error: device.cpu_matmul=mkl: Invalid value 'mkl', expected one of [onednn, blas]"),
     ("unknown key", ["train.max_step=3"], "error: unknown config key 'train.max_step'; did you mean train.max_steps?"),
     ("unknown group option", ["model=gpt3"], "error: unknown option model=gpt3; choose one of: gpt2, gpt2-large, gpt2-medium, gpt2-xl, tiny"),
     ("unknown experiment", ["+experiment=nope"], "error: unknown option experiment=nope; choose one of:"),
