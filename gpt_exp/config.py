@@ -46,7 +46,7 @@ class DType(str, Enum):
 
 
 class CpuMatmul(str, Enum):
-    onednn = "onednn"  # fp32 linears in oneDNN: ~2.5x MKL on AMD CPUs (gpt_exp/linear.py)
+    onednn = "onednn"  # fp32 linears in oneDNN: ~2.2x MKL on AMD CPUs (gpt_exp/linear.py)
     blas = "blas"  # torch's own path (MKL): bit-for-bit what plain PyTorch computes
 
 

@@ -121,7 +121,7 @@ class GPT(nn.Module):
         self.transformer.wte.sparse = enabled
 
     def onednn_matmuls(self, enabled: bool = True) -> bool:
-        """Run the fp32 CPU matmuls of every linear layer in oneDNN (gpt_exp/linear.py: ~2.5x MKL's rate on AMD
+        """Run the fp32 CPU matmuls of every linear layer in oneDNN (gpt_exp/linear.py: ~2.2x MKL's rate on AMD
         CPUs). Returns whether they will: False where this torch has no oneDNN."""
         enabled = enabled and onednn_available()
         for module in self.modules():

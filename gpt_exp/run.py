@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
-from gpt_exp.config import ConfigError, CpuMatmul, DataError, RunConfig, Strategy, UserError, register_schema, validate
+from gpt_exp.config import (ConfigError, CpuMatmul, DataError, DType, RunConfig, Strategy, UserError, register_schema,
+                            validate)
 from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.device import Runtime, resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, full_state, init_process_group, launch_env, shard_model
@@ -116,7 +117,7 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
         model.sparse_embedding_grad()
     onednn = model.onednn_matmuls(cfg.device.cpu_matmul == CpuMatmul.onednn)
     precision = runtime.dtype.value
-    if runtime.device_type == "cpu" and runtime.dtype.value == "fp32":
+    if runtime.device_type == "cpu" and runtime.dtype == DType.fp32:
         precision += " (matmuls in oneDNN)" if onednn else " (matmuls in torch's BLAS)"
     sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
     if sharded:
