@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.filehash import FileHashes, file_sha256
+from gpt_exp.filehash import FileHashes
 from gpt_exp.tokenizer import TOKENIZER_ID
 
 TEXT, JSONL, JSONL_GZ, PARQUET = "text", "jsonl", "jsonl.gz", "parquet"
@@ -63,15 +63,14 @@ def source_files(cfg: DataConfig) -> list[Source]:
                     f".jsonl.gz or .parquet files")
 
 
-def corpus_key(sources: list[Source], text_key: str, hashes: FileHashes | None = None) -> str:
-    """The cache key: a hash of every file's content, kind and order, and of the tokenizer. With `hashes`, files
-    unchanged since a run hashed them are not read again."""
+def corpus_key(sources: list[Source], text_key: str, hashes: FileHashes) -> str:
+    """The cache key: a hash of every file's content, kind and order, and of the tokenizer (files unchanged since a
+    run hashed them are not read again)."""
     digest = hashlib.sha256(f"{TOKENIZER_ID}|{CACHE_VERSION}".encode())
     if any(s.kind != TEXT for s in sources):
         digest.update(f"|text_key={text_key}".encode())
     with ThreadPoolExecutor(min(8, len(sources))) as pool:
-        sha256 = hashes.sha256 if hashes else file_sha256
-        for source, file_hash in zip(sources, pool.map(sha256, [s.path for s in sources])):
+        for source, file_hash in zip(sources, pool.map(hashes.sha256, [s.path for s in sources])):
             digest.update(f"|{source.kind}|{source.size}|{file_hash}".encode())
     return digest.hexdigest()[:24]
 

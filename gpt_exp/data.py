@@ -18,8 +18,8 @@ import torch
 from filelock import FileLock, Timeout
 
 from gpt_exp.config import ConfigError, DataConfig, DataError
-from gpt_exp.filehash import FileHashes
 from gpt_exp.corpus import corpus_key, source_files
+from gpt_exp.filehash import FileHashes
 from gpt_exp.prepare import build_cache, manifest_path, read_manifest, repair_shards, shard_problems
 from gpt_exp.tokenizer import EOT_TOKEN
 

@@ -25,7 +25,7 @@ import tiktoken
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.config import DataConfig, DataError
 from gpt_exp.corpus import CACHE_VERSION, PARQUET, TEXT, Chunk, Cursor, Piece, Source, chunks
-from gpt_exp.filehash import FileHashes, file_sha256
+from gpt_exp.filehash import FileHashes
 from gpt_exp.tokenizer import EOT_TOKEN, TOKENIZER_ID, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -191,16 +191,15 @@ def _build(sources: list[Source], cache_dir: Path, key: str, text_key: str, star
         encoded.close()  # on an error or an interrupt: stop the threads now
 
 
-def shard_problem(cache_dir: Path, shard: dict, hashes: FileHashes | None = None) -> str | None:
+def shard_problem(cache_dir: Path, shard: dict, hashes: FileHashes) -> str | None:
     """Why a shard cannot be used ("truncated or missing", "corrupt (checksum mismatch)"), or None."""
     path = cache_dir / shard["file"]
     if not path.exists() or path.stat().st_size != 2 * shard["num_tokens"]:
         return "truncated or missing"
-    digest = hashes.sha256(path) if hashes else file_sha256(path)
-    return None if digest == shard["sha256"] else "corrupt (checksum mismatch)"
+    return None if hashes.sha256(path) == shard["sha256"] else "corrupt (checksum mismatch)"
 
 
-def shard_problems(cache_dir: Path, shards: list[dict], hashes: FileHashes | None = None) -> list[tuple[int, str]]:
+def shard_problems(cache_dir: Path, shards: list[dict], hashes: FileHashes) -> list[tuple[int, str]]:
     """(index, problem) of every shard that fails its size or sha256 check (checked in parallel threads)."""
     threads = max(1, min(8, len(shards)))
     with ThreadPoolExecutor(threads) as pool:
@@ -231,7 +230,7 @@ def _resumable(cache_dir: Path, key: str) -> list[dict]:
         shards = json.loads(_progress_path(cache_dir, key).read_text())["shards"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return []
-    damaged = shard_problems(cache_dir, shards)
+    damaged = shard_problems(cache_dir, shards, FileHashes(cache_dir))  # a killed build's shards: none is memoized
     return shards[: damaged[0][0]] if damaged else shards
 
 
