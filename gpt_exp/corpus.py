@@ -140,22 +140,27 @@ def _line_cut(data: bytes | bytearray, lo: int = 0) -> int:
 
 
 def _byte_pieces(f: BinaryIO, offset: int, stop: int | None, cut: Callable) -> Iterator[tuple[bytes, int, bool]]:
-    """(data, its offset, at the end of the file) for pieces of about CHUNK_BYTES from `offset` up to `stop`."""
-    buf, searched = bytearray(), 0
+    """(data, its offset, at the end of the file) for pieces of about CHUNK_BYTES from `offset` up to `stop`.
+
+    A piece is cut in the CHUNK_BYTES from its start (more only where they hold no cut point), never in bytes read
+    past them for the piece before: so the pieces after any piece's end are the same whether the reading began there
+    (a resumed build) or earlier (a clean build), and so are the chunks and shards made of them.
+    """
+    buf, window, searched = bytearray(), CHUNK_BYTES, 0  # buf: the file from `offset` on, as far as read
     while True:
-        want = CHUNK_BYTES if stop is None else min(CHUNK_BYTES, stop - offset - len(buf))
+        want = window - len(buf) if stop is None else min(window, stop - offset) - len(buf)
         more = f.read(want) if want > 0 else b""
         buf += more
-        if len(more) < want or want <= 0:  # a short read: the end of the file; want <= 0: the end of the range
+        if len(more) < want or (stop is not None and offset + len(buf) >= stop):  # the end of the file or the range
             if buf or offset == 0:  # an empty text file is still a document
-                yield bytes(buf), offset, want > 0
+                yield bytes(buf), offset, len(more) < want
             return
-        at = cut(buf, searched)
+        at = cut(buf if len(buf) <= window else buf[:window], searched)
         if at <= 0:  # no cut point yet (a very long line or word): read on
-            searched = max(0, len(buf) - 8)
+            window, searched = window + CHUNK_BYTES, max(0, window - 8)
             continue
         yield bytes(buf[:at]), offset, False
-        offset, searched = offset + at, 0
+        offset, window, searched = offset + at, CHUNK_BYTES, 0
         del buf[:at]
 
 
@@ -233,21 +238,22 @@ def _parquet_pieces(source: Source, first: int, stop: int | None, text_key: str)
         raise DataError(f"{source.path}: column {key!r} holds {schema.field(key).type}, not text; "
                         f"set data.text_key=COLUMN")
     rows, stop = pf.metadata.num_rows, pf.metadata.num_rows if stop is None else stop
-    row, groups = 0, []
-    for g in range(pf.num_row_groups):  # skip the row groups before `first` without reading them
-        if groups or row + pf.metadata.row_group(g).num_rows > first:
-            groups.append(g)
-        else:
+    row = 0
+    for g in range(pf.num_row_groups):
+        if row + pf.metadata.row_group(g).num_rows <= first:  # before `first`: skipped without reading it
             row += pf.metadata.row_group(g).num_rows
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=[key]):
-        lo, hi = max(first - row, 0), min(batch.num_rows, stop - row)
-        if hi > lo:
-            done = row + hi
-            yield (Piece(str(source.path), PARQUET, batch.column(0).slice(lo, hi - lo), row + lo),
-                   None if done >= rows else done, source.size * done // rows)
-        row += batch.num_rows
-        if row >= stop:
-            return
+            continue
+        # Each row group read on its own: pyarrow's batches run on across row groups, so a read that began at a later
+        # group (a resumed build) would cut other pieces than one that began at the first.
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[g], columns=[key]):
+            lo, hi = max(first - row, 0), min(batch.num_rows, stop - row)
+            if hi > lo:
+                done = row + hi
+                yield (Piece(str(source.path), PARQUET, batch.column(0).slice(lo, hi - lo), row + lo),
+                       None if done >= rows else done, source.size * done // rows)
+            row += batch.num_rows
+            if row >= stop:
+                return
 
 
 @dataclass(frozen=True)

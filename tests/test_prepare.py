@@ -6,8 +6,11 @@ import gzip
 import json
 import logging
 import random
+import signal
 import subprocess
 import sys
+import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from gpt_exp.config import DataConfig, DataError, DataSource
 from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.corpus import safe_cut
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_cli_async
 
 ENC = gpt2_encoding()
 # Pieces of text where the gpt2 pre-tokenizer is delicate: runs of blank lines and spaces, CRLF, tabs, Unicode
@@ -140,6 +143,110 @@ def test_interrupted_prepare_resumes_with_the_missing_shards(corpus, tmp_path, s
     assert shard_mtimes(cache)[:2] == mtimes and len(cache.shard_paths) > 2  # only the missing shards were built
     assert cache.load()[:].tolist() == expected(docs)
     assert not list(cache_dir.glob(".*.tmp")) and not list(cache_dir.glob("*.progress"))
+
+
+def cache_files(cache_dir: Path) -> dict[str, bytes]:
+    """The entry's manifest and shards by name (not the lock, nor the memo of file hashes)."""
+    return {p.name: p.read_bytes() for p in sorted(cache_dir.iterdir()) if p.suffix in (".json", ".bin")
+            and p.name != "file-hashes.json"}
+
+
+def parquet_corpus(tmp_path: Path, monkeypatch) -> Path:
+    """300 rows in row groups of 16, read in pieces of 7 rows: pyarrow's batches run across the row groups."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(corpus_module, "_PARQUET_BATCH_ROWS", 7)
+    rng = random.Random(2)
+    docs = [tricky_text(rng, rng.randint(0, 80)) for _ in range(300)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "rows.parquet", row_group_size=16)
+    return tmp_path / "rows.parquet"
+
+
+@pytest.mark.parametrize("kind", ["files", "parquet"])
+def test_a_build_interrupted_anywhere_equals_a_clean_build(kind, corpus, tmp_path, small_chunks, monkeypatch):
+    """Interrupted after a random number of chunks (mid-shard or at a shard's end), again and again, each time
+    resumed: the manifest and every shard are the clean build's, byte for byte (so is the data order of every epoch)."""
+    if kind == "files":
+        path, options = corpus[0], dict(text_key="body", shard_tokens=3000)
+    else:
+        path, options = parquet_corpus(tmp_path, monkeypatch), dict(shard_tokens=500)
+    prepare_tokens(text_cfg(path, tmp_path / "clean", threads=2, **options))
+    clean = cache_files(tmp_path / "clean")
+    cfg, real = text_cfg(path, tmp_path / "c", threads=3, **options), prepare._encoded
+    rng, interrupted = random.Random(3), 0
+
+    def interrupted_after(n: int):
+        def encoded(*args):
+            for i, item in enumerate(real(*args)):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield item
+        return encoded
+
+    for _ in range(5):
+        monkeypatch.setattr(prepare, "_encoded", interrupted_after(rng.randint(1, 4)))
+        try:
+            prepare_tokens(cfg)
+        except KeyboardInterrupt:
+            interrupted += 1
+    monkeypatch.setattr(prepare, "_encoded", real)
+    prepare_tokens(cfg)
+    resumed = cache_files(tmp_path / "c")
+    assert interrupted == 5 and len(clean) >= 5 and list(resumed) == list(clean)
+    assert [name for name in clean if resumed[name] != clean[name]] == []  # the files that differ
+
+
+def shakespeare_corpus(root: Path, copies: int) -> Path:
+    """`copies` shuffles of tiny shakespeare's lines (1.1 MB each) as one long .txt, plus .jsonl, .jsonl.gz and small
+    .txt files: a long file cut into many pieces and small files grouped into chunks."""
+    lines = (resources.files("gpt_exp") / "assets" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
+    rng = random.Random(5)
+    root.mkdir()
+    with open(root / "a_long.txt", "w") as f:
+        for _ in range(copies):
+            f.write("".join(rng.sample(lines, len(lines))))
+    records = ["".join(rng.sample(lines, 40)) for _ in range(2000)]
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records[:1500]))
+    write_jsonl_gz(root / "c.jsonl.gz", [json.dumps({"text": r}) for r in records[1500:]])
+    for i in range(30):
+        (root / f"d{i:02d}.txt").write_text(records[i])
+    return root
+
+
+def shards_listed(cache_dir: Path) -> int:
+    """How many shards the progress file of the build in `cache_dir` lists (0 before it has one)."""
+    try:
+        return len(json.loads(next(cache_dir.glob("*.progress")).read_text())["shards"])
+    except (StopIteration, FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.slow  # 15-30 s on 2 cores; test_a_build_interrupted_anywhere_equals_a_clean_build is its fast variant
+def test_a_build_killed_at_random_points_equals_a_clean_build(tmp_path):
+    """`kill -9` at 4 random points of a `python -m gpt_exp.prepare`, each followed by the same command: its temp
+    files are cleaned up and the manifest and every shard end up the clean build's, byte for byte."""
+    root = shakespeare_corpus(tmp_path / "corpus", copies=12)  # 15 MB: 8 shards of 2 chunks of 1 MB
+    args = ["data=text", f"data.path={root}", "data.shard_tokens=500000"]
+    clean = run_cli("prepare", *args, f"data.cache_dir={tmp_path / 'clean'}", cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    clean_files = cache_files(tmp_path / "clean")
+    total, rng, cache_dir = len(clean_files) - 1, random.Random(11), tmp_path / "c"
+    assert total >= 8
+    for target in sorted(rng.sample(range(1, total - 2), 4)):
+        proc = run_cli_async("prepare", *args, f"data.cache_dir={cache_dir}", cwd=tmp_path)
+        while shards_listed(cache_dir) < target and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.1))  # at a shard's end or into the next one: in a write, in a tokenizer thread
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL and not list(cache_dir.glob("*.json"))  # killed before it was done
+    resumed = run_cli("prepare", *args, f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming an interrupted prepare" in resumed.stdout
+    assert not list(cache_dir.glob(".*.tmp")) and not list(cache_dir.glob("*.progress"))
+    files = cache_files(cache_dir)
+    assert list(files) == list(clean_files)
+    assert [name for name in clean_files if files[name] != clean_files[name]] == []  # the files that differ
 
 
 def test_a_damaged_shard_is_rebuilt_alone(corpus, tmp_path, small_chunks, caplog):
