@@ -140,7 +140,7 @@ def _line_cut(data: bytes | bytearray, lo: int = 0) -> int:
 
 
 def _byte_pieces(f: BinaryIO, offset: int, stop: int | None, cut: Callable) -> Iterator[tuple[bytes, int, bool]]:
-    """(data, its offset, at the end of the file) for pieces of about CHUNK_BYTES from `offset` up to `stop`.
+    """(data, its offset, at the end of the file) for pieces of up to CHUNK_BYTES from `offset` up to `stop`.
 
     A piece is cut in the CHUNK_BYTES from its start (more only where they hold no cut point), never in bytes read
     past them for the piece before: so the pieces after any piece's end are the same whether the reading began there
@@ -265,7 +265,8 @@ class Chunk:
 
 
 def chunks(sources: list[Source], start: Cursor, stop: Cursor | None, text_key: str) -> Iterator[Chunk]:
-    """The corpus from `start` to `stop` in chunks of about CHUNK_BYTES: a piece of a big file, or many small files."""
+    """The corpus from `start` to `stop` in chunks of up to CHUNK_BYTES: a piece of a big file, or the pieces of small
+    files that fit together. A chunk ends before the piece that would overfill it, so it depends on its pieces only."""
     group, size, done = [], 0, sum(s.size for s in sources[: start.file])
     for i in range(start.file, len(sources) if stop is None else min(stop.file + 1, len(sources))):
         first = start.offset if i == start.file else 0
@@ -273,12 +274,12 @@ def chunks(sources: list[Source], start: Cursor, stop: Cursor | None, text_key: 
         if last == 0:
             break
         for piece, after, position in _read_pieces(sources[i], first, last, text_key):
+            if group and size + piece.nbytes > CHUNK_BYTES:
+                yield Chunk(group, end, read, size)
+                group, size = [], 0
             group.append(piece)
             size += piece.nbytes
-            end = (i + 1, 0) if after is None else (i, after)
-            if size >= CHUNK_BYTES:
-                yield Chunk(group, end, done + position, size)
-                group, size = [], 0
+            end, read = ((i + 1, 0) if after is None else (i, after)), done + position
         done += sources[i].size
     if group:
-        yield Chunk(group, end, done, size)
+        yield Chunk(group, end, read, size)
