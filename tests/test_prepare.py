@@ -5,6 +5,7 @@ shard order, the `python -m gpt_exp.prepare` command and a smoke run of its benc
 import gzip
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -247,6 +248,21 @@ def test_a_build_killed_at_random_points_equals_a_clean_build(tmp_path):
     files = cache_files(cache_dir)
     assert list(files) == list(clean_files)
     assert [name for name in clean_files if files[name] != clean_files[name]] == []  # the files that differ
+
+
+def test_cache_files_follow_the_umask(tmp_path, small_chunks):
+    """A shared token cache: under umask 022 the shards, the manifest and the hash memo are readable by all."""
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"Document number {i}. " * 200)
+    old = os.umask(0o022)
+    try:
+        cache = prepare_tokens(text_cfg(tmp_path / "docs", tmp_path / "c", shard_tokens=1))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir()}
+    assert len(cache.shard_paths) == 6 and len(modes) == 9  # the shards, the manifest, the memo and the lock
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_a_damaged_shard_is_rebuilt_alone(corpus, tmp_path, small_chunks, caplog):
