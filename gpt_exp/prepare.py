@@ -5,6 +5,7 @@ Reads .txt (a document per file), .jsonl(.gz) and .parquet (a document per recor
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -217,7 +218,7 @@ def read_manifest(cache_dir: Path, key: str) -> dict | None:
                 {"file", "sha256", "start", "end"} <= s.keys() for s in shards):
             raise ValueError("its shards disagree with it")
         return manifest
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache dir: writing it will say why)
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         log.warning("token cache manifest %s is unreadable (%s); rebuilding the entry", path, e)
@@ -239,13 +240,32 @@ def _remove_entry(cache_dir: Path, key: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def _remove_temp_files(cache_dir: Path, key: str) -> None:
+    """The temp files of the entry's atomic writes that a killed build left: the caller holds the entry's lock, so
+    no live process is writing one."""
+    for stale in cache_dir.glob(f".{key}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _write_error(e: OSError, cache_dir: Path, cfg: DataConfig) -> DataError:
+    """A failed write into the cache as one line with its fix. A shard is renamed into place only once complete, so a
+    failure leaves no half of one, and the finished ones are what the same command goes on from."""
+    if e.errno == errno.EFBIG:
+        fix = f"a shard is over the file size limit (ulimit -f): raise it, or lower data.shard_tokens={cfg.shard_tokens}"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space there, or set data.cache_dir=DIR on another disk"
+    else:
+        fix = "fix its permissions, or set data.cache_dir=WRITABLE_DIR"
+    return DataError(f"cannot write the token cache in {cache_dir} ({e.strerror or e}): {fix}; "
+                     f"the finished shards are kept for the next run")
+
+
 def build_cache(sources: list[Source], cache_dir: Path, key: str, cfg: DataConfig, where: str) -> dict:
     """Tokenize the corpus into shards and write the manifest last; resumes the shards an interrupted build finished.
 
     The caller holds the cache lock. A corpus error removes the entry: fixing the corpus changes the key anyway.
     """
-    for stale in cache_dir.glob(f".{key}*.tmp"):  # left by a killed build
-        stale.unlink()
+    _remove_temp_files(cache_dir, key)
     shards = _resumable(cache_dir, key)
     start = Cursor(*shards[-1]["end"]) if shards else Cursor(0, 0, 0)
     left, threads = sum(s.size for s in sources[start.file :]), _thread_count(cfg.threads)
@@ -260,17 +280,18 @@ def build_cache(sources: list[Source], cache_dir: Path, key: str, cfg: DataConfi
                             progress):
             shards.append(shard)
             atomic_write_bytes(_progress_path(cache_dir, key), json.dumps({"shards": shards}).encode())
+        num_tokens, num_documents = sum(s["num_tokens"] for s in shards), shards[-1]["end"][2] if shards else 0
+        if num_tokens <= max(num_documents - 1, 0):  # nothing but the <|endoftext|> between documents
+            raise DataError(f"the corpus at {where} is empty; give a file with text")
+        manifest = {"version": CACHE_VERSION, "tokenizer": TOKENIZER_ID, "dtype": "uint16", "num_tokens": num_tokens,
+                    "num_documents": num_documents, "text_key": cfg.text_key, "num_sources": len(sources),
+                    "sources": [str(s.path) for s in sources[:10]], "shards": shards}
+        atomic_write_bytes(manifest_path(cache_dir, key), json.dumps(manifest, indent=1).encode())
     except DataError:
         _remove_entry(cache_dir, key)
         raise
-    num_tokens, num_documents = sum(s["num_tokens"] for s in shards), shards[-1]["end"][2] if shards else 0
-    if num_tokens <= max(num_documents - 1, 0):  # nothing but the <|endoftext|> between documents
-        _remove_entry(cache_dir, key)
-        raise DataError(f"the corpus at {where} is empty; give a file with text")
-    manifest = {"version": CACHE_VERSION, "tokenizer": TOKENIZER_ID, "dtype": "uint16", "num_tokens": num_tokens,
-                "num_documents": num_documents, "text_key": cfg.text_key, "num_sources": len(sources),
-                "sources": [str(s.path) for s in sources[:10]], "shards": shards}
-    atomic_write_bytes(manifest_path(cache_dir, key), json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        raise _write_error(e, cache_dir, cfg) from None
     _progress_path(cache_dir, key).unlink(missing_ok=True)
     log.info("tokenized %s document(s): %s tokens, %s, %d shard(s)", f"{num_documents:,}", f"{num_tokens:,}",
              progress.summary(), len(shards))
@@ -280,12 +301,16 @@ def build_cache(sources: list[Source], cache_dir: Path, key: str, cfg: DataConfi
 def repair_shards(sources: list[Source], cache_dir: Path, key: str, manifest: dict, indices: list[int],
                   cfg: DataConfig) -> None:
     """Rebuild damaged shards of a complete entry from where each began in the corpus (the caller holds the lock)."""
+    _remove_temp_files(cache_dir, key)
     for i in indices:
         shard = manifest["shards"][i]
         start, stop = Cursor(*shard["start"]), Cursor(*shard["end"])
         progress = _Progress(sum(s.size for s in sources))
         threads = _thread_count(cfg.threads)
-        [rebuilt] = _build(sources, cache_dir, key, cfg.text_key, start, stop, i, float("inf"), threads, progress)
+        try:
+            [rebuilt] = _build(sources, cache_dir, key, cfg.text_key, start, stop, i, float("inf"), threads, progress)
+        except OSError as e:
+            raise _write_error(e, cache_dir, cfg) from None
         if rebuilt["sha256"] != shard["sha256"]:
             raise RuntimeError(f"rebuilt shard {shard['file']} differs from its manifest entry; delete the entry {key}")
         log.info("rebuilt shard %s: %s tokens, %s", shard["file"], f"{rebuilt['num_tokens']:,}", progress.summary())

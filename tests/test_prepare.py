@@ -2,11 +2,13 @@
 resume after an interruption, repair of one damaged shard, one-line errors, the val split by document, per-epoch
 shard order, the `python -m gpt_exp.prepare` command and a smoke run of its benchmark."""
 
+import errno
 import gzip
 import json
 import logging
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -265,6 +267,74 @@ def test_cache_files_follow_the_umask(tmp_path, small_chunks):
     assert set(modes.values()) == {"0o644"}, modes
 
 
+def progress_shards(cache_dir: Path) -> list[str]:
+    return [s["file"] for s in json.loads(next(cache_dir.glob("*.progress")).read_text())["shards"]]
+
+
+def test_a_full_disk_mid_shard_is_one_line_and_leaves_no_half_shard(corpus, tmp_path, small_chunks, monkeypatch):
+    root, _ = corpus
+    cfg = text_cfg(root, tmp_path / "c", text_key="body", shard_tokens=3000)
+    prepare_tokens(text_cfg(root, tmp_path / "clean", text_key="body", shard_tokens=3000))
+
+    class FillingDisk:  # the third shard's file: one chunk's tokens written, then half of the next and ENOSPC
+        def __init__(self, path, mode):
+            self.f, self.third, self.writes = open(path, mode), "-00002.bin." in str(path), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.writes += 1
+            if self.third and self.writes == 2:
+                self.f.write(bytes(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+    monkeypatch.setattr(prepare, "open", FillingDisk, raising=False)  # the open() that _write_shards calls
+    with pytest.raises(DataError) as error:
+        prepare_tokens(cfg)
+    assert str(error.value) == (f"cannot write the token cache in {tmp_path / 'c'} (No space left on device): free "
+                                f"disk space there, or set data.cache_dir=DIR on another disk; the finished shards "
+                                f"are kept for the next run")
+    shards = sorted(p.name for p in (tmp_path / "c").glob("*.bin"))
+    assert len(shards) == 2 and progress_shards(tmp_path / "c") == shards  # none half-written, none unlisted
+    assert not list((tmp_path / "c").glob(".*.tmp")) and not list((tmp_path / "c").glob("*.json"))
+    monkeypatch.delattr(prepare, "open")
+    prepare_tokens(cfg)
+    assert cache_files(tmp_path / "c") == cache_files(tmp_path / "clean")
+
+
+def test_a_shard_over_the_file_size_limit_is_one_line_and_the_next_run_goes_on(tmp_path):
+    """`ulimit -f` below the second shard: exit 2, one line naming the limit, the first shard kept and no half of the
+    second; without the limit the same command goes on from the first and builds what a clean build does."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("the " * 200_000)  # 200,001 tokens: a 400 KB shard
+    (tmp_path / "docs" / "b.txt").write_text("7 " * 400_000)  # 400K tokens: an 800 KB shard
+    args = ["data=text", f"data.path={tmp_path / 'docs'}", f"data.cache_dir={tmp_path / 'c'}", "data.shard_tokens=1000"]
+    limit = 600_000
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run([sys.executable, "-m", "gpt_exp.prepare", *args], cwd=tmp_path, preexec_fn=small_files,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr == (f"error: cannot write the token cache in {tmp_path / 'c'} (File too large): a shard is "
+                             f"over the file size limit (ulimit -f): raise it, or lower data.shard_tokens=1000; the "
+                             f"finished shards are kept for the next run\n")
+    [kept] = (tmp_path / "c").glob("*.bin")
+    assert progress_shards(tmp_path / "c") == [kept.name] and kept.stat().st_size == 400_002
+    assert not list((tmp_path / "c").glob(".*.tmp")) and not list((tmp_path / "c").glob("*.json"))
+    resumed = run_cli("prepare", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming an interrupted prepare: 1 shard(s) already built" in resumed.stdout
+    prepare_tokens(text_cfg(tmp_path / "docs", tmp_path / "clean", shard_tokens=1000))
+    assert cache_files(tmp_path / "c") == cache_files(tmp_path / "clean")
+
+
 def test_a_damaged_shard_is_rebuilt_alone(corpus, tmp_path, small_chunks, caplog):
     root, docs = corpus
     cfg = text_cfg(root, tmp_path / "c", text_key="body", shard_tokens=3000)
@@ -275,7 +345,10 @@ def test_a_damaged_shard_is_rebuilt_alone(corpus, tmp_path, small_chunks, caplog
         f.write(b"\xff\xff")
     with open(cache.shard_paths[2], "r+b") as f:
         f.truncate(10)
+    killed_repair = cache.shard_paths[1].parent / f".{cache.shard_paths[1].name}.host.4321.x1y2.tmp"
+    killed_repair.write_bytes(b"half a shard from a repair killed with kill -9")
     rebuilt = prepare_tokens(cfg)
+    assert not killed_repair.exists()
     assert caplog.text.count("is corrupt (checksum mismatch); rebuilding it") == 1
     assert caplog.text.count("is truncated or missing; rebuilding it") == 1
     after = shard_mtimes(rebuilt)
