@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp.atomic import atomic_path
@@ -35,6 +35,13 @@ IGNORED_SUFFIXES = ("dir", "path")
 
 class CompareError(UserError):
     """A problem with the user's input, printed as one line by the CLI."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line user errors (`error: ...`, exit code 2) instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the arguments\n")
 
 
 @dataclass
@@ -54,12 +61,19 @@ class RunRecord:
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
-    """Existing paths as given, else glob matches (for quoted globs); a path matching nothing is an error."""
+    """Existing paths as given, else glob matches (for quoted globs); a path matching nothing, a file or a dir that
+    cannot be read is an error."""
     paths: list[Path] = []
     for pattern in patterns:
         matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
         if not matches:
             raise CompareError(f"{pattern} does not exist; pass a run dir or a sweep dir (outputs/multirun/DATE/TIME)")
+        for match in matches:
+            if not os.path.isdir(match):
+                raise CompareError(f"{match} is a file, not a run dir; pass a run dir (outputs/DATE/TIME) or a sweep "
+                                   f"dir (outputs/multirun/DATE/TIME)")
+            if not os.access(match, os.R_OK | os.X_OK):  # glob would skip it silently and report no runs
+                raise CompareError(f"cannot read {match} (permission denied); fix its permissions (chmod u+rx)")
         paths += [Path(m) for m in matches]
     return paths
 
@@ -72,7 +86,7 @@ def find_run_dirs(path: Path) -> list[Path]:
     """`path` itself if it is a run dir, else every run dir below it (a sweep), in natural order (2 before 10)."""
     if is_run_dir(path):
         return [path]
-    found = [c.parent.parent for c in path.glob("**/.hydra/config.yaml")]
+    found = [c.parent.parent for c in path.glob("**/.hydra/config.yaml") if c.is_file()]
     return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
@@ -108,11 +122,7 @@ def load_run(run_dir: Path) -> RunRecord:
     }
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            raise CompareError(f"{summary_path} is not JSON; delete it to show the run as incomplete") from None
-        stats.update({k: summary[k] for k in stats if k in summary})
+        stats.update(read_summary(summary_path, stats.keys()))
     return RunRecord(
         path=run_dir,
         params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
@@ -124,28 +134,72 @@ def load_run(run_dir: Path) -> RunRecord:
     )
 
 
+def read_summary(path: Path, keys) -> dict:
+    """The `keys` that summary.json holds, each checked: a damaged file is an error, not a row of wrong numbers."""
+    fix = "delete it to show the run as incomplete"
+    try:
+        summary = json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for binary bytes
+        raise CompareError(f"{path} is not JSON; {fix}") from None
+    if not isinstance(summary, dict):
+        raise CompareError(f"{path} is not a run summary (a JSON {type(summary).__name__}, not an object); {fix}")
+    found = {k: summary[k] for k in keys if k in summary}
+    for key, value in found.items():
+        ok = isinstance(value, str) if key == "status" else value is None or _is_number(value)
+        if not ok:
+            raise CompareError(f"{path}: {key}={value!r} is not {'a string' if key == 'status' else 'a number'}; {fix}")
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a parsed metrics line is not a row `Tracker` writes, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    if not (isinstance(row.get("step"), int) and not isinstance(row["step"], bool)):
+        return f"step={row.get('step')!r} is not an integer"
+    for key in ("loss", "val_loss", "tokens", "tok_per_s"):
+        if key in row and not _is_number(row[key]):
+            return f"{key}={row[key]!r} is not a number"
+    return None
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a broken last line is a write in progress (or a killed run) and is skipped."""
+    """Rows of metrics.jsonl, each checked. A last line cut short (no newline yet, as a write in progress or a killed
+    run leaves it) is skipped; any other line that is not a row is an error naming it."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    lines = [(i, line) for i, line in enumerate(data.splitlines(keepends=True), 1) if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for i, line in lines:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+            if i == lines[-1][0] and not line.endswith(b"\n") and line.startswith(b"{"):
                 break
-            raise CompareError(f"{path} line {i + 1} is not JSON; repair or delete that line") from None
+            raise CompareError(f"{path} line {i} is not JSON; repair or delete that line") from None
+        if (problem := _row_problem(row)) is not None:
+            raise CompareError(f"{path} line {i} is not a metrics row ({problem}); repair or delete that line")
         rows.append(row)
     return rows
 
 
 def _read_config(path: Path) -> dict:
+    fix = "repair it, or leave the run out of the comparison"
     try:
         cfg = OmegaConf.load(path)
-    except yaml.YAMLError as e:
-        raise CompareError(f"{path} is not valid YAML ({e.__class__.__name__}); repair it or remove the run") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CompareError(f"{path} is not valid YAML ({e.__class__.__name__}); {fix}") from None
+    except OSError as e:
+        if e.filename:  # the file cannot be read: main reports it
+            raise
+        cfg = None  # OmegaConf refuses a top-level scalar with an OSError of its own
+    if not isinstance(cfg, DictConfig):
+        raise CompareError(f"{path} is not a run config (a YAML mapping of settings); {fix}")
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException:  # ${hydra:...} cannot resolve outside a Hydra job; compare it as text
@@ -289,16 +343,24 @@ def _duration(seconds: float | None) -> str:
 
 
 def write_outputs(rows: list[dict], curves: list, out_dir: Path, logx: bool = False) -> None:
-    """compare.csv and compare.json (full precision) and compare.png, each written atomically."""
+    """compare.csv and compare.json (full precision) and compare.png, written atomically together: a failure in
+    any of them leaves the previous three as they were."""
     from gpt_exp.plots import plot_overlay
 
-    with atomic_path(out_dir / "compare.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**row, "run_dirs": ";".join(row["run_dirs"])} for row in rows)
-    with atomic_path(out_dir / "compare.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    plot_overlay(curves, out_dir / "compare.png", title=f"training loss: {out_dir.name}", logx=logx)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CompareError(f"--out {out_dir} is a file; give a dir to write compare.csv, compare.json, compare.png into")
+    try:
+        with (atomic_path(out_dir / "compare.csv") as csv_tmp, atomic_path(out_dir / "compare.json") as json_tmp,
+              atomic_path(out_dir / "compare.png") as png_tmp):
+            with open(csv_tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({**row, "run_dirs": ";".join(row["run_dirs"])} for row in rows)
+            json_tmp.write_text(json.dumps(rows, indent=2) + "\n")
+            plot_overlay(curves, png_tmp, title=f"training loss: {out_dir.name}", logx=logx)
+    except OSError as e:
+        raise CompareError(f"cannot write compare.csv, compare.json, compare.png to {out_dir} ({e.strerror}); "
+                           f"pass --out DIR with a dir you can write") from None
 
 
 def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
@@ -310,7 +372,7 @@ def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
+    parser = ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep dirs, run dirs or globs")
     parser.add_argument("--metric", default="final_loss", help=f"sort key, ascending: {', '.join(METRICS)} or a key")
     parser.add_argument("--smooth", type=int, default=1, help="average the loss over the last N logged steps")
@@ -327,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # unreadable run files or an unwritable --out
-        print(f"error: {e}; check the path and its permissions", file=sys.stderr)
+    except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
+        print(f"error: cannot read {e.filename} ({e.strerror}); check the path and its permissions", file=sys.stderr)
         return 2
     print(format_table(rows, out_dir))
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")

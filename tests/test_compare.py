@@ -194,3 +194,31 @@ def test_cli_missing_path_subprocess(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(f"error: {missing} does not exist")
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_outputs_are_replaced_together_or_not_at_all(tmp_path: Path, capsys, monkeypatch) -> None:
+    make_run(tmp_path / "a", [3.0], lr=1e-3)
+    make_run(tmp_path / "b", [2.0], lr=3e-4)
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "report")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    assert sorted(before) == ["compare.csv", "compare.json", "compare.png"]
+
+    def disk_full(curves, path, title, logx=False):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("gpt_exp.plots.plot_overlay", disk_full)
+    make_run(tmp_path / "c", [1.0], lr=1e-4)
+    capsys.readouterr()
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write compare.csv, compare.json, compare.png to "
+                                       f"{tmp_path / 'report'} (No space left on device); pass --out DIR with a dir "
+                                       f"you can write\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before  # no temp files, no mix
+
+
+def test_a_cut_last_line_is_skipped_but_garbage_is_not(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "0", [4.0, 3.0], tail='{"step": 2, "loss": 2.')
+    assert load_runs([str(run)])[0].steps == 2  # a write in progress: no newline yet
+    (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes() + b"5}\n\x00\x00\x00\x00")
+    with pytest.raises(CompareError, match=r"metrics.jsonl line 4 is not JSON; repair or delete that line"):
+        load_runs([str(run)])
