@@ -166,16 +166,22 @@ def load_resume(target: str, current_config: dict) -> Resume:
 def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
+    from gpt_exp.hf import gpt_config, load_checked_weights  # belongs with the module's `from gpt_exp.hf import`
+
     path = Path(target).expanduser()
     if hf or (path / "config.json").is_file():
         model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}
     else:
         ckpt = find_checkpoint(target)
         state = load_checkpoint(ckpt)
-        if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
-            raise ConfigError(f"{ckpt} is not a gpt_exp checkpoint (no model, config and step); give a run dir")
-        m = state["config"]["model"]
-        model = GPT(GPTConfig(m["block_size"], m["vocab_size"], m["n_layer"], m["n_head"], m["n_embd"]))
-        model.load_state_dict(state["model"])
-        info = {"name": m["name"], "source": str(ckpt), "step": state["step"]}
+        config = state.get("config") if isinstance(state, dict) else None
+        m = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(m, dict) or not {"model", "step"} <= state.keys():  # a foreign .pt: a tensor, a state_dict
+            raise ConfigError(f"{ckpt} is not a gpt_exp checkpoint (no model, config and step); give a run dir or a "
+                              f"checkpoint file that `python -m gpt_exp.run train.ckpt_every=N` wrote")
+        fix = "the checkpoint is damaged: use another one of the run"
+        shape = {key: m.get(key) for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix))
+        load_checked_weights(model, state["model"], f"{ckpt}'s weights do not match its config", fix)
+        info = {"name": m.get("name", "?"), "source": str(ckpt), "step": state["step"]}
     return model.eval(), {**info, "params": model.num_params()}

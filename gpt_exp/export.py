@@ -1,17 +1,18 @@
 """Export a run's model as a Hugging Face GPT-2 dir: `python -m gpt_exp.export RUN_DIR_OR_CKPT OUT_DIR`.
 
 The dir (config.json + model.safetensors) loads with `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`.
+OUT_DIR must be new or empty: an export never overwrites files, and appears whole or not at all.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from gpt_exp.checkpoint import load_model
+from gpt_exp.compare import ArgumentParser
 from gpt_exp.config import ConfigError, UserError
-from gpt_exp.hf import save_hf_gpt2
+from gpt_exp.hf import check_out_dir, save_hf_gpt2
 from gpt_exp.sample import describe
 
 
@@ -19,14 +20,15 @@ def export(source: str, out_dir: str) -> tuple[Path, dict]:
     """Write the model `source` names (a run dir's newest checkpoint, a checkpoint file, or a HF dir) to `out_dir`."""
     if not Path(source).expanduser().exists():
         raise ConfigError(f"{source} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
+    check_out_dir(out_dir)  # before loading: a big model takes a while to load, only to be refused
     model, info = load_model(source)
     return save_hf_gpt2(model, out_dir), info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt_exp.export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m gpt_exp.export", description=__doc__.split("\n")[0])
     parser.add_argument("source", metavar="RUN_DIR_OR_CKPT", help="a run dir (its newest checkpoint) or a .pt file")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face GPT-2 dir to write")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face GPT-2 dir to write (new or empty)")
     args = parser.parse_args(argv)
     try:
         out_dir, info = export(args.source, args.out_dir)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import shutil
 import struct
 from pathlib import Path
 
@@ -36,21 +39,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file: an 8-byte header length, a JSON header {name: {dtype, shape,
     data_offsets}}, then the tensors' bytes."""
     # one writable copy of the file, which the tensors share (torch.frombuffer warns on read-only bytes)
-    data = bytearray(path.stat().st_size)
-    with open(path, "rb") as f:
-        f.readinto(data)
+    try:
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as f:
+            f.readinto(data)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror}); check the file and its permissions") from None
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
+        if 8 + header_len > len(data):
+            raise ValueError(f"a header of {header_len} bytes in a file of {len(data)}: the file is cut short")
         header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         start = 8 + header_len
         tensors = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name} has an unknown dtype {info['dtype']!r}")
             dtype, shape = _DTYPES[info["dtype"]], info["shape"]
             begin, end = info["data_offsets"]
             count = math.prod(shape)
-            if end - begin != count * dtype.itemsize or start + end > len(data):
+            if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or start + end > len(data):
                 raise ValueError(f"tensor {name} does not fit its data_offsets")
             if count == 0:  # torch.frombuffer refuses an empty slice
                 tensors[name] = torch.empty(shape, dtype=dtype)
@@ -78,80 +90,123 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
+def gpt_config(shape: dict, source: str, fix: str) -> GPTConfig:
+    """A GPTConfig from `shape`: the block size, vocab size, n_layer, n_head and n_embd in that order, named as
+    the file names them, each checked, or one line naming the bad value (not a crash inside the model)."""
+    bad = {k: v for k, v in shape.items() if not (isinstance(v, int) and not isinstance(v, bool) and v > 0)}
+    if bad:
+        raise ConfigError(f"{source} lacks the GPT-2 shape ({', '.join(f'{k}={v!r}' for k, v in bad.items())} "
+                          f"must be positive integers); {fix}")
+    if shape["n_embd"] % shape["n_head"]:
+        raise ConfigError(f"{source} has n_embd={shape['n_embd']}, not divisible by n_head={shape['n_head']}; {fix}")
+    return GPTConfig(*shape.values())
+
+
+def load_checked_weights(model: GPT, state: object, source: str, fix: str) -> None:
+    """`state` (a state_dict in our names) into `model`, or one line saying how it differs from the model's shape:
+    the weights of another model, or not a state_dict at all. lm_head may be left out: it is tied to wte."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{source} holds a {type(state).__name__}, not a model's weights; {fix}")
+    expected = model.state_dict()
+    tied = "lm_head.weight" not in state
+    if tied:
+        del expected["lm_head.weight"]
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    wrong_shape = [n for n in expected.keys() & state.keys()
+                   if not isinstance(state[n], torch.Tensor) or state[n].shape != expected[n].shape]
+    if missing or unexpected or wrong_shape:
+        first = sorted(missing)[:1] + sorted(map(str, unexpected))[:1] + sorted(wrong_shape)[:1]
+        raise ConfigError(f"{source} ({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} of "
+                          f"another shape, e.g. {', '.join(first)}); {fix}")
+    # load_state_dict copies into our fp32 parameters, so fp16/bf16 files load too
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]} if tied else state)
+
+
 def _read_config(path: Path) -> GPTConfig:
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{path} has no config.json, so it is not a Hugging Face model dir; {_FIX}") from None
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{path}/config.json cannot be read ({e}); {_FIX}") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"{path}/config.json is not JSON ({e}); {_FIX}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}/config.json cannot be read ({e.strerror}); {_FIX}") from None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "gpt2":
         raise ConfigError(f"{path} holds a model_type={kind} model, not GPT-2; {_FIX}")
     shape = {key: config.get(key) for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")}
-    if not all(isinstance(v, int) and v > 0 for v in shape.values()):
-        raise ConfigError(f"{path}/config.json lacks the GPT-2 shape ({shape}); {_FIX}")
+    gpt = gpt_config(shape, f"{path}/config.json", _FIX)
+    epsilon = config.get("layer_norm_epsilon", 1e-5)
+    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)):
+        raise ConfigError(f"{path}/config.json has layer_norm_epsilon={epsilon!r}, not a number; {_FIX}")
     # Settings our GPT does not implement would load without error and give other logits.
     differs = {"activation_function": config.get("activation_function", "gelu_new") not in _TANH_GELU,
-               "n_inner": config.get("n_inner") not in (None, 4 * shape["n_embd"]),
-               "layer_norm_epsilon": abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12,
+               "n_inner": config.get("n_inner") not in (None, 4 * gpt.n_embd),
+               "layer_norm_epsilon": abs(epsilon - 1e-5) > 1e-12,
                "scale_attn_by_inverse_layer_idx": bool(config.get("scale_attn_by_inverse_layer_idx")),
                "tie_word_embeddings": config.get("tie_word_embeddings", True) is False}
     unsupported = [f"{key}={config.get(key)}" for key, bad in differs.items() if bad]
     if unsupported:
         raise ConfigError(f"{path}/config.json sets {', '.join(unsupported)}, which gpt_exp's GPT does not implement; "
                           f"only standard GPT-2 models (gpt2, gpt2-medium, -large, -xl and their fine-tunes) load")
-    return GPTConfig(block_size=shape["n_positions"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
-                     n_head=shape["n_head"], n_embd=shape["n_embd"])
+    return gpt
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / SAFETENSORS).is_file():
         return read_safetensors(path / SAFETENSORS)
     if (path / SAFETENSORS_INDEX).is_file():
+        index = path / SAFETENSORS_INDEX
         try:
-            shards = sorted(set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ConfigError(f"{path / SAFETENSORS_INDEX} cannot be read ({e!r}); download it again") from None
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(s, str) for s in shards):
+                raise ValueError("its weight_map names a shard that is not a file name")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{index} cannot be read ({type(e).__name__}: {e}); download it again") from None
+        absent = [shard for shard in shards if not (path / shard).is_file()]
+        if absent:
+            raise ConfigError(f"{path} is a partial download: {len(absent)} of the {len(shards)} shards that "
+                              f"{SAFETENSORS_INDEX} names are missing (e.g. {absent[0]}); download them again")
         return {name: t for shard in shards for name, t in read_safetensors(path / shard).items()}
     if (path / PYTORCH_BIN).is_file():
         try:
-            return torch.load(path / PYTORCH_BIN, map_location="cpu", weights_only=True)
+            weights = torch.load(path / PYTORCH_BIN, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: whatever torch raises is the user's
             raise ConfigError(f"{path / PYTORCH_BIN} is not a readable PyTorch weights file ({type(e).__name__}); "
                               f"download or export it again") from None
+        if not isinstance(weights, dict):
+            raise ConfigError(f"{path / PYTORCH_BIN} holds a {type(weights).__name__}, not a model's weights; "
+                              f"download or export it again")
+        return weights
     raise ConfigError(f"{path} has config.json but no weights ({SAFETENSORS} or {PYTORCH_BIN}); "
                       f"copy the weight file into it, or export the model again")
 
 
-def _to_gpt_state_dict(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_gpt_state_dict(hf_weights: dict) -> dict:
     """HF names and layouts -> ours: the `transformer.` prefix, Linear (out, in) weights, no mask buffers."""
     state = {}
     for name, tensor in hf_weights.items():
+        name = str(name)
         if name.endswith(_BUFFERS) or name == "lm_head.weight":  # lm_head is tied to wte, which we load
             continue
         name = name if name.startswith("transformer.") else f"transformer.{name}"
-        state[name] = tensor.t() if name.endswith(_CONV1D) else tensor
+        conv1d = name.endswith(_CONV1D) and isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+        state[name] = tensor.t() if conv1d else tensor
     return state
 
 
 def load_hf_gpt2(path: str | Path) -> GPT:
     """Our GPT with the weights of a Hugging Face GPT-2 dir (config.json + model.safetensors or pytorch_model.bin)."""
     path = Path(path).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         raise ConfigError(f"{path} does not exist; {_FIX}")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a dir; {_FIX}")
     model = GPT(_read_config(path))
     state = _to_gpt_state_dict(_read_weights(path))
-    expected = {name: p.shape for name, p in model.state_dict().items() if name != "lm_head.weight"}
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    wrong_shape = [n for n in expected.keys() & state.keys() if state[n].shape != expected[n]]
-    if missing or unexpected or wrong_shape:
-        first = sorted(missing)[:1] + sorted(unexpected)[:1] + sorted(wrong_shape)[:1]
-        raise ConfigError(f"{path}'s weights do not match its config.json ({len(missing)} missing, {len(unexpected)} "
-                          f"unexpected, {len(wrong_shape)} of another shape, e.g. {', '.join(first)}); "
-                          f"the weight file belongs to another model")
-    # load_state_dict copies into our fp32 parameters, so fp16/bf16 files load too
-    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+    load_checked_weights(model, state, f"{path}'s weights do not match its config.json",
+                         "the weight file belongs to another model: download or export the dir again")
     return model
 
 
@@ -168,18 +223,43 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
-def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
-    """Write `model` as a Hugging Face GPT-2 dir (config.json + model.safetensors) that
-    `GPT2LMHeadModel.from_pretrained(out_dir)` loads; returns the dir."""
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` if a new export may go there: it does not exist yet, or is an empty dir. A dir with files in it
+    is refused: they may be the user's (another model, notes), and an export never overwrites or mixes with them."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} is a file; give a dir to write config.json and {SAFETENSORS} into")
+        raise ConfigError(f"{out_dir} is a file; give a new dir to write config.json and {SAFETENSORS} into")
+    above = next(parent for parent in out_dir.absolute().parents if parent.exists())
+    if not above.is_dir():
+        raise ConfigError(f"{above} is a file, so {out_dir} cannot be created; give a new dir to export into")
+    if out_dir.is_dir() and (held := sorted(p.name for p in out_dir.iterdir())):
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(f"{out_dir} already holds files ({shown}); export into a new or empty dir, so that "
+                          f"nothing in it is overwritten")
+    return out_dir
+
+
+def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
+    """Write `model` as a Hugging Face GPT-2 dir (config.json + model.safetensors) that
+    `GPT2LMHeadModel.from_pretrained(out_dir)` loads; returns the dir. `out_dir` must be new or empty; the files
+    are written into a hidden temp dir beside it, renamed into place once both are whole, so an export that fails
+    midway (a full disk, Ctrl-C) leaves no dir that looks complete."""
+    out_dir = check_out_dir(out_dir)
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
+    tmp = None
     try:
-        write_safetensors(tensors, out_dir / SAFETENSORS)
-        atomic_write_bytes(out_dir / "config.json", (json.dumps(hf_config(model.config), indent=2) + "\n").encode())
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        tmp.mkdir()  # an ordinary dir (the user's umask), unlike mkdtemp's private one
+        write_safetensors(tensors, tmp / SAFETENSORS)
+        atomic_write_bytes(tmp / "config.json", (json.dumps(hf_config(model.config), indent=2) + "\n").encode())
+        os.replace(tmp, out_dir)  # onto a missing or empty dir only: check_out_dir refused any other
+        tmp = None
     except OSError as e:
         raise UserError(f"cannot write {e.filename or out_dir} ({e.strerror}); free disk space, fix its permissions, "
                         f"or export elsewhere") from None
+    finally:
+        if tmp is not None:  # this call created it: nothing of the user's is inside
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
