@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tiktoken
 import torch
 from torch.nn import functional as F
 
 from gpt_exp.config import ConfigError, DataError, DeviceType, UserError
 from gpt_exp.model import GPT
 from gpt_exp.sample import describe, inference_device, model_source, parse_args, usage
-from gpt_exp.tokenizer import gpt2_encoding
+from gpt_exp.tokenizer import encode_text
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +69,20 @@ def load_hellaswag(path: Path, limit: int = 0) -> list[dict]:
     return examples
 
 
-def render_example(example: dict, enc: tiktoken.Encoding, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def render_example(example: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, mask), each (4, L): the context followed by " " + each ending, right-padded; the mask is 1 on
-    the ending's tokens, the only ones scored."""
-    ctx = enc.encode(example["ctx"])
-    rows = [ctx + enc.encode(" " + ending) for ending in example["endings"]]
-    length = max(len(row) for row in rows)
+    the ending's tokens, the only ones scored. `<|endoftext|>` in the text is the end-of-text token."""
+    ctx = encode_text(example["ctx"])
+    rows = [ctx + encode_text(" " + ending) for ending in example["endings"]]
+    # a row too long for the model loses its start, as generation crops it (endings are a sentence long)
+    cut = [max(len(row) - block_size, 0) for row in rows]
+    length = max(len(row) - c for row, c in zip(rows, cut))
     tokens = torch.zeros((4, length), dtype=torch.long)
     mask = torch.zeros((4, length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        mask[i, len(ctx) : len(row)] = 1
-    # a context too long for the model loses its start, as generation crops it (endings are a sentence long)
-    return tokens[:, -block_size:], mask[:, -block_size:]
+    for i, (row, c) in enumerate(zip(rows, cut)):
+        tokens[i, : len(row) - c] = torch.tensor(row[c:])
+        mask[i, max(len(ctx) - c, 0) : len(row) - c] = 1
+    return tokens, mask
 
 
 def ending_losses(model: GPT, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +98,11 @@ def ending_losses(model: GPT, tokens: torch.Tensor, mask: torch.Tensor) -> tuple
 def hellaswag_scores(model: GPT, examples: list[dict], device: torch.device | str) -> dict:
     """{examples, acc, acc_norm} of `model` (already on `device`): acc picks the ending with the lowest summed
     loss, acc_norm the lowest loss per token (the number the lecture reports)."""
-    enc, block_size = gpt2_encoding(), model.config.block_size
+    block_size = model.config.block_size
     correct = correct_norm = 0
     started = last_report = time.perf_counter()
     for done, example in enumerate(examples, 1):
-        tokens, mask = render_example(example, enc, block_size)
+        tokens, mask = render_example(example, block_size)
         sum_loss, avg_loss = ending_losses(model, tokens.to(device), mask.to(device))
         correct += int(sum_loss.argmin()) == example["label"]
         correct_norm += int(avg_loss.argmin()) == example["label"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -19,7 +20,7 @@ from gpt_exp.checkpoint import load_model
 from gpt_exp.config import ConfigError, DeviceConfig, DeviceType, DType, UserError
 from gpt_exp.device import resolve_runtime
 from gpt_exp.model import GPT
-from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
 
 Args = TypeVar("Args")
 _KIND = {int: "an integer", float: "a number", str: "a string"}
@@ -29,7 +30,7 @@ _KIND = {int: "an integer", float: "a number", str: "a string"}
 class SampleArgs:
     resume: str | None = None  # a run dir (its newest checkpoint) or a checkpoint file
     hf: str | None = None  # or a Hugging Face GPT-2 dir
-    prompt: str = "Hello, I'm a language model,"  # the lecture's; "" starts from <|endoftext|>
+    prompt: str = "Hello, I'm a language model,"  # the lecture's; "" starts from <|endoftext|>, token 50256
     max_new_tokens: int = 100
     num_samples: int = 3
     top_k: int = 50
@@ -106,14 +107,25 @@ def _check(args: SampleArgs) -> None:
     for key in ("max_new_tokens", "num_samples", "top_k"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}={getattr(args, key)} is invalid: it must be >= 1")
-    if not args.temperature > 0:
-        raise ConfigError(f"temperature={args.temperature} is invalid: it must be > 0, e.g. 1.0 (lower: safer text)")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"temperature={args.temperature} is invalid: it must be > 0 and finite, e.g. 1.0 "
+                          f"(lower: safer text)")
+
+
+def encode_prompt(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens (an empty prompt: <|endoftext|>, where a document starts); a prompt longer than the model
+    can see is refused, since generation would silently drop its start."""
+    tokens = encode_text(prompt) or [EOT_TOKEN]
+    if len(tokens) > block_size:
+        raise ConfigError(f"prompt is {len(tokens)} tokens, more than the model's block_size={block_size} that it "
+                          f"can see; shorten the prompt")
+    return tokens
 
 
 def sample_texts(model: GPT, args: SampleArgs, device: torch.device) -> list[str]:
     """`args.num_samples` texts, each the prompt followed by `args.max_new_tokens` sampled tokens."""
     enc = gpt2_encoding()
-    prompt = enc.encode(args.prompt) or [EOT_TOKEN]  # an empty prompt: start where a document starts
+    prompt = encode_prompt(args.prompt, model.config.block_size)
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rows = generate(model, idx, args.max_new_tokens, args.top_k, args.temperature, generator).tolist()
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         _check(args)
         device = inference_device(args.device)
         model, info = model_source(args.resume, args.hf)
+        encode_prompt(args.prompt, model.config.block_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

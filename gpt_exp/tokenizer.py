@@ -37,3 +37,9 @@ def gpt2_encoding() -> tiktoken.Encoding:
         special_tokens={"<|endoftext|>": EOT_TOKEN},
         explicit_n_vocab=50257,
     )
+
+
+def encode_text(text: str) -> list[int]:
+    """Tokens of a user's text (a prompt, an eval example). `<|endoftext|>` in it becomes the end-of-text token,
+    which is what the text means; tiktoken's plain `encode` raises on it instead."""
+    return gpt2_encoding().encode(text, allowed_special={"<|endoftext|>"})

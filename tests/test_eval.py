@@ -9,10 +9,10 @@ import torch
 from torch.nn import functional as F
 
 from gpt_exp import eval as evals
-from gpt_exp.eval import hellaswag_scores, load_hellaswag, main
+from gpt_exp.eval import hellaswag_scores, load_hellaswag, main, render_example
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.tokenizer import gpt2_encoding
+from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import run_cli
 
 CONTEXTS = [
@@ -100,6 +100,28 @@ def test_progress_line_with_a_rate(model, dataset, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="gpt_exp.eval"):
         hellaswag_scores(model, load_hellaswag(dataset[0]), "cpu")
     assert "hellaswag: 6/6 examples, acc_norm 0.6667" in caplog.text and "examples/s" in caplog.text
+
+
+def test_endoftext_in_an_example_is_the_end_of_text_token():
+    # tiktoken's plain encode raises on this text; it means a document boundary, so it becomes token 50256
+    enc = gpt2_encoding()
+    example = {"ctx": "Done.<|endoftext|>A man", "endings": ["sits.", "<|endoftext|>", "runs.", "is."], "label": 0}
+    tokens, mask = render_example(example, block_size=128)
+    ctx = enc.encode_ordinary("Done.") + [EOT_TOKEN] + enc.encode_ordinary("A man")
+    assert tokens[1, : len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" ") + [EOT_TOKEN]
+    assert mask[1].tolist() == [0] * len(ctx) + [1, 1] + [0] * (tokens.shape[1] - len(ctx) - 2)
+
+
+def test_a_row_longer_than_the_block_loses_its_start_and_keeps_its_ending():
+    enc = gpt2_encoding()
+    long_ending = " ".join(["word"] * 20)
+    example = {"ctx": "one two three four five six", "endings": ["seven", long_ending, "eight", "nine"], "label": 0}
+    tokens, mask = render_example(example, block_size=16)
+    ctx = enc.encode_ordinary(example["ctx"])
+    assert tokens.shape == (4, 16)
+    assert tokens[0, : len(ctx) + 1].tolist() == ctx + enc.encode_ordinary(" seven")  # short rows stay whole
+    assert mask[0].sum() == 1 and mask[2].sum() == 1 and mask[3].sum() == 1
+    assert tokens[1].tolist() == enc.encode_ordinary(" " + long_ending)[-16:] and mask[1].sum() == 16
 
 
 def test_cli_prints_the_result_line(model, dataset, tmp_path):

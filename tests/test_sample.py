@@ -9,7 +9,7 @@ import torch
 from gpt_exp.checkpoint import load_model
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.sample import generate, main
+from gpt_exp.sample import encode_prompt, generate, main
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 
@@ -65,6 +65,25 @@ def test_empty_prompt_starts_at_a_document_boundary(run_dir, capsys):
     assert text == gpt2_encoding().decode(row[1:].tolist())  # the 5 new tokens, without <|endoftext|>
 
 
+def test_endoftext_in_the_prompt_is_the_end_of_text_token(run_dir, capsys):
+    # tiktoken's plain encode raises on this text; it means a document boundary, so it becomes token 50256
+    enc = gpt2_encoding()
+    prompt = "The end.<|endoftext|>A new"
+    assert encode_prompt(prompt, 256) == enc.encode_ordinary("The end.") + [EOT_TOKEN] + enc.encode_ordinary("A new")
+    assert main([f"resume={run_dir}", f"prompt={prompt}", "max_new_tokens=4", "num_samples=1"]) == 0
+    [text] = samples(capsys.readouterr().out)
+    model, _ = load_model(str(run_dir))
+    row = generate(model, torch.tensor([encode_prompt(prompt, 256)]), 4, generator=torch.Generator().manual_seed(1337))
+    assert text.startswith(prompt) and text == enc.decode(row[0].tolist())
+
+
+def test_prompt_longer_than_the_block_is_refused(run_dir, capsys):
+    assert encode_prompt(" ".join(["word"] * 256), 256) == [4775] + [1573] * 255  # exactly a block: accepted
+    assert main([f"resume={run_dir}", "prompt=" + " ".join(["word"] * 257)]) == 2
+    assert capsys.readouterr().err == ("error: prompt is 257 tokens, more than the model's block_size=256 that it "
+                                       "can see; shorten the prompt\n")
+
+
 def test_generate_crops_to_block_size_and_top_k_1_is_greedy():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=16)).eval()
@@ -104,6 +123,7 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
 @pytest.mark.parametrize("arg, message", [
     ("top_k=many", "top_k=many is invalid: it must be an integer"),
     ("temperature=0", "temperature=0.0 is invalid: it must be > 0"),
+    ("temperature=inf", "temperature=inf is invalid: it must be > 0 and finite"),
     ("device=tpu", "device=tpu is invalid: it must be one of auto, cpu, cuda, mps"),
     ("prompt", "cannot parse 'prompt'; write key=value"),
 ])
