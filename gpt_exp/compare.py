@@ -348,7 +348,7 @@ def write_outputs(rows: list[dict], curves: list, out_dir: Path, logx: bool = Fa
     from gpt_exp.plots import plot_overlay
 
     if out_dir.exists() and not out_dir.is_dir():
-        raise CompareError(f"--out {out_dir} is a file; give a dir to write compare.csv, compare.json, compare.png into")
+        raise CompareError(f"--out {out_dir} is a file; give a dir for compare.csv, compare.json, compare.png")
     try:
         with (atomic_path(out_dir / "compare.csv") as csv_tmp, atomic_path(out_dir / "compare.json") as json_tmp,
               atomic_path(out_dir / "compare.png") as png_tmp):

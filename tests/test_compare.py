@@ -222,3 +222,12 @@ def test_a_cut_last_line_is_skipped_but_garbage_is_not(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes() + b"5}\n\x00\x00\x00\x00")
     with pytest.raises(CompareError, match=r"metrics.jsonl line 4 is not JSON; repair or delete that line"):
         load_runs([str(run)])
+
+
+def test_a_dir_that_cannot_be_read_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    # chmod 000 does not stop root (as in CI containers), so the permission check itself is stubbed here;
+    # tests/test_bad_input_tools.py runs the real chmod where the tests are not root
+    run = make_run(tmp_path / "run", [3.0])
+    monkeypatch.setattr("gpt_exp.compare.os.access", lambda path, mode: Path(path) != run)
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err == f"error: cannot read {run} (permission denied); fix its permissions (chmod u+rx)\n"
