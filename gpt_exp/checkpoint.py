@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
 from gpt_exp.compare import read_metrics
 from gpt_exp.config import ConfigError, UserError, flatten
@@ -67,14 +68,28 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
     """Write `state` for its step atomically (temp file, fsync, rename), then drop all but the newest `keep`."""
     path = checkpoint_path(run_dir, state["step"])
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path} ({e.strerror}); free disk space or fix permissions, "
-                        f"then resume from the previous checkpoint") from None
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # through our file object, so that a failed write leaves its OSError behind
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (a full disk, a file-size limit) as a RuntimeError of its zip writer,
+        # raised while handling the file's OSError; any other RuntimeError is a bug and stays one
+        os_error = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        reason = os_error.strerror or str(os_error)
+        previous = list_checkpoints(run_dir)
+        raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix permissions, then "
+                        f"resume from {previous[-1] if previous else 'the start (no earlier checkpoint)'}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Remove the temp files that writes killed mid-way (kill -9, a crash) left in a run dir and its checkpoints."""
+    for folder in (run_dir, run_dir / CKPT_DIR):
+        for path in atomic.remove_stale_temp_files(folder):
+            log.info("removed %s, left by a write that was killed", path)
 
 
 def find_checkpoint(target: str) -> Path:
@@ -157,9 +172,24 @@ class Resume:
         return {"resumed_from": str(self.path), "resumed_at_step": self.step}
 
 
-def load_resume(target: str, current_config: dict) -> Resume:
+_RESUME_KEYS = {"step", "tokens", "model", "optimizer", "loader", "rng", "config"}
+
+
+def load_resume(target: str, current_config: dict, run_dir: Path) -> Resume:
+    """The checkpoint `resume=` names, checked against this run: a gpt_exp training checkpoint, a model of the same
+    shape, and (when the run continues in the checkpoint's own dir) its newest one, so that two histories never mix."""
     path = find_checkpoint(target)
     state = load_checkpoint(path)
+    if not isinstance(state, dict) or not _RESUME_KEYS <= state.keys():
+        raise ConfigError(f"resume: {path} is not a gpt_exp training checkpoint (it lacks step, model, optimizer, "
+                          f"loader, rng and config); give a run dir or a checkpoints/step_*.pt file of one")
+    if path.parent.name == CKPT_DIR:
+        remove_stale_temp_files(path.parent.parent)
+    if path.parent.name == CKPT_DIR and path.parent.parent.resolve() == run_dir.resolve():
+        newest = list_checkpoints(run_dir)[-1]
+        if newest.resolve() != path.resolve():
+            raise ConfigError(f"resume={target} into its own run dir would mix two histories: {newest.name} is newer; "
+                              f"resume into a new dir (leave hydra.run.dir unset) to branch from {path.name}")
     return Resume(path, state, config_changes(state["config"], current_config))
 
 

@@ -113,6 +113,7 @@ class TrainConfig:
     log_every: int = 1  # steps between progress updates; metrics.jsonl gets every step
     eval_every: int = 0  # N > 0: the val loss every N steps and at the end (needs data.val_fraction > 0)
     eval_batches: int = 20  # (B, T) batches of the val split per evaluation
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
 
 
 @dataclass
@@ -176,6 +177,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be >= 0 (0: no evaluation)")
     _require(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "it must be >= 1")
+    _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", t.skip_nonfinite, "it must be >= 0 (0: stop at the first)")
     _require(t.eval_every == 0 or cfg.data.val_fraction > 0, "train.eval_every", t.eval_every,
              f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "it must be >= 0 (0: no checkpoints)")

@@ -272,8 +272,12 @@ class BatchLoader:
         return {"position": self.position, "batches_in_cycle": self.batches_in_cycle, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position, self.batches_in_cycle = state["position"], state["batches_in_cycle"]
         self._set_epoch(state["epoch"])
+        if state["position"] + self.B * self.T + 1 > len(self.tokens):
+            raise DataError(f"resume: the checkpoint's data position (token {state['position']:,}) plus one batch of "
+                            f"B*T+1 = {self.B * self.T + 1:,} tokens runs past this corpus ({len(self.tokens):,} "
+                            f"tokens); resume with the checkpoint's data, B and T")
+        self.position, self.batches_in_cycle = state["position"], state["batches_in_cycle"]
 
 
 class DeviceBatches:

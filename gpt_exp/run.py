@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -23,16 +24,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt_exp.checkpoint import load_resume, rng_state, save_checkpoint
+from gpt_exp.checkpoint import load_resume, remove_stale_temp_files, rng_state, save_checkpoint
 from gpt_exp.config import (ConfigError, CpuMatmul, DataError, DType, RunConfig, Strategy, UserError, register_schema,
                             validate)
 from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
 from gpt_exp.device import Runtime, resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, full_state, init_process_group, launch_env, shard_model
 from gpt_exp.errors import is_user_error, user_error_line
+from gpt_exp import rundir
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
-from gpt_exp.tracking import RankTracker, Tracker
+from gpt_exp.tracking import RankTracker, Tracker, write_summary
 from gpt_exp.train import Diverged, LRSchedule, StepMetrics, StopOnSignal, evaluate, train
 
 log = logging.getLogger("gpt_exp")
@@ -85,14 +87,12 @@ def run(dict_cfg: DictConfig) -> float:
         return train_run(cfg, dict_cfg, hc, d, runtime, run_dir, started_at)
     finally:
         destroy(d)
-        if not d.is_main:
-            shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)  # this rank's scratch Hydra dir
 
 
 def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtime, run_dir: Path,
               started_at: float) -> float:
     config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
-    resumed = load_resume(cfg.resume, config) if cfg.resume else None
+    resumed = load_resume(cfg.resume, config, run_dir) if cfg.resume else None
     seed_everything(cfg.train.seed)
 
     tokens = prepare_tokens(cfg.data).load()
@@ -138,6 +138,9 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
 
     name, group = wandb_identity(cfg, hc, run_dir)
+    if d.is_main:
+        rundir.mark_started(run_dir)  # from here on, whatever fails, the run's files stay
+        remove_stale_temp_files(run_dir)
     tracker = Tracker(
         run_dir, cfg.logger, name, group, {**config, "overrides": list(hc.overrides.task)}, cfg.train.max_steps,
         cfg.train.log_every, started_at=started_at, previous_rows=resumed.metrics_before() if resumed else [],
@@ -147,6 +150,8 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
     ) if d.is_main else RankTracker()
 
     def save(step: int, tokens_seen: int) -> None:
+        # a checkpoint is the last good state: weights that are no longer finite are never written
+        require_finite_weights(model, step)
         model_state, optimizer_state = full_state(model, optimizer, sharded)  # every rank takes part under FSDP
         if not d.is_main:  # rank 0 writes the whole state once
             return
@@ -163,27 +168,57 @@ def train_run(cfg: RunConfig, dict_cfg: DictConfig, hc, d: Dist, runtime: Runtim
         if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
             save(done, metrics.tokens)
 
-    status = "failed"
+    status, error = "failed", None
     try:
         with StopOnSignal() as stop:
             next_step = train(step_model, optimizer, loader, schedule, runtime, start_step=start_step,
                               max_steps=cfg.train.max_steps, grad_accum_steps=grad_accum_steps,
-                              grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop, d=d)
+                              grad_clip=cfg.train.grad_clip, on_step=on_step, start_tokens=start_tokens, stop=stop, d=d,
+                              skip_nonfinite=cfg.train.skip_nonfinite, on_skip=tracker.log_skip)
         status = "completed" if next_step == cfg.train.max_steps else "interrupted"
         if cfg.train.ckpt_every and next_step > start_step:
             save(next_step, tracker.tokens_seen)
-    except Diverged:
-        status = "diverged"
-        raise
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        summary = tracker.close(status)
+    except BaseException as e:  # noqa: BLE001 -- recorded in the summary, then raised on
+        error = out_of_memory(e, cfg, grad_accum_steps) or e
+        status = ("diverged" if isinstance(error, Diverged) else
+                  "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+    # the summary says how the run ended; a failure to write it never hides the error that ended the run
+    summary = tracker.close(status, reason=failure_line(error), raise_errors=error is None)
+    if error is not None:
+        raise error
     if status == "interrupted":
         log.info("interrupted at step %d; continue with resume=%s", next_step, run_dir)
         raise SystemExit(128 + (stop.requested or signal.SIGINT))
     return summary.get("final_val_loss", summary.get("final_loss", math.nan))  # what a sweeper minimizes
+
+
+def failure_line(e: BaseException | None) -> str | None:
+    """The one line that says why a run ended early (None: it did not fail)."""
+    if e is None or isinstance(e, KeyboardInterrupt):
+        return None
+    if is_user_error(e):
+        return user_error_line(e)
+    return f"{type(e).__name__}: {_first_line(e)} (a bug in gpt_exp: the traceback is in run.log)"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def out_of_memory(e: BaseException, cfg: RunConfig, grad_accum_steps: int) -> UserError | None:
+    """A device or host out-of-memory as one line naming the knobs that fix it; None for anything else."""
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or cpu_oom):
+        return None
+    tokens_per_step = cfg.B * cfg.T * grad_accum_steps
+    return UserError(f"out of memory at B={cfg.B} (T={cfg.T}, model {cfg.model.name}); lower B, e.g. B={max(1, cfg.B // 2)}, "
+                     f"with train.total_batch_size={tokens_per_step} to keep the tokens per step by gradient accumulation")
+
+
+def require_finite_weights(model: torch.nn.Module, step: int) -> None:
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged(f"the weights are no longer finite after step {step}; lower optim.lr or raise "
+                       f"optim.warmup_steps, and resume from the last checkpoint")
 
 
 def val_batches(val_tokens: ShardedTokens, cfg: RunConfig, d: Dist) -> BatchLoader:
@@ -195,9 +230,35 @@ def val_batches(val_tokens: ShardedTokens, cfg: RunConfig, d: Dist) -> BatchLoad
 
 
 def _fail(e: BaseException) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same mistake; one line is enough
+    if rundir.is_main_process():  # every rank meets the same mistake; one line is enough
         print(f"error: {user_error_line(e)}", file=sys.stderr)
     raise SystemExit(getattr(e, "exit_code", 2))
+
+
+def sweep_job(cfg: DictConfig, hc, run_dir: Path) -> float:
+    """One job of a sweep: whatever fails ends this job alone, as a failed row with its reason; the sweep goes on.
+    Returns NaN for a failed job, which Optuna records as a failed trial."""
+    try:
+        return run(cfg)
+    except Exception as e:  # noqa: BLE001 -- even a bug must not take the other jobs down
+        if not is_user_error(e):
+            log.error("job %d failed:\n%s", hc.job.num, traceback.format_exc())
+        summary = run_dir / "summary.json"
+        if rundir.is_main_process() and not summary.exists():  # failed before the run wrote its own summary
+            write_summary(run_dir, {"status": "diverged" if isinstance(e, Diverged) else "failed",
+                                    "error": failure_line(e)})
+        line = f"job {hc.job.num} ({run_dir}): {failure_line(e)}"
+        print(f"error: {line}", file=sys.stderr)
+        if "optuna" in str(hc.sweeper.get("_target_", "")):
+            # Optuna's Hydra plugin records a trial as failed only when its job raises (a NaN breaks the plugin)
+            tolerant = hc.sweeper.get("max_failure_rate", 0) >= 1
+            raise JobFailed(line if tolerant else f"{line}; an Optuna search stops at a failed trial unless "
+                            f"hydra.sweeper.max_failure_rate=1.0 (as +experiment=optuna_search sets)") from None
+        return math.nan
+
+
+class JobFailed(UserError):
+    """A sweep job that failed, raised for a sweeper that counts failures itself (Optuna)."""
 
 
 register_schema()
@@ -206,29 +267,43 @@ register_resolvers()
 
 @hydra.main(config_path="pkg://gpt_exp.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        return sweep_job(cfg, hc, run_dir)
     try:
         return run(cfg)
     except UserError as e:
-        # Caught here, not in main(), so Hydra adds no "Error executing job" report, and a run that failed its
-        # checks leaves no run dir that could pass for a run.
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if not (run_dir / "metrics.jsonl").exists() and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        # Caught here, not in main(), so Hydra adds no "Error executing job" report. A run that failed its checks
+        # removes what it created (so nothing can pass for a run) and nothing else.
+        if rundir.is_main_process():
+            rundir.discard(run_dir)
         _fail(e)
 
 
 def main() -> None:
     # Hydra raises its composition errors to us instead of printing a multi-line report: we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    scratch = None
+    if not rundir.is_main_process():
+        sys.argv, scratch = rundir.scratch_argv(sys.argv)
     try:
         _hydra_main()
     except Exception as e:
         if not is_user_error(e):
             raise
+        rundir.discard_all()
         _fail(e)
+    except rundir.Refused as refused:
+        _fail(refused.error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)  # this rank's own Hydra files, in a dir it made
+    if rundir.sweep_failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,52 @@
-"""Run and sweep dirs under outputs/, and the names W&B shows for them.
+"""The run and sweep dirs under outputs/: who creates them, what a run may remove, and the names W&B shows for them.
 
+This module is the one owner of a run dir's life. A run never removes a dir or file that existed before it started:
+on a mistake found before training it removes only the entries it created itself; it refuses to start in a dir that
+already holds another run (unless it resumes that run into its own dir); under torchrun only rank 0 writes there.
 Dirs are named by time to the second; a second run in the same second gets a suffix (`_1`) instead of sharing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gpt_exp.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Overrides that say where a run writes, not what it learns: left out of W&B names.
 _NOT_IN_NAMES = ("hydra.", "hydra/", "logger.", "data.cache_dir", "+experiment", "experiment")
+# Entries that mark a dir as holding a run (or a sweep) already.
+_RUN_MARKERS = (".hydra", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "multirun.yaml")
+
+
+@dataclass
+class _Claim:
+    """What this process knows of a dir it runs in: whether it created it, and what was there before."""
+
+    created: bool
+    before: frozenset[str] = frozenset()
+    started: bool = False  # the run has begun writing results: from now on nothing in it is removed
+
+
+_claims: dict[str, _Claim] = {}
+sweep_failures: list[str] = []  # "3 jobs: 2 completed, 1 diverged" when a sweep of this process had a failed job
+
+
+def _key(path: str | Path) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def claim_dir(path: str) -> str:
@@ -22,14 +55,11 @@ def claim_dir(path: str) -> str:
     Registered with use_cache=True, so it runs once per config: Hydra copies the resolver cache from the
     sweep's config to each job's, so every job of a sweep sees the same sweep dir.
     """
-    if int(os.environ.get("RANK", "0")) > 0:
-        # under torchrun every rank composes the config; rank 0 alone owns the run dir and tells the others.
-        # This rank's Hydra files and log go to a scratch dir, removed when the run ends.
-        return tempfile.mkdtemp(prefix=f"gpt_exp-rank{os.environ['RANK']}-")
     candidate, n = path, 0
     while True:
         try:
             os.makedirs(candidate)
+            _claims[_key(candidate)] = _Claim(created=True)
             return candidate
         except FileExistsError:
             n += 1
@@ -39,6 +69,146 @@ def claim_dir(path: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("claim_dir"):
         OmegaConf.register_new_resolver("claim_dir", claim_dir, use_cache=True)
+
+
+def holds_run(path: Path) -> list[str]:
+    """The entries of `path` that belong to a run or sweep ([] for a fresh or unrelated dir)."""
+    return sorted(name for name in _RUN_MARKERS if (path / name).exists()) if path.is_dir() else []
+
+
+def _resume_dir(resume: str | None) -> Path | None:
+    """The run dir a `resume=` target belongs to (RUN_DIR, or RUN_DIR/checkpoints/step_N.pt)."""
+    if not resume:
+        return None
+    target = Path(resume).expanduser()
+    return target.parent.parent if target.suffix == ".pt" else target
+
+
+def guard(path: str | Path, resume: str | None = None) -> None:
+    """Before Hydra writes anything into the run dir `path`: refuse a dir that holds another run (unless this run
+    resumes that very run into it) and remember what the dir held, so that a failed start removes only its own."""
+    key = _key(path)
+    if key in _claims:  # claim_dir created it just now
+        return
+    existing = Path(key)
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"hydra.run.dir={path} is a file, not a dir; give a new dir or leave hydra.run.dir unset")
+    markers = holds_run(existing)
+    resume_dir = _resume_dir(resume)
+    if markers and not (resume_dir is not None and _key(resume_dir) == key):
+        raise ConfigError(f"hydra.run.dir={path} already holds another run ({', '.join(markers)}); continue it "
+                          f"with resume={path} hydra.run.dir={path}, or give a new dir (or leave hydra.run.dir unset)")
+    _claims[key] = _Claim(created=not existing.exists(),
+                          before=frozenset(os.listdir(existing)) if existing.exists() else frozenset())
+
+
+def guard_sweep(path: str | Path) -> None:
+    """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into."""
+    key = _key(path)
+    if key in _claims:
+        return
+    existing = Path(key)
+    jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []
+    if holds_run(existing) or jobs:
+        raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run ({', '.join(holds_run(existing) + jobs)}); "
+                          f"give a new dir (or leave hydra.sweep.dir unset)")
+    _claims[key] = _Claim(created=not existing.exists(),
+                          before=frozenset(os.listdir(existing)) if existing.exists() else frozenset())
+
+
+def mark_started(path: str | Path) -> None:
+    """The run has begun writing its results into `path`: whatever fails from now on, its files stay."""
+    _claims.setdefault(_key(path), _Claim(created=False)).started = True
+
+
+def discard(path: str | Path) -> None:
+    """Remove what this run created in `path`, after a mistake found before training: the whole dir if this process
+    created it, else only the entries that were not there before. Nothing once the run has started."""
+    claim = _claims.get(_key(path))
+    run_dir = Path(_key(path))
+    if claim is None or claim.started or not run_dir.exists():
+        return
+    if claim.created:
+        # a sweep dir whose jobs have run keeps them: a job's results are never collateral of a later mistake
+        jobs_ran = any(run_dir.glob("*/summary.json")) or any(run_dir.glob("*/metrics.jsonl"))
+        if not (jobs_ran or (run_dir / "multirun.yaml").exists() or (run_dir / "metrics.jsonl").exists()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(run_dir)) - claim.before:
+        entry = run_dir / name
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def discard_all() -> None:
+    """`discard` every dir this process claimed, after a mistake found outside a run (e.g. by Hydra itself)."""
+    for path in list(_claims):
+        discard(path)
+
+
+def scratch_argv(argv: list[str]) -> tuple[list[str], str]:
+    """A rank other than 0 composes the config too, but must never write into (or remove from) the run or sweep
+    dir: its Hydra files go to a scratch dir of its own, which it alone removes at the end."""
+    scratch = tempfile.mkdtemp(prefix=f"gpt_exp-rank{os.environ.get('RANK', '?')}-")
+    kept = [a for a in argv if not a.lstrip("+~").startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    return kept + [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"], scratch
+
+
+def sweep_tally(sweep_dir: Path) -> tuple[str, bool]:
+    """('4 jobs: 3 completed, 1 diverged', any failed) from the summary.json of each job dir of a sweep."""
+    counts: dict[str, int] = {}
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name)
+    for job in jobs:
+        try:
+            status = json.loads((job / "summary.json").read_text()).get("status", "unknown")
+        except (OSError, ValueError, AttributeError):
+            status = "no summary"  # killed before it could write one
+        counts[status] = counts.get(status, 0) + 1
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: (kv[0] != "completed", kv[0])))
+    failed = any(status != "completed" for status in counts) or not jobs
+    return f"{len(jobs)} job{'s' * (len(jobs) != 1)}: {parts or 'none ran'}", failed
+
+
+class Refused(BaseException):
+    """A ConfigError from a Hydra callback. Hydra turns a callback's Exception into a warning and carries on (into
+    the very dir it should not touch), so the refusal travels as a BaseException to the entry point."""
+
+    def __init__(self, error: ConfigError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class RunDirGuard(Callback):
+    """Hydra calls this before it creates or writes into a run or sweep dir, and once after a sweep's last job."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_main_process():
+            try:
+                guard(config.hydra.run.dir, OmegaConf.select(config, "resume"))
+            except ConfigError as e:
+                raise Refused(e) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_main_process():
+            try:
+                guard_sweep(config.hydra.sweep.dir)
+            except ConfigError as e:
+                raise Refused(e) from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_main_process():
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        tally, failed = sweep_tally(sweep_dir)
+        print(f"{tally}; compare them with: python -m gpt_exp.compare {sweep_dir}", file=sys.stderr)
+        if failed:
+            sweep_failures.append(tally)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun or srun job, or a plain process."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 def below_outputs(path: Path) -> str:

@@ -194,13 +194,15 @@ class Tracker:
         self.rows: list[dict] = list(previous_rows or [])
         self.summary_extra = summary_extra or {}
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # peak of all ranks together
+        # The history this run continues is written whole first (atomically: a resume into the run's own dir replaces
+        # its file, rows past the checkpoint included), then every step is appended as one line.
+        metrics_path = run_dir / "metrics.jsonl"
         try:
-            self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
+            atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+            self.metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: a crash loses no row
         except OSError as e:
-            raise UserError(f"cannot write {run_dir / 'metrics.jsonl'} ({e.strerror}); free disk space or fix "
-                            f"permissions of {run_dir.parent}") from None
-        for row in self.rows:
-            self._write(row)
+            raise UserError(f"cannot write {metrics_path} ({e.strerror}); free disk space or fix permissions of "
+                            f"{run_dir}") from None
         start_step = self.rows[-1]["step"] + 1 if self.rows else 0
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
@@ -239,12 +241,31 @@ class Tracker:
             raise UserError(f"cannot write {self.metrics_file.name} ({e.strerror}); free disk space, then resume "
                             f"from the last checkpoint") from None
 
-    def close(self, status: str = "completed") -> dict:
-        """Finish every sink; write summary.json (status: completed, failed, interrupted or diverged); return it."""
+    def log_skip(self, step: int, reason: str) -> None:
+        """A step that was not applied (non-finite loss or gradient norm): a row without `loss`, and a warning."""
+        row = {"step": step, "skipped": reason}
+        self.rows.append(row)
+        self._write(row)
+        log.warning("step %d skipped: %s", step + 1, reason)
+
+    def close(self, status: str = "completed", reason: str | None = None, raise_errors: bool = True) -> dict:
+        """Finish every sink; write summary.json (status: completed, failed, interrupted or diverged, and the one-line
+        reason of a failure); return it. Every sink is tried even when one cannot be written; then, with raise_errors,
+        the first failure is one UserError (without: the error that ended the run is the one to report, not this)."""
+        problems = []
+
+        def attempt(what: str, write) -> None:
+            try:
+                write()
+            except (OSError, UserError) as e:
+                problems.append(f"cannot write {what} ({getattr(e, 'strerror', None) or e})")
+
         self.progress.close()
-        self.metrics_file.close()
+        attempt(self.metrics_file.name, self.metrics_file.close)
         wall = time.perf_counter() - self.t0
         summary: dict = {"status": status, "steps": 0, "wall_s": round(wall, 3), **self.summary_extra}
+        if reason:
+            summary["error"] = reason
         train_rows = [r for r in self.rows if "loss" in r]
         val_rows = [r for r in self.rows if "val_loss" in r]
         if val_rows:
@@ -258,7 +279,8 @@ class Tracker:
                 tokens=self.tokens_seen,
                 median_tok_per_s=statistics.median(r["tok_per_s"] for r in train_rows),
             )
-            plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name)
+            attempt(str(self.run_dir / "loss.png"),
+                    lambda: plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name))
             log.info(
                 "%s: %d steps, final loss %.4f%s, median %s tok/s, wall %.1f s, run dir %s",
                 "done" if status == "completed" else status, len(train_rows), summary["final_loss"],
@@ -266,8 +288,14 @@ class Tracker:
                 f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
         self.wandb.finish()
-        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+        attempt(str(self.run_dir / "summary.json"), lambda: write_summary(self.run_dir, summary))
+        if problems and raise_errors:
+            raise UserError(f"{problems[0]}; free disk space or fix permissions (metrics.jsonl holds every step)")
         return summary
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
 
 
 class RankTracker:
@@ -284,5 +312,8 @@ class RankTracker:
     def log_eval(self, step: int, val_loss: float) -> None:
         pass
 
-    def close(self, status: str = "completed") -> dict:
+    def log_skip(self, step: int, reason: str) -> None:
+        pass
+
+    def close(self, status: str = "completed", reason: str | None = None, raise_errors: bool = True) -> dict:
         return {}

@@ -126,12 +126,19 @@ def train(
     start_tokens: int = 0,
     stop: StopOnSignal | None = None,
     d: Dist = Dist(),
+    skip_nonfinite: int = 0,
+    on_skip: Callable[[int, str], None] = lambda step, reason: None,
 ) -> int:
     """Run optimizer steps start_step..max_steps-1, calling `on_step` after each; returns the next step to run
-    (max_steps, or earlier when `stop` was requested). Under DDP `model` is the DDP-wrapped model."""
+    (max_steps, or earlier when `stop` was requested). Under DDP `model` is the DDP-wrapped model.
+
+    A step whose loss or gradient norm is NaN or inf is never applied: the weights and optimizer state stay the
+    last finite ones. Up to `skip_nonfinite` such steps are skipped (reported to `on_skip`); the next one raises
+    Diverged."""
     model.train()
     tokens_per_step = loader.B * loader.T * grad_accum_steps * d.world_size
     tokens = start_tokens
+    skipped = 0
     batches = DeviceBatches(loader, runtime.device)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
@@ -152,14 +159,37 @@ def train(
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        step_if_finite(optimizer, loss_accum, norm)
         loss_value = loss_accum.item()  # waits for the device, so dt below is the real step time
         dt = time.perf_counter() - t0
-        if not math.isfinite(loss_value):
-            raise Diverged(f"the loss is {loss_value} at step {step} (lr {lr:.3g}, grad norm {norm.item():.3g}); "
-                           f"lower optim.lr or raise optim.warmup_steps, and resume from the last checkpoint")
+        norm_value = norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the grad norm is {norm_value}"
+            reason = (f"{what} at step {step} (lr {lr:.3g}, loss {loss_value:.4g}, grad norm {norm_value:.3g}); "
+                      f"the step was not applied")
+            if skipped == skip_nonfinite:
+                raise Diverged(f"{reason}; lower optim.lr or raise optim.warmup_steps, and resume from the last "
+                               f"checkpoint (or allow skipped steps with train.skip_nonfinite=N)")
+            skipped += 1
+            on_skip(step, f"{reason} (skipped {skipped} of at most {skip_nonfinite})")
+            continue
         tokens += tokens_per_step
-        on_step(StepMetrics(step, loss_value, lr, norm.item(), dt * 1000, tokens_per_step / dt, tokens))
+        on_step(StepMetrics(step, loss_value, lr, norm_value, dt * 1000, tokens_per_step / dt, tokens))
         if stop is not None and stop.requested:
             return step + 1
     return max_steps
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    """optimizer.step() unless the loss or the gradient norm is NaN or inf. A fused optimizer on a GPU is told so on
+    the device (its `found_inf`, as GradScaler does), so the check costs no host sync; elsewhere it is read here."""
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    if fused and loss.device.type == "cuda":
+        optimizer.found_inf = bad.float()  # read by fused Adam/AdamW: the update and its step count are skipped
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bad.item():
+        optimizer.step()

@@ -190,3 +190,17 @@ def test_corrupt_cache_is_detected_by_checksum_and_rebuilt(tmp_path, caplog):
     rebuilt = prepare_tokens(text_cfg(corpus, tmp_path / "c"))
     assert "corrupt (checksum mismatch); rebuilding" in caplog.text
     assert rebuilt.load()[:].tolist() == good
+
+
+def test_resume_position_past_a_smaller_corpus_or_a_larger_batch_is_one_error(shakespeare):
+    loader = BatchLoader(shakespeare, B=4, T=32)
+    for _ in range(2000):
+        loader.next_batch()
+    state = loader.state_dict()  # token 256,000 of 338,025
+    small = np.arange(200_000, dtype=np.uint16)
+    with pytest.raises(DataError, match=r"position \(token 256,000\) plus one batch of B\*T\+1 = 129 tokens runs past "
+                                        r"this corpus \(200,000 tokens\)"):
+        BatchLoader(small, B=4, T=32).load_state_dict(state)
+    with pytest.raises(DataError, match=r"B\*T\+1 = 98,305 tokens runs past this corpus \(338,025 tokens\)"):
+        BatchLoader(shakespeare, B=96, T=1024).load_state_dict(state)
+    BatchLoader(shakespeare, B=8, T=64).load_state_dict(state)  # a position that still fits is taken

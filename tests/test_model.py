@@ -8,7 +8,7 @@ from gpt_exp.config import DataConfig, DataSource, DType, Schedule
 from gpt_exp.data import BatchLoader, prepare_tokens
 from gpt_exp.device import Runtime
 from gpt_exp.model import GPT, GPTConfig, causal_attention
-from gpt_exp.train import LRSchedule, clip_gradients, train
+from gpt_exp.train import Diverged, LRSchedule, clip_gradients, train
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=DType.fp32, compile=False)
@@ -136,3 +136,40 @@ def test_flops_per_token_is_palms_formula():
     model = GPT(GPTConfig())
     matmul_weights = 124_439_808 - 1024 * 768  # everything but the position embedding
     assert model.flops_per_token(1024) == 6 * matmul_weights + 12 * 12 * 768 * 1024  # ~855 MFLOP per token
+
+
+@pytest.mark.parametrize("skip_nonfinite", [0, 2])
+def test_nonfinite_step_is_never_applied(shakespeare, skip_nonfinite):
+    """A step whose loss turns NaN leaves weights and optimizer state as they were; skipped steps do not count."""
+    torch.manual_seed(1337)
+    model = GPT(TINY)
+    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    poisoned = {2, 3}
+    step_of_call = iter(range(100))
+
+    def poison(module, inputs, output):  # the token embedding's output is inf at the poisoned steps
+        return output * float("inf") if next(step_of_call) in poisoned else output
+
+    model.transformer.wte.register_forward_hook(poison)
+    weights, rows, skips = {}, [], []
+
+    def on_step(m):
+        rows.append(m.step)
+        weights[m.step] = [p.detach().clone() for p in model.parameters()]
+
+    run = lambda: train(model, opt, BatchLoader(shakespeare, B=2, T=16), LRSchedule(1e-3, 0, 6), CPU_FP32,
+                        start_step=0, max_steps=6, grad_accum_steps=1, grad_clip=1.0, on_step=on_step,
+                        skip_nonfinite=skip_nonfinite, on_skip=lambda step, reason: skips.append((step, reason)))
+    if skip_nonfinite == 0:
+        with pytest.raises(Diverged, match="the loss is nan at step 2 .*the step was not applied"):
+            run()
+        assert rows == [0, 1]
+        # the weights are those after step 1: the poisoned step 2 changed nothing, and all are finite
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights[1]))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert opt.state[next(model.parameters())]["step"].item() == 2
+    else:
+        assert run() == 6
+        assert rows == [0, 1, 4, 5] and [s for s, _ in skips] == [2, 3]
+        assert "skipped 2 of at most 2" in skips[-1][1]
+        assert opt.state[next(model.parameters())]["step"].item() == 4  # only the applied steps count

@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from gpt_exp.checkpoint import list_checkpoints
 from tests.helpers import only_run_dir, read_metrics, run_cli, run_cli_async
@@ -109,10 +110,14 @@ def test_diverged_run_stops_with_one_line_and_keeps_its_checkpoint(tmp_path, cac
                      "logger.mode=disabled", f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 3
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: the loss is nan at step ") and "(lr " in line and "grad norm" in line
+    # a NaN/inf loss or gradient norm is caught before the update: the step is never applied
+    assert line.startswith(("error: the loss is nan at step ", "error: the grad norm is nan at step "))
+    assert "(lr " in line and "the step was not applied" in line
     run_dir = only_run_dir(tmp_path)
     bad_step = int(line.split("at step ")[1].split()[0])
     assert [p.name for p in list_checkpoints(run_dir)][-1] == f"step_{bad_step:07d}.pt"  # the last good one
+    state = torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
 
 

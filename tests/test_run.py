@@ -5,6 +5,7 @@ import math
 import re
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import only_run_dir, read_metrics, run_cli, wandb_records
@@ -152,3 +153,27 @@ def test_validation_loss_rows(tmp_path, cache_dir):
     [offline] = list((run_dir / "wandb").glob("offline-run-*"))
     history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
     assert [h["val_loss"] for h in history if "val_loss" in h] == [r["val_loss"] for r in val]
+
+
+def test_out_of_memory_is_one_line_naming_B():
+    from gpt_exp.config import RunConfig
+    from gpt_exp.run import out_of_memory
+
+    cfg = RunConfig(B=64, T=1024)
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 105396551680 bytes. Error code 12 (Cannot allocate memory)")
+    assert str(out_of_memory(cpu, cfg, grad_accum_steps=8)) == (
+        "out of memory at B=64 (T=1024, model gpt2); lower B, e.g. B=32, with train.total_batch_size=524288 to keep "
+        "the tokens per step by gradient accumulation")
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, 1) is not None
+    assert out_of_memory(RuntimeError("shape mismatch"), cfg, 1) is None  # a bug stays a bug
+
+
+@pytest.mark.slow
+def test_out_of_memory_run_is_one_line(tmp_path, cache_dir):
+    result = run_cli("run", "model=tiny", "B=1300", "T=256", "train.max_steps=2", "logger.mode=disabled",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: out of memory at B=1300 (T=256, model tiny); lower B, e.g. B=650, with train.total_batch_size=332800 "
+        "to keep the tokens per step by gradient accumulation"]
