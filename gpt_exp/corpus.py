@@ -23,6 +23,7 @@ _SUFFIXES = {".txt": TEXT, ".jsonl": JSONL, ".jsonl.gz": JSONL_GZ, ".parquet": P
 CACHE_VERSION = "shards-v1"  # part of the cache key: a new layout never reads an old entry
 CHUNK_BYTES = 1 << 20  # the unit of work of a tokenizer thread (~250K tokens; small: a short tail at the end)
 _PARQUET_BATCH_ROWS = 1024
+_PARQUET_FIX = "write it again, or move it out of data.path"
 
 
 # ---- the corpus: files, their kinds, the content key ----
@@ -205,13 +206,24 @@ def _read_pieces(source: Source, first: int, stop: int | None, text_key: str) ->
         else:
             yield from _text_pieces(source, first, stop)
     except gzip.BadGzipFile as e:  # an OSError: first
-        raise DataError(f"{source.path} is not a gzip file ({e}); name it .jsonl if it is not compressed") from None
+        if not _starts_as_gzip(source.path):
+            raise DataError(f"{source.path} is not a gzip file; name it .jsonl if it is not compressed") from None
+        raise DataError(f"{source.path} is a corrupt gzip file ({e}); {_gzip_fix(source.path)}") from None
     except EOFError:
-        raise DataError(f"{source.path} is truncated: its gzip stream ends early") from None
+        raise DataError(f"{source.path} is truncated: its gzip stream ends early; {_gzip_fix(source.path)}") from None
     except zlib.error as e:
-        raise DataError(f"{source.path} is a corrupt gzip file ({e})") from None
+        raise DataError(f"{source.path} is a corrupt gzip file ({e}); {_gzip_fix(source.path)}") from None
     except OSError as e:
-        raise DataError(f"cannot read {source.path} ({e.strerror or e})") from None
+        raise DataError(f"cannot read {source.path} ({e.strerror or e}); check that it is a readable file") from None
+
+
+def _starts_as_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _gzip_fix(path: Path) -> str:
+    return f"compress or download it again (`gzip -t {path.name}` checks it)"
 
 
 def _parquet_module(path: Path):
@@ -229,7 +241,8 @@ def _parquet_pieces(source: Source, first: int, stop: int | None, text_key: str)
     try:
         pf = pq.ParquetFile(source.path)
     except pa.ArrowException as e:
-        raise DataError(f"{source.path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{source.path} is not a readable Parquet file ({str(e).splitlines()[0]}); "
+                        f"{_PARQUET_FIX}") from None
     key, schema = text_key, pf.schema_arrow
     if key not in schema.names:
         raise DataError(f"{source.path} has no {key!r} column (it has: {', '.join(schema.names[:8])}); "
@@ -237,6 +250,15 @@ def _parquet_pieces(source: Source, first: int, stop: int | None, text_key: str)
     if not (pa.types.is_string(schema.field(key).type) or pa.types.is_large_string(schema.field(key).type)):
         raise DataError(f"{source.path}: column {key!r} holds {schema.field(key).type}, not text; "
                         f"set data.text_key=COLUMN")
+    try:
+        yield from _row_group_pieces(source, pf, key, first, stop)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the disk's error, not the file's: _read_pieces says so
+        raise DataError(f"{source.path} is a damaged Parquet file ({str(e).splitlines()[0]}); {_PARQUET_FIX}") from None
+
+
+def _row_group_pieces(source: Source, pf: Any, key: str, first: int, stop: int | None) -> _Pieces:
     rows, stop = pf.metadata.num_rows, pf.metadata.num_rows if stop is None else stop
     row = 0
     for g in range(pf.num_row_groups):

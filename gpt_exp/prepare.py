@@ -58,7 +58,8 @@ def _json_text(line: bytes, path: str, where: str, offset: int, text_key: str) -
         raise DataError(f"{where} has no {text_key!r} field (it has: {', '.join(list(record)[:8])}); "
                         f"set data.text_key=FIELD")
     if not isinstance(record[text_key], str):
-        raise DataError(f"{where}: {text_key!r} is {type(record[text_key]).__name__}, not a string")
+        raise DataError(f"{where}: {text_key!r} is {type(record[text_key]).__name__}, not a string; make it a string, "
+                        f"or set data.text_key=FIELD")
     return record[text_key]
 
 
@@ -251,7 +252,8 @@ def _write_error(e: OSError, cache_dir: Path, cfg: DataConfig) -> DataError:
     """A failed write into the cache as one line with its fix. A shard is renamed into place only once complete, so a
     failure leaves no half of one, and the finished ones are what the same command goes on from."""
     if e.errno == errno.EFBIG:
-        fix = f"a shard is over the file size limit (ulimit -f): raise it, or lower data.shard_tokens={cfg.shard_tokens}"
+        fix = ("a shard is over the file size limit (ulimit -f): raise it, or lower "
+               f"data.shard_tokens={cfg.shard_tokens}")
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free disk space there, or set data.cache_dir=DIR on another disk"
     else:
