@@ -5,12 +5,21 @@ Hydra validates key names and types against these dataclasses at composition; `v
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
+
+from gpt_exp.tokenizer import EOT_TOKEN
+
+GPT2_VOCAB = EOT_TOKEN + 1  # the gpt2 encoding's ids are 0..EOT_TOKEN: a smaller embedding cannot look them up
+SEED_END = 2**32  # numpy seeds in [0, 2**32) (torch and random take more): the one range every seed must fit
+FP32_TINY = 1.1754944e-38  # the smallest normal float32: a smaller optim.eps rounds to 0 and divides 0 by 0
+_LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
 
 class UserError(Exception):
@@ -155,6 +164,40 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def schema_keys(node: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every key of the schema, e.g. ["B", "T", "data.source", ...]."""
+    keys = []
+    for f in dataclasses.fields(node):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # a section
+            keys += schema_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def unknown_key(key: str) -> str:
+    """The line for a key the schema lacks, with the key the user most likely meant."""
+    keys = schema_keys()
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]  # `seed` for `train.seed`
+    close = same_name or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"check the spelling; {_LIST_KEYS}"
+    return f"unknown config key '{key}'; {hint}"
+
+
+def _added_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` or `++key=value` added: Hydra lets them through and the run would never read them.
+    At the top level only a schema key's name counts (`+seed=1`); other new top-level keys are the user's notes."""
+    fields = {f.name for f in dataclasses.fields(node)}
+    added = [prefix + k for k in vars(node) if k not in fields]
+    if not prefix:
+        leaf_names = {k.rsplit(".", 1)[-1] for k in schema_keys()}
+        added = [k for k in added if k in leaf_names]
+    for name in fields:
+        if dataclasses.is_dataclass(section := getattr(node, name)):
+            added += _added_keys(section, f"{prefix}{name}.")
+    return added
+
+
 def _require(ok: bool, key: str, value: object, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value} is invalid: {fix}")
@@ -162,9 +205,14 @@ def _require(ok: bool, key: str, value: object, fix: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Check every value that types alone cannot, before any work starts."""
+    if added := _added_keys(cfg):
+        raise ConfigError(unknown_key(added[0]))
     m, t, o = cfg.model, cfg.train, cfg.optim
     for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "it must be >= 1")
+    _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", m.vocab_size,
+             f"the gpt2 tokenizer has {GPT2_VOCAB} tokens; use model.vocab_size>={GPT2_VOCAB} "
+             f"(larger pads the embedding, e.g. 50304)")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
     _require(cfg.B >= 1, "B", cfg.B, "the batch size must be >= 1, e.g. B=4")
     _require(cfg.T >= 1, "T", cfg.T, "the sequence length must be >= 1, e.g. T=32")
@@ -172,7 +220,10 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.device.threads is None or cfg.device.threads >= 1, "device.threads", cfg.device.threads,
              "it must be >= 1, or null for all cores")
     _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
-    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be >= 0 (0 disables clipping)")
+    _require(0 <= t.seed < SEED_END, "train.seed", t.seed, f"it must be in [0, 2**32) = [0, {SEED_END - 1}], e.g. 1337")
+    # floats: `nan >= 0` is False but `inf >= 0` is True, so a bound alone lets inf through
+    _require(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", t.grad_clip,
+             "it must be a finite number >= 0 (0 disables clipping)")
     _require(t.overfit_batches >= 0, "train.overfit_batches", t.overfit_batches, "it must be >= 0 (0: off)")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be >= 0 (0: no evaluation)")
@@ -191,12 +242,14 @@ def validate(cfg: RunConfig) -> None:
             f"it must be a positive multiple of B*T={micro} (or null for one micro-batch)",
         )
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0, e.g. optim.lr=6e-4")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")  # nan fails
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "it must be >= 0")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "it must be >= 0")
-    _require(o.eps > 0, "optim.eps", o.eps, "it must be > 0, e.g. 1e-8")
+    _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+             "it must be a finite number >= 0, e.g. 0.1")
+    _require(math.isfinite(o.eps) and o.eps >= FP32_TINY, "optim.eps", o.eps,
+             f"it must be a finite number >= {FP32_TINY:.2g} (smaller rounds to 0 in float32), e.g. 1e-8")
     _require(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),  # nan and inf fail the comparison
         "optim.betas",
         list(o.betas),
         "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
@@ -205,8 +258,13 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.data.threads is None or cfg.data.threads >= 1, "data.threads", cfg.data.threads,
              "it must be >= 1, or null for one per core")
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "it must be in [0, 1)")
+    _require(cfg.data.shuffle_seed is None or 0 <= cfg.data.shuffle_seed < SEED_END, "data.shuffle_seed",
+             cfg.data.shuffle_seed, f"it must be in [0, 2**32) = [0, {SEED_END - 1}], or null for the stored order")
     if cfg.data.source == DataSource.text:
-        _require(cfg.data.path is not None, "data.path", None, "data=text needs data.path=FILE_OR_DIR")
+        _require(bool(cfg.data.path), "data.path", cfg.data.path, "data=text needs data.path=FILE_OR_DIR")
+    else:
+        _require(cfg.data.path is None, "data.path", cfg.data.path,
+                 f"data={cfg.data.source.value} reads no path; add data=text to train on {cfg.data.path}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -2,26 +2,50 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import errno
 import re
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf.errors import (InterpolationKeyError, InterpolationResolutionError, InterpolationValidationError,
+                              OmegaConfBaseException, ValidationError)
 
-from gpt_exp.config import RunConfig, UserError
+from gpt_exp.config import UserError, schema_keys, unknown_key
 
+_schema_keys = schema_keys  # the name tests/test_sweeps.py imports
 _PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
-_LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
+_WRITE_ELSEWHERE = "write elsewhere (hydra.run.dir=DIR, data.cache_dir=DIR)"
+# A write that fails for want of room, whatever file it was: the fix is the user's, not a bug.
+_WRITE_FIXES = {
+    errno.ENOSPC: f"free disk space, or {_WRITE_ELSEWHERE}",
+    errno.EDQUOT: f"free space within your disk quota, or {_WRITE_ELSEWHERE}",
+    errno.EFBIG: f"free disk space or raise the file-size limit (ulimit -f), or {_WRITE_ELSEWHERE}",
+    errno.EROFS: _WRITE_ELSEWHERE,
+}
 
 
 def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError about a file behind `e` (itself, or what a resolver raised while creating the run dir)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.filename:
+    """The OSError behind `e` (itself, or what it was raised from, e.g. by a resolver creating the run dir) that
+    names a file or a full or read-only disk."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.filename or e.errno in _WRITE_FIXES):
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def _null_group(e: BaseException) -> str | None:
+    """`GROUP=null`, which Hydra 1.3 rejects with a bare ValueError; the override is a local of the raising frame."""
+    if not (isinstance(e, ValueError) and str(e).startswith("Config group override must be a string or a list")):
+        return None
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    written = getattr(tb.tb_frame.f_locals.get("override") if tb else None, "input_line", None) or "GROUP=null"
+    group = written.split("=")[0].lstrip("+~")
+    return f"{written}: a config group takes an option name; use {group}=OPTION (--help lists them) or ~{group}"
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -29,32 +53,39 @@ def is_user_error(e: BaseException) -> bool:
     (a full disk, a read-only or wrong output dir)."""
     hydra_or_ours = (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException,
                      OmegaConfBaseException)  # MissingConfigException is an OSError too: test these first
-    return isinstance(e, hydra_or_ours) or _os_error(e) is not None
+    return isinstance(e, hydra_or_ours) or _os_error(e) is not None or _null_group(e) is not None
 
 
 def _io_error(e: OSError) -> str:
-    return (f"cannot write {e.filename} ({e.strerror}); free disk space, fix its permissions, or write elsewhere "
-            f"(hydra.run.dir=DIR, data.cache_dir=DIR)")
+    what = f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+    fix = _WRITE_FIXES.get(e.errno, f"free disk space, fix its permissions, or {_WRITE_ELSEWHERE}")
+    return f"cannot write {e.filename} ({e.strerror}); {fix}" if e.filename else f"cannot write: {what}; {fix}"
 
 
-def _schema_keys(node: type = RunConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(node):
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # a section
-            keys += _schema_keys(f.default_factory, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _first_line(text: str) -> str:
+def _first_line(text: object) -> str:
     return " ".join(str(text).split("\n")[0].split())
 
 
-def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(key, _schema_keys(), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else f"check the spelling; {_LIST_KEYS}"
-    return f"unknown config key '{key}'; {hint}"
+def _all_lines(text: object) -> str:
+    """Hydra's message in one line: its later lines hold the fix (`use +experiment=NAME`, `add --multirun`)."""
+    text = str(text).replace("\\'", "'")  # the CLI's copy escapes its quotes
+    return " ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def _interpolation(e: InterpolationResolutionError, key: str) -> str:
+    """`${...}` that does not resolve: name the key, what was written and the way to write it."""
+    written = f"{key}={e.child_node}" if e.child_node is not None else key
+    msg = _first_line(e)
+    if isinstance(e, InterpolationKeyError) and (found := re.search(r"Interpolation key '([^']+)'", msg)):
+        name = found.group(1)
+        close = difflib.get_close_matches(name, schema_keys(), n=1, cutoff=0.6)
+        fix = f"did you mean ${{{close[0]}}}?" if close else f"for an environment variable write ${{oc.env:{name}}}"
+        return f"{written}: ${{{name}}} is not a config key; {fix}"
+    if found := re.search(r"Environment variable '([^']+)' not found", msg):
+        name = found.group(1)
+        return f"{written}: the environment variable {name} is not set; set it, or give a default: ${{oc.env:{name},DEFAULT}}"
+    return (f"{written}: {msg}; write ${{KEY}} for a config key or ${{oc.env:NAME}} for an environment variable "
+            f"(quote the override: 'KEY=${{...}}')")
 
 
 def _missing_option(e: MissingConfigException) -> str:
@@ -76,14 +107,21 @@ def user_error_line(e: BaseException) -> str:
         return _missing_option(e)
     if (os_error := _os_error(e)) is not None:
         return _io_error(os_error)
+    if (null_group := _null_group(e)) is not None:
+        return null_group
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line: {_first_line(e)}; write overrides as key=value (quote lists: 'key=[a,b]')"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     key = getattr(cause, "full_key", None)
     msg = _first_line(cause)
     if key and re.search(r"Key '[^']+' (is )?not in", msg):
-        return _unknown_key(key)
-    if isinstance(cause, ValidationError) and key:
-        override = re.search(r"override (\S+=\S*)", str(e))
-        return f"{override.group(1) if override else key}: {msg}; fix the value of {key}"
+        return unknown_key(key)
+    if isinstance(cause, InterpolationResolutionError) and key and not isinstance(cause, InterpolationValidationError):
+        return _interpolation(cause, key)
+    override = re.search(r"override (\S+=\S*)", str(e))  # Hydra's "Error merging override train=[1]"
+    if key and (override or isinstance(cause, ValidationError)):
+        written = f"{key}={cause.child_node}" if isinstance(cause, InterpolationValidationError) else key
+        return f"{override.group(1) if override else written}: {msg}; fix the value of {key}"
+    if isinstance(e, ConfigCompositionException) and cause is e:
+        return _all_lines(e)
     return f"{key + ': ' if key else ''}{msg}"

@@ -2,7 +2,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from gpt_exp.config import ConfigError, DataSource, RunConfig, register_schema, validate
+from gpt_exp.config import ConfigError, DataSource, RunConfig, register_schema, schema_keys, unknown_key, validate
 from tests.helpers import run_cli
 
 register_schema()
@@ -53,12 +53,41 @@ def test_batch_presets_set_top_level_keys():
         (["data=text"], "data=text needs data.path"),
         (["model.n_head=5"], "divisible by model.n_head=5"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0 is invalid"),
+        (["model.vocab_size=50000"], "model.vocab_size=50000 is invalid: the gpt2 tokenizer has 50257 tokens"),
+        (["train.seed=-1"], "train.seed=-1 is invalid: it must be in [0, 2**32)"),
+        (["data.shuffle_seed=4294967296"], "data.shuffle_seed=4294967296 is invalid"),
+        (["optim.eps=inf"], "optim.eps=inf is invalid"),
+        (["train.grad_clip=inf"], "train.grad_clip=inf is invalid"),
+        (["data.path=corpus.txt"], "data.path=corpus.txt is invalid: data=shakespeare reads no path; add data=text"),
+        (["+train.max_step=5"], "unknown config key 'train.max_step'; did you mean train.max_steps?"),
     ],
 )
 def test_semantic_checks(overrides, message):
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(*overrides))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.seed=0"], ["train.seed=4294967295"], ["data.shuffle_seed=4294967295"], ["data.shuffle_seed=null"],
+        ["model.vocab_size=50257"], ["model.vocab_size=50304"], ["optim.eps=1.2e-38"], ["optim.betas=[0,0.999]"],
+        ["train.grad_clip=0"], ["optim.weight_decay=0"], ["data.val_fraction=0.999"],
+        ["data=text", "data.path=corpus.txt"], ["data=fineweb_edu", "data.path=/data/fineweb"],
+        ["+note=baseline"], ["+experiment=tiny_smoke"],  # a new top-level key is the user's; a group adds none
+    ],
+)
+def test_edges_that_pass(overrides):
+    validate(compose_cfg(*overrides))
+
+
+def test_unknown_key_names_the_key_meant():
+    keys = schema_keys()
+    assert {"B", "T", "train.seed", "optim.lr", "data.shuffle_seed"} <= set(keys) and "train" not in keys
+    assert unknown_key("train.max_step") == "unknown config key 'train.max_step'; did you mean train.max_steps?"
+    assert unknown_key("optim.seed") == "unknown config key 'optim.seed'; did you mean train.seed?"  # the same name
+    assert unknown_key("qqq") == "unknown config key 'qqq'; check the spelling; `python -m gpt_exp.run --cfg job` lists every key"
 
 
 def test_help_and_cfg_job(tmp_path):
