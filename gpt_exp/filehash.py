@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from gpt_exp.atomic import atomic_write_bytes
+from gpt_exp.atomic import atomic_write_bytes, remove_stale_temp_files
 from gpt_exp.config import DataError
 
 MEMO_NAME = "file-hashes.json"
@@ -68,6 +68,7 @@ class FileHashes:
             return
         known = {path: entry for path, entry in self.known.items() if os.path.exists(path)}
         try:
+            remove_stale_temp_files(self.path.parent, MEMO_NAME)  # a killed save's (its memo was not written)
             atomic_write_bytes(self.path, json.dumps(known).encode())
         except OSError:
             pass

@@ -1,6 +1,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,29 @@ def test_a_broken_memo_is_ignored_and_gone_files_are_dropped(tmp_path, reads):
 def test_an_unreadable_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="cannot read .*missing.txt"):
         FileHashes(tmp_path).sha256(tmp_path / "missing.txt")
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from gpt_exp.filehash import FileHashes
+hashes = FileHashes(Path(sys.argv[1]))
+hashes.sha256(Path(sys.argv[2]))
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the memo's temp file written, not renamed
+hashes.save()
+"""
+
+
+def test_a_killed_save_leaves_no_temp_file_after_the_next_save(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "cache"), str(corpus)])
+    assert killed.returncode == -9
+    [left] = (tmp_path / "cache").glob(f".{MEMO_NAME}.*.tmp")
+    name, host, _, random, tmp = left.name.rsplit(".", 4)  # .NAME.host.pid.random.tmp
+    live = tmp_path / "cache" / ".".join([name, host, str(os.getpid()), random, tmp])
+    live.write_text("{}")  # a save in progress in a live process (this one): kept
+    hashes = FileHashes(tmp_path / "cache")
+    assert hashes.changed is False and hashes.sha256(corpus) == hashlib.sha256(b"to be or not to be").hexdigest()
+    hashes.save()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([MEMO_NAME, live.name])
