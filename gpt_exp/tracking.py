@@ -9,6 +9,7 @@ import json
 import logging
 import netrc
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -64,20 +65,33 @@ def resolve_wandb_mode(mode: LoggerMode) -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
+# W&B by default waits 90 s for wandb.init and without end for run.finish's upload; a run waits a few seconds, then
+# keeps its history on disk (offline, or the online run's own file), where `wandb sync` uploads it later.
+_INIT_TIMEOUT_S = 5
+_FINISH_TIMEOUT_S = 5
+_START_WAIT_S = 30  # only a guard: the start ends within the reachability check, the init timeout and an offline start
+
+
 class WandbRun:
     """A W&B run that falls back to offline, then to nothing, when W&B fails; metrics.jsonl is the source of truth.
 
-    W&B starts in a background thread (about a second: its import, its service process, a reachability check),
-    so training starts at once; the first log call waits for it.
+    W&B starts in a background thread (about a second: its import, its service process, a reachability check; at
+    most _INIT_TIMEOUT_S more when the server fails), so training starts at once: rows logged meanwhile wait in
+    memory and go to W&B, in order, once it has started. finish() waits at most _FINISH_TIMEOUT_S for the upload.
     """
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None, config: dict,
                  resume_id: str | None = None):
         self._run = None
         self._starting: threading.Thread | None = None
+        self._pending: list[tuple[dict, int]] = []  # rows logged while W&B starts
+        self._abandoned = False
         self.mode = resolve_wandb_mode(cfg.mode)
         if self.mode == "disabled":
             return
+        # W&B reports its own failures to the same server at process exit, waiting ~20 s on one that does not
+        # answer; set here, before any thread of ours reads the environment
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         init_args = dict(dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=group, name=name,
                          tags=list(cfg.tags), config=config)
         if resume_id:  # continue the W&B run of the checkpoint: same id, history appended
@@ -86,6 +100,8 @@ class WandbRun:
         self._starting.start()
 
     def _start(self, init_args: dict) -> None:
+        import wandb  # here, in the start thread: ~0.3 s that training does not wait for
+
         if self.mode == "online" and not wandb_credentials_present():
             log.warning("logger.mode=online but no W&B API key (run `wandb login` or set WANDB_API_KEY); "
                         "logging offline instead")
@@ -95,52 +111,83 @@ class WandbRun:
             self.mode = "offline"
         # a failed online init (bad key, server error) still keeps the history, offline and syncable later
         modes = [self.mode, "offline"] if self.mode == "online" else [self.mode]
+        wandb_dir = Path(init_args["dir"]) / "wandb"
         failures = []
         for mode in modes:
+            before = set(wandb_dir.glob("run-*"))
             try:
                 self._run, self.mode = _wandb_init(mode, init_args), mode
                 break
             except Exception as e:  # noqa: BLE001 -- whatever W&B raises, the run goes on
                 failures.append(f"{mode}: {type(e).__name__}: {_first_line(e)}")
+            if mode == "online":
+                # The failed online run still holds its id in W&B's service process ("run ID is in use"): end that
+                # process (the next init starts another). Its folder, run-<time>-<id>, holds no history yet: the
+                # offline run takes its id (so `wandb sync` continues that run) and the folder goes (this process
+                # created it just now), so that one W&B run dir remains.
+                wandb.teardown()
+                for stray in set(wandb_dir.glob("run-*")) - before:
+                    init_args.setdefault("id", stray.name.rsplit("-", 1)[-1])
+                    shutil.rmtree(stray, ignore_errors=True)  # a leftover would be harmless
         if failures:
             outcome = "logging offline instead" if self._run else "continuing with local logs only"
             log.warning("W&B init failed (%s); %s", "; ".join(failures), outcome)
 
     @property
     def run(self):
-        """The W&B run once it has started (None if disabled or failed)."""
+        """The W&B run once it has started (None if disabled or failed); waits for the start, within bounds."""
         if self._starting is not None:
-            self._starting.join()
+            self._starting.join(_START_WAIT_S)
+            if self._starting.is_alive():  # stuck past W&B's own timeouts: give up; W&B's exit hook ends it
+                log.warning("W&B did not start in %d s; continuing with local logs only", _START_WAIT_S)
+                self._abandoned = True
             self._starting = None
-        return self._run
+        return None if self._abandoned else self._run
 
     def log(self, row: dict, step: int) -> None:
+        if self.mode == "disabled":
+            return
+        self._pending.append((row, step))
+        if self._starting is not None and self._starting.is_alive():
+            return  # W&B is still starting: the row waits for it, training does not
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        rows, self._pending = self._pending, []
         if self.run is None:
             return
         try:
-            self._run.log(row, step=step)
+            for row, step in rows:
+                self._run.log(row, step=step)
         except Exception as e:  # noqa: BLE001
             log.warning("W&B logging failed (%s); continuing with local logs only", _first_line(e))
             self._run = None
 
     def finish(self) -> None:
+        self._send_pending()
         if self.run is None:
             return
-        run_dir = Path(self._run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
+        run, self._run = self._run, None
+        run_dir = Path(run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
         try:
-            self._run.finish()
+            run.finish()
+        except TimeoutError:  # finish_timeout_raises: the unsent rest stays in run_dir
+            log.warning("W&B upload did not finish in %d s; upload the rest with: wandb sync %s",
+                        _FINISH_TIMEOUT_S, run_dir)
+            return
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B finish failed (%s)", _first_line(e))
+            log.warning("W&B finish failed (%s: %s)", type(e).__name__, _first_line(e))
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
-        self._run = None
 
 
 def _wandb_init(mode: str, init_args: dict):
     import wandb
 
     # console="off": the run's own log file has the console; W&B's capture would fight the progress bar
-    return wandb.init(mode=mode, settings=wandb.Settings(console="off", silent=True, init_timeout=30), **init_args)
+    settings = wandb.Settings(console="off", silent=True, init_timeout=_INIT_TIMEOUT_S,
+                              finish_timeout=_FINISH_TIMEOUT_S, finish_timeout_raises=True)
+    return wandb.init(mode=mode, settings=settings, **init_args)
 
 
 def _first_line(e: BaseException) -> str:
