@@ -54,8 +54,8 @@ CLI_CASES = [
     ("cache dir unwritable", ["data=text", "data.path={tmp}/latin1_fixed.txt", "data.cache_dir={tmp}/short.txt/c"], "error: cannot write the token cache in {tmp}/short.txt/c (Not a directory)"),
     ("resume corrupt", ["resume={tmp}/broken.pt"], "error: resume: {tmp}/broken.pt is not a readable gpt_exp checkpoint"),
     # the run dir is the user's folder, or holds their earlier runs: a failed run must leave every file of theirs
-    _xfail("run dir ownership", "run dir is the folder", ["B=0", "hydra.run.dir=."], "error: B=0 is invalid: the batch size must be >= 1"),
-    _xfail("run dir ownership", "run dir is outputs", ["T=2048", "hydra.run.dir=outputs"], "error: T=2048 is invalid: it exceeds model.block_size=1024"),
+    ("run dir is the folder", ["B=0", "hydra.run.dir=."], "error: B=0 is invalid: the batch size must be >= 1"),
+    ("run dir is outputs", ["T=2048", "hydra.run.dir=outputs"], "error: T=2048 is invalid: it exceeds model.block_size=1024"),
     _xfail("run.py: OmegaConf errors raised in the job pass through Hydra's job report", "interpolation",
            ["data=text", "data.path=${{HOME}}/x"], "error: data.path=${{HOME}}/x: ${{HOME}} is not a config key; for an environment variable write ${{oc.env:HOME}}"),
 ]
