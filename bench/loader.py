@@ -11,15 +11,14 @@ import statistics
 import tempfile
 import time
 
-import torch
 
-from gpt_exp.config import DataConfig, DataSource, DType
-from gpt_exp.data import BatchLoader, prepare_tokens
-from gpt_exp.device import Runtime
-from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.train import LRSchedule, train
+from gpt_exp.config import DataConfig, DataSource, DeviceConfig, DeviceType, DType, ModelConfig, RunConfig, TrainConfig
+from gpt_exp.data.cache import prepare_tokens
+from gpt_exp.data.loader import BatchLoader, DeviceBatches
+from gpt_exp.device import resolve_runtime
+from gpt_exp.trainer import Trainer
 
-TINY = GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=24)
+TINY = ModelConfig(name="tiny", block_size=256, n_layer=2, n_head=2, n_embd=24)
 
 
 class TimedLoader(BatchLoader):
@@ -35,17 +34,23 @@ class TimedLoader(BatchLoader):
         return x, y
 
 
-def data_share(config: GPTConfig, tokens, steps: int, warmup: int) -> tuple[float, float]:
-    """(median data ms per step, median step ms), over the steps after `warmup`."""
-    torch.manual_seed(1337)
-    model = GPT(config)
-    loader = TimedLoader(tokens, 4, 32)
+def data_share(model: ModelConfig, cache_dir: str, steps: int, warmup: int) -> tuple[float, float]:
+    """(median data ms per step, median step ms), over the steps after `warmup`: the real Trainer, its loader timed."""
+    cfg = RunConfig(model=model, data=DataConfig(cache_dir=cache_dir), train=TrainConfig(max_steps=steps),
+                    device=DeviceConfig(type=DeviceType.cpu, dtype=DType.fp32))
+    trainer = Trainer(cfg, resolve_runtime(cfg.device))
+    loader = TimedLoader(trainer.loader.source, 4, 32)
     loader.seconds = []
+    trainer.loader, trainer.batches = loader, DeviceBatches(loader, trainer.runtime.device)
     step_ms: list[float] = []
-    optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
-    runtime = Runtime(torch.device("cpu"), DType.fp32, compile=False)
-    train(model, optimizer, loader, LRSchedule(6e-4, 10, steps), runtime, start_step=0, max_steps=steps,
-          grad_accum_steps=1, grad_clip=1.0, on_step=lambda m: step_ms.append(m.dt_ms))
+
+    class Timings:
+        wandb_id = None
+
+        def log_step(self, m):
+            step_ms.append(m.dt_ms)
+
+    trainer.fit(Timings())
     return statistics.median(loader.seconds[warmup:]) * 1000, statistics.median(step_ms[warmup:])
 
 
@@ -74,9 +79,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache_dir:
-        tokens = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=cache_dir)).load()
-        for name, config in (("tiny", TINY), ("124M", GPTConfig())):
-            data_ms, step_ms = data_share(config, tokens, args.steps, args.warmup)
+        for name, model in (("tiny", TINY), ("124M", ModelConfig())):
+            data_ms, step_ms = data_share(model, cache_dir, args.steps, args.warmup)
             print(f"{name} B=4 T=32: data {data_ms:.3f} ms of a {step_ms:.1f} ms step = {data_ms / step_ms:.2%} "
                   f"(goal < 1%)", flush=True)
         rate, shards = loader_alone(cache_dir, 20_000)

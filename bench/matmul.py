@@ -1,4 +1,4 @@
-"""fp32 matmuls of a GPT-2 124M step on this CPU: torch's BLAS path (MKL) against oneDNN (gpt_exp/linear.py),
+"""fp32 matmuls of a GPT-2 124M step on this CPU: torch's BLAS path (MKL) against oneDNN (gpt_exp/cpu.py),
 for the forward, input-gradient and weight-gradient products of every linear layer at B*T rows. Prints GFLOP/s,
 the ratio, and each one's largest error against float64 (both are fp32 arithmetic: the errors are alike).
     python bench/matmul.py [--rows 128] [--repeat 10]
@@ -13,7 +13,7 @@ import time
 import torch
 
 from gpt_exp.device import keep_freed_memory
-from gpt_exp.linear import _mm_t, onednn_available
+from gpt_exp.cpu import _mm_t, onednn_available
 
 # (in, out) of the 124M model's linear layers: attention qkv and projection, MLP up and down, the tied lm_head
 LAYERS = {"c_attn": (768, 2304), "attn.c_proj": (768, 768), "c_fc": (768, 3072), "mlp.c_proj": (3072, 768),

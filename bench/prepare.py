@@ -29,7 +29,7 @@ from gpt_exp.tokenizer import gpt2_encoding
 CHILD = """
 import json, resource, sys, time
 from gpt_exp.config import DataConfig, DataSource
-from gpt_exp.data import prepare_tokens
+from gpt_exp.data.cache import prepare_tokens
 
 def kb(field):
     try:

@@ -43,7 +43,7 @@ def profile_run(overrides: list[str]) -> list[dict]:
     import torch
 
     from gpt_exp import run
-    from gpt_exp.data import BatchLoader
+    from gpt_exp.data.loader import BatchLoader
     from gpt_exp.model import GPT
     from gpt_exp.tracking import Tracker
 

@@ -1,26 +1,24 @@
-"""Checkpoints: a dict of every stateful piece's state_dict(), written atomically, the newest K kept.
+"""Checkpoint files: written atomically, the newest K kept, found and read back, checked against the run resuming.
 
-A checkpoint holds model, optimizer, loader position, RNG states, step, tokens seen, the config and the W&B run id,
-so that a resumed run continues exactly where the original stopped.
+A checkpoint is the Trainer's state_dict() (model, optimizer, loader position, RNG states, step, tokens) plus the
+config and the W&B run id, so that a resumed run continues exactly where the original stopped.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
-from gpt_exp.compare import read_metrics
-from gpt_exp.config import ConfigError, UserError, flatten
-from gpt_exp.distributed import load_full_optimizer_state
-from gpt_exp.hf import load_hf_gpt2
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.config import flatten
+from gpt_exp.errors import ConfigError, UserError
+from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2
+from gpt_exp.metrics import read_metrics
+from gpt_exp.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +26,6 @@ CKPT_DIR = "checkpoints"
 _CKPT_NAME = re.compile(r"step_(\d+)\.pt")
 # Resuming with any of these changed cannot load the saved weights.
 SHAPE_KEYS = ("model.block_size", "model.vocab_size", "model.n_layer", "model.n_head", "model.n_embd")
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) generator states as plain lists and tensors (loadable with weights_only)."""
-    version, mt_state, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -127,7 +101,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 class Resume:
-    """A run continued from a checkpoint: restores every stateful piece and carries the original run's history."""
+    """A run continued from a checkpoint: its state (for Trainer.load_state_dict) and the original run's history."""
 
     def __init__(self, path: Path, state: dict, changes: list[str]):
         self.path, self.state, self.changes = path, state, changes
@@ -135,31 +109,6 @@ class Resume:
         self.wandb_id: str | None = state.get("wandb_id")
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
-
-    def restore_model(self, model: torch.nn.Module) -> None:
-        """The saved weights, whole, into the fresh (not yet sharded or wrapped) model."""
-        model.load_state_dict(self.state["model"])
-
-    def restore_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
-                         sharded: bool) -> tuple[int, int]:
-        """Optimizer, loader and RNG states; returns (step, tokens) to continue from."""
-        if self.state.get("sharded", False) != sharded:
-            saved = "fsdp" if self.state.get("sharded") else "ddp or one process"
-            fix = "train.strategy=fsdp under torchrun" if self.state.get("sharded") else "train.strategy=ddp"
-            raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
-        if sharded:
-            load_full_optimizer_state(model, optimizer, self.state["optimizer"])
-        else:
-            optimizer.load_state_dict(self.state["optimizer"])
-        # rank 0 saved its loader: its position is where the next global batch starts; rank r reads r*B*T on,
-        # so a checkpoint resumes under any world size
-        loader_state = dict(self.state["loader"])
-        loader_state["position"] += loader.rank * loader.B * loader.T
-        loader.load_state_dict(loader_state)
-        set_rng_state(self.state["rng"])
-        log.info("resumed from %s at step %d%s", self.path, self.step,
-                 f"; changed: {', '.join(self.changes)}" if self.changes else "")
-        return self.step, self.state["tokens"]
 
     def metrics_before(self) -> list[dict]:
         """The original run's metrics rows before the checkpoint's step, so the new run dir has the whole curve
@@ -196,8 +145,6 @@ def load_resume(target: str, current_config: dict, run_dir: Path) -> Resume:
 def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
-    from gpt_exp.hf import gpt_config, load_checked_weights  # belongs with the module's `from gpt_exp.hf import`
-
     path = Path(target).expanduser()
     if hf or (path / "config.json").is_file():
         model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}

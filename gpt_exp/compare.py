@@ -3,7 +3,6 @@ Runs that differ only by `train.seed` are grouped into one row (mean ± sample s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
@@ -22,7 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import UserError, flatten
+from gpt_exp.config import flatten
+from gpt_exp.cli import ArgumentParser, command
+from gpt_exp.errors import UserError
+from gpt_exp.metrics import is_number, read_metrics
+from gpt_exp.plots import plot_overlay
 
 RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
@@ -35,13 +38,6 @@ IGNORED_SUFFIXES = ("dir", "path")
 
 class CompareError(UserError):
     """A problem with the user's input, printed as one line by the CLI."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's one-line user errors (`error: ...`, exit code 2) instead of usage + message."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}; `{self.prog} --help` lists the arguments\n")
 
 
 @dataclass
@@ -145,47 +141,10 @@ def read_summary(path: Path, keys) -> dict:
         raise CompareError(f"{path} is not a run summary (a JSON {type(summary).__name__}, not an object); {fix}")
     found = {k: summary[k] for k in keys if k in summary}
     for key, value in found.items():
-        ok = isinstance(value, str) if key == "status" else value is None or _is_number(value)
+        ok = isinstance(value, str) if key == "status" else value is None or is_number(value)
         if not ok:
             raise CompareError(f"{path}: {key}={value!r} is not {'a string' if key == 'status' else 'a number'}; {fix}")
     return found
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _row_problem(row: Any) -> str | None:
-    """Why a parsed metrics line is not a row `Tracker` writes, or None."""
-    if not isinstance(row, dict):
-        return f"a JSON {type(row).__name__}, not an object"
-    if not (isinstance(row.get("step"), int) and not isinstance(row["step"], bool)):
-        return f"step={row.get('step')!r} is not an integer"
-    for key in ("loss", "val_loss", "tokens", "tok_per_s"):
-        if key in row and not _is_number(row[key]):
-            return f"{key}={row[key]!r} is not a number"
-    return None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl, each checked. A last line cut short (no newline yet, as a write in progress or a killed
-    run leaves it) is skipped; any other line that is not a row is an error naming it."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = [(i, line) for i, line in enumerate(data.splitlines(keepends=True), 1) if line.strip()]
-    rows = []
-    for i, line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
-            if i == lines[-1][0] and not line.endswith(b"\n") and line.startswith(b"{"):
-                break
-            raise CompareError(f"{path} line {i} is not JSON; repair or delete that line") from None
-        if (problem := _row_problem(row)) is not None:
-            raise CompareError(f"{path} line {i} is not a metrics row ({problem}); repair or delete that line")
-        rows.append(row)
-    return rows
 
 
 def _read_config(path: Path) -> dict:
@@ -345,7 +304,6 @@ def _duration(seconds: float | None) -> str:
 def write_outputs(rows: list[dict], curves: list, out_dir: Path, logx: bool = False) -> None:
     """compare.csv and compare.json (full precision) and compare.png, written atomically together: a failure in
     any of them leaves the previous three as they were."""
-    from gpt_exp.plots import plot_overlay
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CompareError(f"--out {out_dir} is a file; give a dir for compare.csv, compare.json, compare.png")
@@ -371,7 +329,8 @@ def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
     return Path(os.path.commonpath([r.path.resolve() for r in runs]))
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep dirs, run dirs or globs")
     parser.add_argument("--metric", default="final_loss", help=f"sort key, ascending: {', '.join(METRICS)} or a key")
@@ -379,19 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logx", action="store_true", help="log-scale step axis")
     parser.add_argument("--out", type=Path, help="where to write compare.{csv,json,png}")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        raise CompareError(f"--smooth {args.smooth} must be at least 1 (1 means no smoothing)")
     try:
-        if args.smooth < 1:
-            raise CompareError(f"--smooth {args.smooth} must be at least 1 (1 means no smoothing)")
         runs = load_runs(args.paths)
         rows = compare_table(runs, args.metric)
         out_dir = args.out or default_out_dir(args.paths, runs)
         write_outputs(rows, loss_curves(runs, args.smooth), out_dir, args.logx)
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
-        print(f"error: cannot read {e.filename} ({e.strerror}); check the path and its permissions", file=sys.stderr)
-        return 2
+        if e.filename is None:
+            raise
+        raise CompareError(f"cannot read {e.filename} ({e.strerror}); check the path and its permissions") from None
     print(format_table(rows, out_dir))
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
     return 0

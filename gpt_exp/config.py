@@ -14,26 +14,13 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from gpt_exp.errors import ConfigError
 from gpt_exp.tokenizer import EOT_TOKEN
 
 GPT2_VOCAB = EOT_TOKEN + 1  # the gpt2 encoding's ids are 0..EOT_TOKEN: a smaller embedding cannot look them up
 SEED_END = 2**32  # numpy seeds in [0, 2**32) (torch and random take more): the one range every seed must fit
 FP32_TINY = 1.1754944e-38  # the smallest normal float32: a smaller optim.eps rounds to 0 and divides 0 by 0
 _LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
-
-
-class UserError(Exception):
-    """Something the user can fix: printed as one line naming the fix at the entry point, never a traceback."""
-
-    exit_code = 2
-
-
-class ConfigError(UserError, ValueError):
-    """A value in the configuration that cannot work."""
-
-
-class DataError(UserError):
-    """A problem with the user's corpus (missing, empty, not UTF-8, too short) or its cache."""
 
 
 class DataSource(str, Enum):
@@ -55,7 +42,7 @@ class DType(str, Enum):
 
 
 class CpuMatmul(str, Enum):
-    onednn = "onednn"  # fp32 linears in oneDNN: ~2.2x MKL on AMD CPUs (gpt_exp/linear.py)
+    onednn = "onednn"  # fp32 linears in oneDNN: ~2.2x MKL on AMD CPUs (gpt_exp/cpu.py)
     blas = "blas"  # torch's own path (MKL): bit-for-bit what plain PyTorch computes
 
 

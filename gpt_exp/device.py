@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt_exp.config import ConfigError, DeviceConfig, DeviceType, DType
+from gpt_exp.config import DeviceConfig, DeviceType, DType
+from gpt_exp.errors import ConfigError
 
 
 @dataclass(frozen=True)

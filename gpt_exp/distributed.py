@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gpt_exp.config import ConfigError
+from gpt_exp.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,16 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict, sharded: bool) -> None:
+    """Load whole weights (a checkpoint's) into the model, or into this rank's shards under FSDP."""
+    if not sharded:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

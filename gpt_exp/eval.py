@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from gpt_exp.config import ConfigError, DataError, DeviceType, UserError
+from gpt_exp.config import DeviceType
+from gpt_exp.cli import command, parse_options
+from gpt_exp.errors import ConfigError, DataError
 from gpt_exp.model import GPT
-from gpt_exp.sample import describe, inference_device, model_source, parse_args, usage
+from gpt_exp.sample import describe, inference_device, model_source
 from gpt_exp.tokenizer import encode_text
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class EvalArgs:
     resume: str | None = None  # a run dir (its newest checkpoint) or a checkpoint file
     hf: str | None = None  # or a Hugging Face GPT-2 dir
     limit: int = 0  # score only the first N examples; 0: all
-    device: DeviceType = DeviceType.cpu
+    device: DeviceType = DeviceType.auto  # a GPU where there is one, as `run` does
 
 
 def _example(line: str, where: str) -> dict:
@@ -120,25 +122,23 @@ def _check_task(argv: list[str]) -> None:
                           f"resume=RUN_DIR)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command
+def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
-        print(usage("eval hellaswag", EvalArgs))
+        parse_options("eval hellaswag", argv, EvalArgs)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        _check_task(argv)
-        args = parse_args(argv[1:], EvalArgs)
-        if args.path is None:
-            raise ConfigError(f"hellaswag needs path=FILE; {_OFFICIAL}")
-        if args.limit < 0:
-            raise ConfigError(f"limit={args.limit} is invalid: it must be >= 0 (0: every example)")
-        device = inference_device(args.device)
-        examples = load_hellaswag(Path(args.path).expanduser(), args.limit)
-        model, info = model_source(args.resume, args.hf)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    _check_task(argv)
+    args = parse_options("eval hellaswag", argv[1:], EvalArgs)
+    if args is None:
+        return 0
+    if args.path is None:
+        raise ConfigError(f"hellaswag needs path=FILE; {_OFFICIAL}")
+    if args.limit < 0:
+        raise ConfigError(f"limit={args.limit} is invalid: it must be >= 0 (0: every example)")
+    device = inference_device(args.device)
+    examples = load_hellaswag(Path(args.path).expanduser(), args.limit)
+    model, info = model_source(args.resume, args.hf)
     log.info("%s, on %s: %d examples", describe(info), device, len(examples))
     scores = hellaswag_scores(model.to(device), examples, device)
     print(f"hellaswag: {scores['examples']} examples, acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f}")

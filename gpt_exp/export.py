@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from gpt_exp.checkpoint import load_model
-from gpt_exp.compare import ArgumentParser
-from gpt_exp.config import ConfigError, UserError
+from gpt_exp.cli import ArgumentParser, command
+from gpt_exp.errors import ConfigError
 from gpt_exp.hf import check_out_dir, save_hf_gpt2
 from gpt_exp.sample import describe
 
@@ -25,16 +25,13 @@ def export(source: str, out_dir: str) -> tuple[Path, dict]:
     return save_hf_gpt2(model, out_dir), info
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.export", description=__doc__.split("\n")[0])
     parser.add_argument("source", metavar="RUN_DIR_OR_CKPT", help="a run dir (its newest checkpoint) or a .pt file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face GPT-2 dir to write (new or empty)")
     args = parser.parse_args(argv)
-    try:
-        out_dir, info = export(args.source, args.out_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    out_dir, info = export(args.source, args.out_dir)
     print(f"exported {describe(info)} to {out_dir} (config.json, model.safetensors)")
     return 0
 

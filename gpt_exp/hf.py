@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
-from gpt_exp.config import ConfigError, UserError
+from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN
 

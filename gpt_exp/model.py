@@ -1,6 +1,7 @@
 """GPT-2 as in the lecture: pre-norm transformer blocks, tied token embedding, SDPA causal attention.
 
-The init follows GPT-2: normal(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer).
+The init follows GPT-2: normal(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer). The CPU fast paths
+(oneDNN matmuls, sparse embedding gradients) are applied from outside, by gpt_exp/cpu.py.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from gpt_exp.linear import Linear, onednn_available
 
 
 @dataclass(frozen=True)
@@ -30,34 +28,27 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = causal_attention(q, k, v)
+        y = self.attend(q, k, v)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA: flash attention where available. On a CPU under bf16 autocast, torch's flash kernel costs 2.4x the
-    plain math path for short sequences (T=32: 1.34 vs 0.55 ms per layer, forward + backward; ~4% of a 124M
-    step) and wins from a few hundred tokens on (T=1024: 128 vs 487 ms), so short sequences take the math path."""
-    if q.device.type == "cpu" and q.size(-2) <= 64 and torch.is_autocast_enabled("cpu"):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +80,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output projection reuses the token embedding (saves 38.6M params at 124M)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -104,30 +95,6 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "GPT":
-        """A Hugging Face GPT2LMHeadModel directory (config.json + model.safetensors or pytorch_model.bin),
-        read from local files only."""
-        from gpt_exp.hf import load_hf_gpt2  # hf.py imports this module
-
-        return load_hf_gpt2(path)
-
-    def sparse_embedding_grad(self, enabled: bool = True) -> None:
-        """Send the token embedding's gradient as the few rows a batch touches, not as a dense vocab x n_embd
-        tensor zeroed and added to lm_head's gradient every step (~15% of a 124M step on a CPU at B*T=128).
-        The tied weight's .grad stays dense: lm_head's dense gradient arrives first and the rows are added into
-        it. For one CPU process only: on CUDA the dense path is cheap, and DDP/FSDP expect dense gradients."""
-        self.transformer.wte.sparse = enabled
-
-    def onednn_matmuls(self, enabled: bool = True) -> bool:
-        """Run the fp32 CPU matmuls of every linear layer in oneDNN (gpt_exp/linear.py: ~2.2x MKL's rate on AMD
-        CPUs). Returns whether they will: False where this torch has no oneDNN."""
-        enabled = enabled and onednn_available()
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.onednn = enabled
-        return enabled
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied weight once

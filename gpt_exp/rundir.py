@@ -22,7 +22,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_exp.config import ConfigError
+from gpt_exp.cli import is_main_process
+from gpt_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +203,6 @@ class RunDirGuard(Callback):
         print(f"{tally}; compare them with: python -m gpt_exp.compare {sweep_dir}", file=sys.stderr)
         if failed:
             sweep_failures.append(tally)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun or srun job, or a plain process."""
-    if "RANK" in os.environ:
-        return os.environ["RANK"] == "0"
-    return int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 def below_outputs(path: Path) -> str:

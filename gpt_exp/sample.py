@@ -1,29 +1,24 @@
 """Text from a trained model: the lecture's top-k sampling, from a run's checkpoint or a Hugging Face GPT-2 dir.
 
-`python -m gpt_exp.sample resume=RUN_DIR prompt="ROMEO:"`; also the key=value parsing the eval CLI shares.
+`python -m gpt_exp.sample resume=RUN_DIR prompt="ROMEO:"` (`--help` lists the options).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import sys
 from dataclasses import dataclass
-from enum import Enum
-from typing import TypeVar
 
 import torch
 from torch.nn import functional as F
 
 from gpt_exp.checkpoint import load_model
-from gpt_exp.config import ConfigError, DeviceConfig, DeviceType, DType, UserError
+from gpt_exp.cli import command, parse_options
+from gpt_exp.config import DeviceConfig, DeviceType, DType
 from gpt_exp.device import resolve_runtime
+from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT
 from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
-
-Args = TypeVar("Args")
-_KIND = {int: "an integer", float: "a number", str: "a string"}
 
 
 @dataclass
@@ -36,43 +31,12 @@ class SampleArgs:
     top_k: int = 50
     temperature: float = 1.0
     seed: int = 1337
-    device: DeviceType = DeviceType.cpu
-
-
-def _convert(key: str, value: str, default: object) -> object:
-    kind = str if default is None else type(default)
-    try:
-        return kind(value)
-    except ValueError:
-        expected = f"one of {', '.join(m.value for m in kind)}" if issubclass(kind, Enum) else _KIND[kind]
-        raise ConfigError(f"{key}={value} is invalid: it must be {expected}") from None
-
-
-def parse_args(argv: list[str], schema: type[Args]) -> Args:
-    """`key=value` arguments (the look of Hydra overrides) into the dataclass `schema`, each value converted to
-    the type of its field's default."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    values = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"cannot parse '{arg}'; write key=value, keys: {', '.join(fields)}")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{key}'; {hint}")
-        values[key] = _convert(key, value, fields[key].default)
-    return schema(**values)
-
-
-def usage(command: str, schema: type) -> str:
-    keys = " ".join(f"[{f.name}={f.name.upper() if f.default is None else getattr(f.default, 'value', f.default)}]"
-                    for f in dataclasses.fields(schema))
-    return f"usage: python -m gpt_exp.{command} {keys}"
+    device: DeviceType = DeviceType.auto  # a GPU where there is one, as `run` does
 
 
 def inference_device(device: DeviceType) -> torch.device:
-    """The device to run on, fp32 and uncompiled (a one-line error for device=cuda without a GPU)."""
+    """The device to run on (auto: CUDA, else MPS, else the CPU), fp32 and uncompiled (a one-line error for
+    device=cuda without a GPU)."""
     return resolve_runtime(DeviceConfig(type=device, dtype=DType.fp32, compile=False)).device
 
 
@@ -133,20 +97,15 @@ def sample_texts(model: GPT, args: SampleArgs, device: torch.device) -> list[str
     return [enc.decode(row[skip:]) for row in rows]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(usage("sample", SampleArgs))
+@command
+def main(argv: list[str]) -> int:
+    args = parse_options("sample", argv, SampleArgs)
+    if args is None:
         return 0
-    try:
-        args = parse_args(argv, SampleArgs)
-        _check(args)
-        device = inference_device(args.device)
-        model, info = model_source(args.resume, args.hf)
-        encode_prompt(args.prompt, model.config.block_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    _check(args)
+    device = inference_device(args.device)
+    model, info = model_source(args.resume, args.hf)
+    encode_prompt(args.prompt, model.config.block_size)
     print(f"{describe(info)}, on {device}", file=sys.stderr)
     texts = sample_texts(model.to(device), args, device)
     for i, text in enumerate(texts, 1):

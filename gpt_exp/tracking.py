@@ -20,9 +20,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpt_exp.atomic import atomic_write_bytes
-from gpt_exp.config import LoggerConfig, LoggerMode, UserError
+from gpt_exp.config import LoggerConfig, LoggerMode
+from gpt_exp.errors import UserError
 from gpt_exp.plots import plot_loss_curve
-from gpt_exp.train import StepMetrics
+from gpt_exp.metrics import StepMetrics
 
 log = logging.getLogger(__name__)
 

@@ -46,3 +46,41 @@ def wandb_records(wandb_run_dir: Path) -> list[dict]:
     out = subprocess.run(["wandb", "leet", "inspect", "--json", str(wandb_run_dir)], capture_output=True, text=True,
                          check=True, env={**os.environ, "WANDB_SILENT": "true"})
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def compose_config(*overrides: str):
+    """The validated RunConfig that `python -m gpt_exp.run OVERRIDES` would train with, composed in this process."""
+    from gpt_exp.cli import compose_run_config
+
+    return compose_run_config(list(overrides))
+
+
+class Collect:
+    """A tracker that keeps what the loop reports, for Trainer.fit in a test."""
+
+    wandb_id = None
+
+    def __init__(self):
+        self.steps, self.evals, self.skips = [], [], []
+
+    def log_step(self, m):
+        self.steps.append(m)
+
+    def log_eval(self, step, val_loss):
+        self.evals.append((step, val_loss))
+
+    def log_skip(self, step, reason):
+        self.skips.append((step, reason))
+
+    @property
+    def losses(self):
+        return [m.loss for m in self.steps]
+
+
+def make_trainer(cache_dir: Path, *overrides: str, run_dir: Path | None = None):
+    """A Trainer on this CPU, built as `python -m gpt_exp.run OVERRIDES` builds it (the tiny model unless told)."""
+    from gpt_exp.device import resolve_runtime
+    from gpt_exp.trainer import Trainer
+
+    cfg = compose_config("model=tiny", "logger.mode=disabled", f"data.cache_dir={cache_dir}", *overrides)
+    return Trainer(cfg, resolve_runtime(cfg.device), run_dir=run_dir)

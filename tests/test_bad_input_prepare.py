@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from gpt_exp.config import DataConfig, DataSource
-from gpt_exp.data import prepare_tokens
+from gpt_exp.data.cache import prepare_tokens
 from tests.helpers import run_cli
 
 NO_PYARROW = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="Parquet needs pyarrow")
-NEEDS_CONFIG = pytest.mark.xfail(strict=False, reason="config.validate does not yet refuse data.path without data=text")
 TEXT = ["data=text", "data.shard_tokens=1000"]  # small shards: the first ones are written before a late error
 
 
@@ -30,7 +29,7 @@ CASES = [
         "error: data.path={tmp}/nope.txt does not exist; give an existing file, or a folder of .txt, .jsonl, "
         ".jsonl.gz or .parquet files"),
     row("path without data=text", ["data.path={tmp}/good.txt"],
-        "error: data.path={tmp}/good.txt is ... data=shakespeare ... data=text ...", NEEDS_CONFIG),
+        "error: data.path={tmp}/good.txt is invalid: data=shakespeare reads no path; add data=text to train on ..."),
     row("data=text without path", ["data=text"],
         "error: data.path=None is invalid: data=text needs data.path=FILE_OR_DIR"),
     row("empty file", [*TEXT, "data.path={tmp}/empty.txt"],

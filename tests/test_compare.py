@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from gpt_exp.metrics import MetricsError
 from gpt_exp.compare import (
     RUNNING,
     CompareError,
@@ -147,7 +148,7 @@ def test_broken_middle_line_is_an_error(tmp_path: Path) -> None:
     run = make_run(tmp_path / "0", [4.0, 3.0])
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", lines[1]]) + "\n")
-    with pytest.raises(CompareError, match="line 2 is not JSON"):
+    with pytest.raises(MetricsError, match="line 2 is not JSON"):
         load_runs([str(run)])
 
 
@@ -206,7 +207,7 @@ def test_outputs_are_replaced_together_or_not_at_all(tmp_path: Path, capsys, mon
     def disk_full(curves, path, title, logx=False):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr("gpt_exp.plots.plot_overlay", disk_full)
+    monkeypatch.setattr("gpt_exp.compare.plot_overlay", disk_full)
     make_run(tmp_path / "c", [1.0], lr=1e-4)
     capsys.readouterr()
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "report")]) == 2
@@ -220,7 +221,7 @@ def test_a_cut_last_line_is_skipped_but_garbage_is_not(tmp_path: Path) -> None:
     run = make_run(tmp_path / "0", [4.0, 3.0], tail='{"step": 2, "loss": 2.')
     assert load_runs([str(run)])[0].steps == 2  # a write in progress: no newline yet
     (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes() + b"5}\n\x00\x00\x00\x00")
-    with pytest.raises(CompareError, match=r"metrics.jsonl line 4 is not JSON; repair or delete that line"):
+    with pytest.raises(MetricsError, match=r"metrics.jsonl line 4 is not JSON; repair or delete that line"):
         load_runs([str(run)])
 
 

@@ -2,7 +2,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from gpt_exp.config import ConfigError, DataSource, RunConfig, register_schema, schema_keys, unknown_key, validate
+from gpt_exp.config import DataSource, RunConfig, register_schema, schema_keys, unknown_key, validate
+from gpt_exp.errors import ConfigError
 from tests.helpers import run_cli
 
 register_schema()

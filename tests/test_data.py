@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_exp import data, filehash
-from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.data import BatchLoader, DeviceBatches, ShardedTokens, prepare_tokens, split_tokens
+from gpt_exp.data import cache as cache_module
+from gpt_exp.data import filehash
+from gpt_exp.config import DataConfig, DataSource
+from gpt_exp.errors import DataError
+from gpt_exp.data.cache import ShardedTokens, prepare_tokens, split_tokens
+from gpt_exp.data.loader import BatchLoader, DeviceBatches
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
@@ -31,7 +34,7 @@ def test_second_prepare_does_not_tokenize(shakespeare, cache_dir, monkeypatch):
     def fail(*args):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data, "build_cache", fail)
+    monkeypatch.setattr(cache_module, "build_cache", fail)
     cache = prepare_tokens(DataConfig(source=DataSource.shakespeare, cache_dir=str(cache_dir)))
     assert cache.num_tokens == 338_025
 

@@ -6,7 +6,7 @@ import torch
 from gpt_exp.config import DeviceConfig, DeviceType, DType, LoggerConfig, LoggerMode
 from gpt_exp.device import peak_flops, resolve_runtime
 from gpt_exp.tracking import Tracker
-from gpt_exp.train import StepMetrics
+from gpt_exp.metrics import StepMetrics
 
 
 @pytest.mark.parametrize(

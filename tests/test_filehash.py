@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from gpt_exp import filehash
-from gpt_exp.config import DataError
-from gpt_exp.filehash import MEMO_NAME, FileHashes
+from gpt_exp.data import filehash
+from gpt_exp.errors import DataError
+from gpt_exp.data.filehash import MEMO_NAME, FileHashes
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_an_unreadable_file_is_a_data_error(tmp_path):
 KILLED_SAVE = """
 import os, signal, sys
 from pathlib import Path
-from gpt_exp.filehash import FileHashes
+from gpt_exp.data.filehash import FileHashes
 hashes = FileHashes(Path(sys.argv[1]))
 hashes.sha256(Path(sys.argv[2]))
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the memo's temp file written, not renamed

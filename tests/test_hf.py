@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt_exp.checkpoint import load_model
-from gpt_exp.config import ConfigError
+from gpt_exp.errors import ConfigError
 from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig
 from tests.helpers import only_run_dir, run_cli

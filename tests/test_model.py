@@ -5,10 +5,14 @@ import pytest
 import torch
 
 from gpt_exp.config import DataConfig, DataSource, DType, Schedule
-from gpt_exp.data import BatchLoader, prepare_tokens
+from gpt_exp.data.cache import prepare_tokens
+from gpt_exp.data.loader import BatchLoader
+from gpt_exp.cpu import short_sequence_attention
 from gpt_exp.device import Runtime
-from gpt_exp.model import GPT, GPTConfig, causal_attention
-from gpt_exp.train import Diverged, LRSchedule, clip_gradients, train
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.trainer import LRSchedule, clip_gradients
+from gpt_exp.errors import Diverged
+from tests.helpers import Collect, make_trainer
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=DType.fp32, compile=False)
@@ -33,14 +37,14 @@ def test_gpt2_124m_shapes_and_initial_loss(shakespeare):
 
 
 @pytest.mark.parametrize("T", [32, 96])  # the math path (short sequences under CPU autocast) and flash
-def test_causal_attention_under_bf16_autocast_matches_fp32(T):
+def test_short_sequence_attention_under_bf16_autocast_matches_fp32(T):
     q, k, v = torch.randn(3, 2, 4, T, 16, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        got = short_sequence_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
-    assert torch.equal(causal_attention(q, k, v), want)  # fp32: SDPA as it is
+    assert torch.equal(short_sequence_attention(q, k, v), want)  # fp32: SDPA as it is
 
 
 def test_residual_projections_get_scaled_init():
@@ -72,15 +76,13 @@ def test_lr_schedule_warmup_cosine_and_constant():
     assert [c(0), c(1), c(2), c(49)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
 
 
-def _train_losses(shakespeare, steps, lr, grad_accum=1, B=4):
-    torch.manual_seed(1337)
-    model = GPT(TINY)
-    opt = model.configure_optimizer(lr, 0.1, (0.9, 0.95), 1e-8, "cpu")
-    loader = BatchLoader(shakespeare, B=B, T=32, overfit_batches=grad_accum)
-    losses = []
-    train(model, opt, loader, LRSchedule(lr, 0, steps, kind=Schedule.constant), CPU_FP32, start_step=0,
-          max_steps=steps, grad_accum_steps=grad_accum, grad_clip=1.0, on_step=lambda m: losses.append(m.loss))
-    return losses
+def _train_losses(cache_dir, steps, lr, grad_accum=1, B=4):
+    trainer = make_trainer(cache_dir, f"B={B}", f"train.max_steps={steps}", f"optim.lr={lr}", "optim.warmup_steps=0",
+                           "optim.schedule=constant", f"train.overfit_batches={grad_accum}",
+                           f"train.total_batch_size={B * 32 * grad_accum}")
+    tracker = Collect()
+    assert trainer.fit(tracker) == "completed"
+    return tracker.losses
 
 
 @pytest.mark.parametrize("on_cpu", [True, False])
@@ -105,31 +107,26 @@ def test_clip_gradients_is_clip_grad_norm(on_cpu, max_norm):
     assert any(not torch.equal(a, g) for a, g in zip(ours, grads)) == (max_norm == 0.5)
 
 
-def test_tiny_model_overfits_one_batch(shakespeare):
-    losses = _train_losses(shakespeare, steps=100, lr=1e-2)
+def test_tiny_model_overfits_one_batch(cache_dir):
+    losses = _train_losses(cache_dir, steps=100, lr=1e-2)
     assert abs(losses[0] - math.log(50257)) < 0.1
     assert losses[-1] < 0.1
 
 
-def test_grad_accumulation_matches_the_big_batch(shakespeare):
+def test_grad_accumulation_matches_the_big_batch(cache_dir):
     """Two micro-batches of B=2 accumulate to the same step as one batch of B=4 (the same 4 sequences)."""
-    big = _train_losses(shakespeare, steps=3, lr=1e-3, B=4)
-    accum = _train_losses(shakespeare, steps=3, lr=1e-3, B=2, grad_accum=2)
+    big = _train_losses(cache_dir, steps=3, lr=1e-3, B=4)
+    accum = _train_losses(cache_dir, steps=3, lr=1e-3, B=2, grad_accum=2)
     np.testing.assert_allclose(accum, big, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_gpt2_124m_overfits_one_batch_with_default_optimizer(shakespeare):
+def test_gpt2_124m_overfits_one_batch_with_default_optimizer(cache_dir):
     """The lecture's check: 124M, B=4, T=32, lr 6e-4 warmup+cosine: from ~10.8 to below 1.5 within 50 steps."""
-    torch.manual_seed(1337)
-    model = GPT(GPTConfig())
-    opt = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
-    losses = []
-    train(model, opt, BatchLoader(shakespeare, B=4, T=32, overfit_batches=1), LRSchedule(6e-4, 10, 50),
-          CPU_FP32, start_step=0, max_steps=50, grad_accum_steps=1, grad_clip=1.0,
-          on_step=lambda m: losses.append(m.loss))
-    assert abs(losses[0] - math.log(50257)) < 0.3
-    assert min(losses) < 1.5
+    tracker = Collect()
+    make_trainer(cache_dir, "model=gpt2", "train.overfit_batches=1").fit(tracker)
+    assert abs(tracker.losses[0] - math.log(50257)) < 0.3
+    assert min(tracker.losses) < 1.5
 
 
 def test_flops_per_token_is_palms_formula():
@@ -139,11 +136,11 @@ def test_flops_per_token_is_palms_formula():
 
 
 @pytest.mark.parametrize("skip_nonfinite", [0, 2])
-def test_nonfinite_step_is_never_applied(shakespeare, skip_nonfinite):
+def test_nonfinite_step_is_never_applied(cache_dir, skip_nonfinite):
     """A step whose loss turns NaN leaves weights and optimizer state as they were; skipped steps do not count."""
-    torch.manual_seed(1337)
-    model = GPT(TINY)
-    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    trainer = make_trainer(cache_dir, "B=2", "T=16", "train.max_steps=6", "optim.warmup_steps=0",
+                           f"train.skip_nonfinite={skip_nonfinite}")
+    model, opt = trainer.model, trainer.optimizer
     poisoned = {2, 3}
     step_of_call = iter(range(100))
 
@@ -151,25 +148,25 @@ def test_nonfinite_step_is_never_applied(shakespeare, skip_nonfinite):
         return output * float("inf") if next(step_of_call) in poisoned else output
 
     model.transformer.wte.register_forward_hook(poison)
-    weights, rows, skips = {}, [], []
+    weights = {}
 
-    def on_step(m):
-        rows.append(m.step)
-        weights[m.step] = [p.detach().clone() for p in model.parameters()]
+    class Tracker(Collect):
+        def log_step(self, m):
+            super().log_step(m)
+            weights[m.step] = [p.detach().clone() for p in model.parameters()]
 
-    run = lambda: train(model, opt, BatchLoader(shakespeare, B=2, T=16), LRSchedule(1e-3, 0, 6), CPU_FP32,
-                        start_step=0, max_steps=6, grad_accum_steps=1, grad_clip=1.0, on_step=on_step,
-                        skip_nonfinite=skip_nonfinite, on_skip=lambda step, reason: skips.append((step, reason)))
+    tracker = Tracker()
     if skip_nonfinite == 0:
         with pytest.raises(Diverged, match="the loss is nan at step 2 .*the step was not applied"):
-            run()
-        assert rows == [0, 1]
+            trainer.fit(tracker)
+        assert [m.step for m in tracker.steps] == [0, 1]
         # the weights are those after step 1: the poisoned step 2 changed nothing, and all are finite
         assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights[1]))
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert opt.state[next(model.parameters())]["step"].item() == 2
     else:
-        assert run() == 6
-        assert rows == [0, 1, 4, 5] and [s for s, _ in skips] == [2, 3]
-        assert "skipped 2 of at most 2" in skips[-1][1]
+        assert trainer.fit(tracker) == "completed"
+        assert [m.step for m in tracker.steps] == [0, 1, 4, 5] and [s for s, _ in tracker.skips] == [2, 3]
+        assert "skipped 2 of at most 2" in tracker.skips[-1][1]
         assert opt.state[next(model.parameters())]["step"].item() == 4  # only the applied steps count
+        assert tracker.steps[-1].tokens == 4 * 2 * 16  # skipped steps trained on nothing

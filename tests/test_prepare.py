@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_exp import corpus as corpus_module
-from gpt_exp import prepare
-from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.data import BatchLoader, ShardedTokens, prepare_tokens, split_tokens
-from gpt_exp.corpus import safe_cut
+from gpt_exp.data import corpus as corpus_module
+from gpt_exp.data import build
+from gpt_exp.config import DataConfig, DataSource
+from gpt_exp.errors import DataError
+from gpt_exp.data.cache import ShardedTokens, prepare_tokens, split_tokens
+from gpt_exp.data.loader import BatchLoader
+from gpt_exp.data.corpus import safe_cut
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import run_cli, run_cli_async
 
@@ -122,7 +124,7 @@ def test_batches_cross_shard_boundaries(corpus, tmp_path, small_chunks):
 
 def test_interrupted_prepare_resumes_with_the_missing_shards(corpus, tmp_path, small_chunks, monkeypatch, caplog):
     root, docs = corpus
-    cfg, real = text_cfg(root, tmp_path / "c", text_key="body", shard_tokens=3000), prepare._write_shards
+    cfg, real = text_cfg(root, tmp_path / "c", text_key="body", shard_tokens=3000), build._write_shards
     caplog.set_level(logging.INFO, logger="gpt_exp")
 
     def interrupted_after_two(*args):
@@ -131,7 +133,7 @@ def test_interrupted_prepare_resumes_with_the_missing_shards(corpus, tmp_path, s
             if i == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "_write_shards", interrupted_after_two)
+    monkeypatch.setattr(build, "_write_shards", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         prepare_tokens(cfg)
     cache_dir = tmp_path / "c"
@@ -140,7 +142,7 @@ def test_interrupted_prepare_resumes_with_the_missing_shards(corpus, tmp_path, s
     mtimes = [p.stat().st_mtime_ns for p in kept]
     (cache_dir / f".{kept[0].name[:24]}-00002.bin.x.tmp").write_bytes(b"half a shard from a kill -9")
 
-    monkeypatch.setattr(prepare, "_write_shards", real)
+    monkeypatch.setattr(build, "_write_shards", real)
     cache = prepare_tokens(cfg)
     assert "resuming an interrupted prepare: 2 shard(s) already built" in caplog.text
     assert shard_mtimes(cache)[:2] == mtimes and len(cache.shard_paths) > 2  # only the missing shards were built
@@ -176,7 +178,7 @@ def test_a_build_interrupted_anywhere_equals_a_clean_build(kind, corpus, tmp_pat
         path, options = parquet_corpus(tmp_path, monkeypatch), dict(shard_tokens=500)
     prepare_tokens(text_cfg(path, tmp_path / "clean", threads=2, **options))
     clean = cache_files(tmp_path / "clean")
-    cfg, real = text_cfg(path, tmp_path / "c", threads=3, **options), prepare._encoded
+    cfg, real = text_cfg(path, tmp_path / "c", threads=3, **options), build._encoded
     rng, interrupted = random.Random(3), 0
 
     def interrupted_after(n: int):
@@ -188,12 +190,12 @@ def test_a_build_interrupted_anywhere_equals_a_clean_build(kind, corpus, tmp_pat
         return encoded
 
     for _ in range(5):
-        monkeypatch.setattr(prepare, "_encoded", interrupted_after(rng.randint(1, 4)))
+        monkeypatch.setattr(build, "_encoded", interrupted_after(rng.randint(1, 4)))
         try:
             prepare_tokens(cfg)
         except KeyboardInterrupt:
             interrupted += 1
-    monkeypatch.setattr(prepare, "_encoded", real)
+    monkeypatch.setattr(build, "_encoded", real)
     prepare_tokens(cfg)
     resumed = cache_files(tmp_path / "c")
     assert interrupted == 5 and len(clean) >= 5 and list(resumed) == list(clean)
@@ -293,7 +295,7 @@ def test_a_full_disk_mid_shard_is_one_line_and_leaves_no_half_shard(corpus, tmp_
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return self.f.write(data)
 
-    monkeypatch.setattr(prepare, "open", FillingDisk, raising=False)  # the open() that _write_shards calls
+    monkeypatch.setattr(build, "open", FillingDisk, raising=False)  # the open() that _write_shards calls
     with pytest.raises(DataError) as error:
         prepare_tokens(cfg)
     assert str(error.value) == (f"cannot write the token cache in {tmp_path / 'c'} (No space left on device): free "
@@ -302,7 +304,7 @@ def test_a_full_disk_mid_shard_is_one_line_and_leaves_no_half_shard(corpus, tmp_
     shards = sorted(p.name for p in (tmp_path / "c").glob("*.bin"))
     assert len(shards) == 2 and progress_shards(tmp_path / "c") == shards  # none half-written, none unlisted
     assert not list((tmp_path / "c").glob(".*.tmp")) and not list((tmp_path / "c").glob("*.json"))
-    monkeypatch.delattr(prepare, "open")
+    monkeypatch.delattr(build, "open")
     prepare_tokens(cfg)
     assert cache_files(tmp_path / "c") == cache_files(tmp_path / "clean")
 

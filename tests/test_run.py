@@ -53,7 +53,7 @@ def test_log_reports_the_lectures_numbers(offline_run):
     assert "loaded 338,025 tokens" in log
     assert "1 epoch = 2,640 batches" in log
     assert "model tiny: 1.23M params" in log
-    assert "fp32 (matmuls in oneDNN)" in log  # the default on a CPU (gpt_exp/linear.py)
+    assert "fp32 (matmuls in oneDNN)" in log  # the default on a CPU (gpt_exp/cpu.py)
     final_loss = read_metrics(run_dir)[-1]["loss"]
     assert f"done: 12 steps, final loss {final_loss:.4f}" in log
     assert "step 12/12 | loss" in log  # not a terminal: one progress line per step
@@ -160,13 +160,14 @@ def test_out_of_memory_is_one_line_naming_B():
     from gpt_exp.run import out_of_memory
 
     cfg = RunConfig(B=64, T=1024)
+    cfg.train.total_batch_size = 524288
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 105396551680 bytes. Error code 12 (Cannot allocate memory)")
-    assert str(out_of_memory(cpu, cfg, grad_accum_steps=8)) == (
+    assert str(out_of_memory(cpu, cfg)) == (
         "out of memory at B=64 (T=1024, model gpt2); lower B, e.g. B=32, with train.total_batch_size=524288 to keep "
         "the tokens per step by gradient accumulation")
-    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, 1) is not None
-    assert out_of_memory(RuntimeError("shape mismatch"), cfg, 1) is None  # a bug stays a bug
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg) is not None
+    assert out_of_memory(RuntimeError("shape mismatch"), cfg) is None  # a bug stays a bug
 
 
 @pytest.mark.slow

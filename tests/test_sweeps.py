@@ -10,8 +10,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from gpt_exp.compare import compare_table, load_runs
-from gpt_exp.config import RunConfig, register_schema, validate
-from gpt_exp.errors import _schema_keys
+from gpt_exp.config import schema_keys, RunConfig, register_schema, validate
 from gpt_exp.rundir import claim_dir, overrides_name
 from tests.helpers import read_metrics, run_cli, run_cli_async, wandb_records
 
@@ -101,7 +100,7 @@ def compose_experiment(name, *overrides, hydra_config=True):
 def test_experiments_compose_and_validate(name):
     overrides = ["data.path=/corpus"] if name == "gpt2_124m_fineweb" else []
     params = compose_experiment(name, *overrides).hydra.sweeper.params or {}
-    assert set(params) <= set(_schema_keys())  # every swept key exists
+    assert set(params) <= set(schema_keys())  # every swept key exists
     run_cfg: RunConfig = OmegaConf.to_object(compose_experiment(name, *overrides, hydra_config=False))
     validate(run_cfg)
     if name == "gpt2_124m_fineweb":
@@ -137,7 +136,7 @@ def test_wandb_sweep_spec_passes_hydra_overrides():
         spec = yaml.safe_load(f)
     assert spec["command"][-1] == "${args_no_hyphens}" and spec["command"][2:4] == ["-m", "gpt_exp.run"]
     assert spec["metric"] == {"name": "loss", "goal": "minimize"}
-    assert set(spec["parameters"]) <= set(_schema_keys())
+    assert set(spec["parameters"]) <= set(schema_keys())
 
 
 @pytest.mark.slow

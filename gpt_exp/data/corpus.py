@@ -14,8 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from gpt_exp.config import DataConfig, DataError, DataSource
-from gpt_exp.filehash import FileHashes
+from gpt_exp.config import DataConfig, DataSource
+from gpt_exp.errors import DataError
+from gpt_exp.data.filehash import FileHashes
 from gpt_exp.tokenizer import TOKENIZER_ID
 
 TEXT, JSONL, JSONL_GZ, PARQUET = "text", "jsonl", "jsonl.gz", "parquet"

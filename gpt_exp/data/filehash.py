@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from gpt_exp.atomic import atomic_write_bytes, remove_stale_temp_files
-from gpt_exp.config import DataError
+from gpt_exp.errors import DataError
 
 MEMO_NAME = "file-hashes.json"
 

@@ -1,0 +1,348 @@
+"""The training loop and everything it trains with: a Trainer built from the validated config.
+
+`Trainer.fit()` is the loop, on one screen as in the lecture: a step, then when it evaluates, checkpoints and logs.
+Every stateful piece (model, optimizer, loader, RNG, step, tokens) is in `state_dict()`: a checkpoint is that dict,
+and a resume is `load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt_exp.checkpoint import save_checkpoint
+from gpt_exp.config import CpuMatmul, DType, RunConfig, Schedule, Strategy
+from gpt_exp.errors import DataError
+from gpt_exp.cpu import apply_cpu_fast_paths
+from gpt_exp.data.cache import prepare_tokens, split_tokens
+from gpt_exp.data.loader import BatchLoader, DeviceBatches
+from gpt_exp.device import Runtime
+from gpt_exp.distributed import (Dist, all_reduce_mean, full_state, load_full_model_state, load_full_optimizer_state,
+                                 set_grad_sync, shard_model)
+from gpt_exp.errors import ConfigError, Diverged
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.tracking import StepMetrics
+
+log = logging.getLogger("gpt_exp")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps` (or constant after warmup).
+
+    Stateless: the position in the schedule is the optimizer step, which the checkpoint holds.
+    """
+
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float = 0.1
+    kind: Schedule = Schedule.cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == Schedule.constant:
+            return self.lr
+        min_lr = self.lr * self.min_lr_ratio
+        if step >= self.max_steps:
+            return min_lr
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - min_lr)
+
+
+class StopOnSignal:
+    """Turns SIGINT (Ctrl-C) and SIGTERM (SLURM before preemption) into a request to stop after the current step,
+    so the run can write its checkpoint; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+
+class Tracking(Protocol):
+    """Where the loop reports (tracking.Tracker on rank 0, RankTracker elsewhere)."""
+
+    wandb_id: str | None
+
+    def log_step(self, m: StepMetrics) -> None: ...
+    def log_eval(self, step: int, val_loss: float) -> None: ...
+    def log_skip(self, step: int, reason: str) -> None: ...
+
+
+@dataclass
+class Skipped:
+    """A step whose loss or gradient norm was NaN or inf: its update was not applied."""
+
+    step: int
+    reason: str
+
+
+class Trainer:
+    """Data, model, optimizer, schedule and wrappers for one run, built from its validated config."""
+
+    def __init__(self, cfg: RunConfig, runtime: Runtime, d: Dist = Dist(), run_dir: Path | None = None,
+                 config: dict | None = None):
+        """run_dir: where checkpoints go; config: the resolved config they record."""
+        self.cfg, self.runtime, self.d, self.run_dir, self.config = cfg, runtime, d, run_dir, config or {}
+        seed_everything(cfg.train.seed)
+        self.loader, self.val_loader = build_loaders(cfg, d)
+        self.grad_accum_steps = grad_accum_steps(cfg, d)
+        m = cfg.model
+        self.model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
+        self.fast_paths = []
+        if runtime.device_type == "cpu":
+            self.fast_paths = apply_cpu_fast_paths(self.model, onednn=cfg.device.cpu_matmul == CpuMatmul.onednn,
+                                                   sparse_embedding=not d.enabled)
+        self.sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
+        if self.sharded:
+            shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
+        o = cfg.optim
+        self.optimizer = self.model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps,
+                                                        runtime.device_type, fused=not self.sharded)
+        self.schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
+        self.step_model = torch.compile(self.model) if runtime.compile else self.model
+        if d.enabled and not self.sharded:
+            self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
+        self.batches = DeviceBatches(self.loader, runtime.device)
+        self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
+        log.info("%s", self.describe())
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.B * self.cfg.T * self.grad_accum_steps * self.d.world_size
+
+    def describe(self) -> str:
+        precision = self.runtime.dtype.value
+        if self.runtime.device_type == "cpu" and self.runtime.dtype == DType.fp32:
+            precision += " (matmuls in oneDNN)" if "onednn" in self.fast_paths else " (matmuls in torch's BLAS)"
+        return (f"model {self.cfg.model.name}: {self.model.num_params() / 1e6:.2f}M params | device "
+                f"{self.runtime.device} ({torch.get_num_threads()} CPU threads), {precision}, compile "
+                f"{'on' if self.runtime.compile else 'off'} | {self.tokens_per_step:,} tokens/step = {self.cfg.B} x "
+                f"{self.cfg.T} x {self.grad_accum_steps} micro-steps x {self.d.world_size} ranks"
+                f"{' (fsdp)' if self.sharded else ''}")
+
+    def fit(self, tracker: Tracking) -> str:
+        """Train to train.max_steps: 'completed', or 'interrupted' when Ctrl-C or SIGTERM asked to stop (after the
+        step in flight, with a checkpoint when checkpoints are on)."""
+        t = self.cfg.train
+        with StopOnSignal() as stop:
+            while self.step < t.max_steps:
+                result = self.train_step()
+                if isinstance(result, Skipped):
+                    tracker.log_skip(result.step, result.reason)
+                    continue
+                tracker.log_step(result)
+                if self.val_loader and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    tracker.log_eval(result.step, self.evaluate())
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
+                    self.save_checkpoint(tracker)
+                if stop.requested:
+                    self.stop_signal = stop.requested
+                    break
+        if t.ckpt_every and self.step > self.start_step:
+            self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
+        return "completed" if self.step == t.max_steps else "interrupted"
+
+    start_step = 0  # where this process started (after a resume: the checkpoint's step)
+    stop_signal: int | None = None  # the signal that stopped the run early
+
+    def train_step(self) -> StepMetrics | Skipped:
+        """One optimizer step over grad_accum_steps micro-batches: the lecture's step, with a non-finite loss or
+        gradient norm never applied (up to train.skip_nonfinite such steps are skipped; the next raises)."""
+        t0 = time.perf_counter()
+        model, optimizer = self.step_model, self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=self.runtime.device)
+        for micro_step in range(self.grad_accum_steps):
+            x, y = self.batches.next_batch()
+            if self.d.enabled:  # all-reduce the gradients once, on the last micro-step, not on every one
+                set_grad_sync(model, micro_step == self.grad_accum_steps - 1)
+            with self.runtime.autocast():
+                _, loss = model(x, y)
+            loss = loss / self.grad_accum_steps  # the mean over the whole accumulated batch, not a sum of means
+            loss_accum += loss.detach()
+            loss.backward()
+        all_reduce_mean(loss_accum, self.d)  # the logged loss is the mean over all ranks
+        norm = clip_gradients(self.model, self.cfg.train.grad_clip, on_cpu=self.runtime.device_type == "cpu")
+        lr = self.schedule(self.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_if_finite(optimizer, loss_accum, norm)
+        loss_value, norm_value = loss_accum.item(), norm.item()  # waits for the device: dt is the real step time
+        dt = time.perf_counter() - t0
+        step = self.step
+        self.step += 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            return self._skip(step, lr, loss_value, norm_value)
+        self.tokens += self.tokens_per_step
+        return StepMetrics(step, loss_value, lr, norm_value, dt * 1000, self.tokens_per_step / dt, self.tokens)
+
+    def _skip(self, step: int, lr: float, loss: float, norm: float) -> Skipped:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the grad norm is {norm}"
+        reason = f"{what} at step {step} (lr {lr:.3g}, loss {loss:.4g}, grad norm {norm:.3g}); the step was not applied"
+        if self.skipped == self.cfg.train.skip_nonfinite:
+            raise Diverged(f"{reason}; lower optim.lr or raise optim.warmup_steps, and resume from the last "
+                           f"checkpoint (or allow skipped steps with train.skip_nonfinite=N)")
+        self.skipped += 1
+        return Skipped(step, f"{reason} (skipped {self.skipped} of at most {self.cfg.train.skip_nonfinite})")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first train.eval_batches batches of the val split (the same batches every time; each
+        rank reads its own stride and the ranks average)."""
+        model, loader, batches = self.model, self.val_loader, self.cfg.train.eval_batches
+        model.eval()
+        loader.reset()
+        total = torch.zeros((), device=self.runtime.device)
+        for _ in range(batches):
+            x, y = loader.next_batch()
+            with self.runtime.autocast():
+                _, loss = model(x.to(self.runtime.device), y.to(self.runtime.device))
+            total += loss.detach()
+        model.train()
+        return all_reduce_mean(total / batches, self.d).item()
+
+    def save_checkpoint(self, tracker: Tracking) -> None:
+        """Write every stateful piece (rank 0; every rank gathers under FSDP). Weights that are no longer finite are
+        never written: the checkpoint on disk is always the last good state."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise Diverged(f"the weights are no longer finite after step {self.step}; lower optim.lr or raise "
+                           f"optim.warmup_steps, and resume from the last checkpoint")
+        state = self.state_dict()
+        if self.d.is_main:
+            state.update(config=self.config, wandb_id=tracker.wandb_id)
+            log.info("checkpoint: %s", save_checkpoint(self.run_dir, state, self.cfg.train.keep_ckpts))
+
+    def state_dict(self) -> dict:
+        """Whole tensors on the CPU (gathered from the shards under FSDP: every rank must call this), so that a
+        checkpoint resumes under any world size."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.sharded)
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "model": model_state,
+                "optimizer": optimizer_state, "sharded": self.sharded, "loader": self.loader.state_dict(),
+                "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sharded", False) != self.sharded:
+            saved = "fsdp" if state.get("sharded") else "ddp or one process"
+            fix = "train.strategy=fsdp under torchrun" if state.get("sharded") else "train.strategy=ddp"
+            raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
+        self.loader.load_state_dict(state["loader"])  # first: a position past this corpus is refused before all else
+        load_full_model_state(self.model, state["model"], self.sharded)
+        if self.sharded:
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step = self.start_step = state["step"]
+        self.tokens, self.skipped = state["tokens"], state.get("skipped", 0)
+
+
+def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training stream (this rank's stride) and, with train.eval_every, the val split's."""
+    tokens = prepare_tokens(cfg.data).load()
+    train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
+    log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
+    loader = BatchLoader(train_tokens, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.overfit_batches,
+                         shuffle_seed=cfg.data.shuffle_seed)
+    log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
+    if not cfg.train.eval_every:
+        return loader, None
+    needed = cfg.B * cfg.T * d.world_size + 1
+    if len(val_tokens) < needed:
+        raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T*world_size+1 = "
+                        f"{needed:,}; raise data.val_fraction or lower B or T")
+    return loader, BatchLoader(val_tokens, cfg.B, cfg.T, d.rank, d.world_size)
+
+
+def grad_accum_steps(cfg: RunConfig, d: Dist) -> int:
+    """Micro-steps per optimizer step, so that train.total_batch_size tokens are seen over all ranks."""
+    micro_batch = cfg.B * cfg.T * d.world_size
+    tokens_per_step = cfg.train.total_batch_size or micro_batch
+    if tokens_per_step % micro_batch:
+        raise ConfigError(f"train.total_batch_size={tokens_per_step} is not a multiple of B*T*world_size = "
+                          f"{cfg.B}*{cfg.T}*{d.world_size} = {micro_batch}; change it or B")
+    return tokens_per_step // micro_batch
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, on_cpu: bool) -> torch.Tensor:
+    """Scale the gradients to a total norm of at most `max_norm` as clip_grad_norm_ does (0: no clipping); return
+    their norm before, for the log. On a CPU the pass over every gradient is skipped when it would multiply by 1:
+    reading the norm costs nothing there (a GPU would wait for it), and late in training most steps are unclipped."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    full_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    if max_norm > 0 and (not on_cpu or full_norm.item() + 1e-6 > max_norm):  # clip_grad_norm_'s coefficient < 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return full_norm
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    """optimizer.step() unless the loss or the gradient norm is NaN or inf. A fused optimizer on a GPU is told so on
+    the device (its `found_inf`, as GradScaler does), so the check costs no host sync; elsewhere it is read here."""
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    if fused and loss.device.type == "cuda":
+        optimizer.found_inf = bad.float()  # read by fused Adam/AdamW: the update and its step count are skipped
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bad.item():
+        optimizer.step()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states as plain lists and tensors (loadable with weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
