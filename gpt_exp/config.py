@@ -28,6 +28,11 @@ class DataSource(str, Enum):
     text = "text"  # data.path: a UTF-8 file, or a folder of .txt, .jsonl, .jsonl.gz and .parquet files
 
 
+class DataOrder(str, Enum):
+    sequential = "sequential"  # the lecture's DataLoaderLite: the stream front to back, every epoch alike
+    shuffled = "shuffled"  # each epoch's (B, T) blocks in an order drawn from (train.seed, epoch)
+
+
 class DeviceType(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -74,6 +79,7 @@ class DataConfig:
     shard_tokens: int = 100_000_000  # tokens per cache shard (it ends at the next chunk boundary, <300K tokens later)
     threads: Optional[int] = None  # tokenizer threads when the cache is built; None: one per core
     shuffle_seed: Optional[int] = 0  # the shard order of every epoch after the first; None: the stored order
+    order: DataOrder = DataOrder.sequential  # shuffled: each seed reads its own block order (replaces shuffle_seed)
 
 
 @dataclass
@@ -98,7 +104,8 @@ class DeviceConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 50
+    max_steps: Optional[int] = 50  # optimizer steps; or null with train.max_tokens (exactly one of the two)
+    max_tokens: Optional[int] = None  # a budget in tokens (steps = ceil(max_tokens / tokens per step)), e.g. to compare batch shapes
     ckpt_every: int = 0  # N > 0: a checkpoint every N steps, at the end, and when interrupted; 0: none
     keep_ckpts: int = 2  # the newest K checkpoints are kept
     strategy: Strategy = Strategy.ddp  # with several processes (torchrun): ddp, or fsdp for models too big for one GPU
@@ -206,7 +213,13 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.T <= m.block_size, "T", cfg.T, f"it exceeds model.block_size={m.block_size}; use T<={m.block_size}")
     _require(cfg.device.threads is None or cfg.device.threads >= 1, "device.threads", cfg.device.threads,
              "it must be >= 1, or null for all cores")
-    _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
+    _require((t.max_steps is None) != (t.max_tokens is None), "train.max_tokens", t.max_tokens,
+             f"give exactly one of train.max_steps (now {t.max_steps}) and train.max_tokens: e.g. "
+             f"train.max_steps=null train.max_tokens=1000000")
+    if t.max_steps is not None:
+        _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
+    if t.max_tokens is not None:
+        _require(t.max_tokens >= 1, "train.max_tokens", t.max_tokens, "it must be >= 1")
     _require(0 <= t.seed < SEED_END, "train.seed", t.seed, f"it must be in [0, 2**32) = [0, {SEED_END - 1}], e.g. 1337")
     # floats: `nan >= 0` is False but `inf >= 0` is True, so a bound alone lets inf through
     _require(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", t.grad_clip,

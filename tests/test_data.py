@@ -4,11 +4,12 @@ import torch
 
 from gpt_exp.data import cache as cache_module
 from gpt_exp.data import filehash
-from gpt_exp.config import DataConfig, DataSource
+from gpt_exp.config import DataConfig, DataOrder, DataSource
 from gpt_exp.errors import DataError
 from gpt_exp.data.cache import ShardedTokens, prepare_tokens, split_tokens
-from gpt_exp.data.loader import BatchLoader, DeviceBatches
+from gpt_exp.data.loader import BatchLoader, BlockOrder, DeviceBatches
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+from tests.helpers import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,161 @@ def test_resume_position_past_a_smaller_corpus_or_a_larger_batch_is_one_error(sh
     with pytest.raises(DataError, match=r"B\*T\+1 = 98,305 tokens runs past this corpus \(338,025 tokens\)"):
         BatchLoader(shakespeare, B=96, T=1024).load_state_dict(state)
     BatchLoader(shakespeare, B=8, T=64).load_state_dict(state)  # a position that still fits is taken
+
+
+# ---- data.order=shuffled: each seed its own block order, every block once an epoch, exact resume ----
+
+
+def block_starts(loader: BatchLoader, steps: int) -> list[int]:
+    """Where each batch of an np.arange stream starts, checking that it is one B*T+1 buffer: y is x shifted by one."""
+    starts = []
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        start = x[0, 0].item()
+        n = loader.B * loader.T
+        assert x.flatten().tolist() == list(range(start, start + n))
+        assert y.flatten().tolist() == list(range(start + 1, start + n + 1))
+        starts.append(start)
+    return starts
+
+
+def shuffled(tokens, B=2, T=5, seed=7, **kwargs) -> BatchLoader:
+    return BatchLoader(tokens, B, T, order=DataOrder.shuffled, order_seed=seed, **kwargs)
+
+
+def test_shuffled_seeds_read_different_batches_and_a_seed_the_same(shakespeare):
+    a, again, other = (shuffled(shakespeare, 4, 32, seed=s) for s in (1337, 1337, 1338))
+    assert a.batches_per_epoch == 2_640  # the same blocks as sequential, in another order
+    first = a.next_batch()[0]
+    assert torch.equal(first, again.next_batch()[0]) and not torch.equal(first, other.next_batch()[0])
+    for _ in range(5):
+        assert torch.equal(a.next_batch()[0], again.next_batch()[0])
+    block = BlockOrder(2_640, 1337, 0)[0]  # (338,025 - 1) // 128 blocks
+    assert first.flatten().tolist() == shakespeare[block * 128 : block * 128 + 128].tolist()
+    assert not torch.equal(first, BatchLoader(shakespeare, 4, 32).next_batch()[0])
+
+
+def test_shuffled_epoch_reads_every_block_once_in_a_new_order_each_epoch():
+    tokens = np.arange(1_005, dtype=np.uint16)  # 100 blocks of B*T = 10 (+1 target); the last 4 tokens never fit
+    loader = shuffled(tokens)
+    first = block_starts(loader, 100)
+    assert sorted(first) == list(range(0, 1_000, 10)) and first != sorted(first)
+    assert loader.epoch == 1 and loader.position == 0
+    second = block_starts(loader, 100)
+    assert sorted(second) == sorted(first) and second != first
+    assert first == [10 * BlockOrder(100, 7, 0)[i] for i in range(100)]
+
+
+def test_block_order_is_a_permutation_for_any_size():
+    for n in (1, 2, 3, 4, 5, 17, 64, 1_000):
+        assert sorted(BlockOrder(n, 3, 1)[i] for i in range(n)) == list(range(n))
+    with pytest.raises(IndexError):
+        BlockOrder(5, 3, 1)[5]
+
+
+def test_shuffled_ranks_read_disjoint_blocks_interleaved_as_one_process_would():
+    tokens = np.arange(1_001, dtype=np.uint16)  # 100 blocks: 50 steps of W=2
+    single = block_starts(shuffled(tokens), 100)
+    ranks = [shuffled(tokens, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == 50
+    per_rank = [block_starts(loader, 50) for loader in ranks]
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(single)
+    assert per_rank[0] == single[0::2] and per_rank[1] == single[1::2]  # rank r: positions r, r+W, r+2W, ...
+    assert all(loader.epoch == 1 and loader.position == 0 for loader in ranks)
+
+
+def test_shuffled_resumes_exactly_mid_epoch_and_across_the_epoch_boundary():
+    tokens = np.arange(1_001, dtype=np.uint16)
+    never_stopped = block_starts(shuffled(tokens), 330)
+    for stop in (37, 99, 100, 250):  # mid-epoch, the last step of an epoch, an epoch's first, mid third epoch
+        loader = shuffled(tokens)
+        block_starts(loader, stop)
+        state = loader.state_dict()
+        assert state == {"position": 10 * (stop % 100), "batches_in_cycle": stop, "epoch": stop // 100,
+                         "order": "shuffled", "order_seed": 7, "block_tokens": 10}
+        resumed = shuffled(tokens)
+        resumed.load_state_dict(state)
+        assert block_starts(resumed, 330 - stop) == never_stopped[stop:]
+
+
+def test_shuffled_state_of_two_ranks_resumes_in_one_process_and_back():
+    tokens = np.arange(1_001, dtype=np.uint16)
+    never_stopped = block_starts(shuffled(tokens), 200)
+    ranks = [shuffled(tokens, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        block_starts(loader, 30)  # 60 blocks
+    assert ranks[0].state_dict() == ranks[1].state_dict()  # no rank's offset in the state
+    one = shuffled(tokens)
+    one.load_state_dict(ranks[0].state_dict())
+    assert block_starts(one, 140) == never_stopped[60:]
+    stopped = shuffled(tokens)
+    block_starts(stopped, 41)  # an odd position: two ranks read blocks 41 and 42, then 43 and 44
+    again = [shuffled(tokens, rank=r, world_size=2) for r in range(2)]
+    for loader in again:
+        loader.load_state_dict(stopped.state_dict())
+    assert [block_starts(loader, 3) for loader in again] == [never_stopped[41:47:2], never_stopped[42:47:2]]
+    # 29 steps of two ranks from block 41 read blocks 41..98; a 30th needs block 100, which is not there: a new epoch
+    block_starts(again[0], 25)
+    assert again[0].epoch == 0
+    assert block_starts(again[0], 1) == [never_stopped[97]] and (again[0].epoch, again[0].position) == (1, 0)
+
+
+def sharded(sizes: list[int]) -> ShardedTokens:
+    """Shards that hold 0, 1, 2, ... in order, so a batch read across them is still a run of consecutive numbers."""
+    starts = np.cumsum([0, *sizes])
+    return ShardedTokens([np.arange(a, a + n, dtype=np.uint16) for a, n in zip(starts, sizes)])
+
+
+def test_shuffled_blocks_read_across_shard_boundaries():
+    tokens = sharded([37, 50, 23, 91])  # 201 tokens, 20 blocks of 10; blocks 3, 8 and 10 (its target) cross a boundary
+    loader = shuffled(tokens)
+    starts = block_starts(loader, 20)  # each is checked to be 11 consecutive tokens, wherever it lies
+    assert sorted(starts) == list(range(0, 200, 10)) and loader.epoch == 1
+    assert loader.tokens is tokens  # the blocks' order replaces the shard shuffle (shuffle_seed) of sequential
+    resumed = shuffled(tokens, shuffle_seed=0)
+    resumed.load_state_dict(loader.state_dict())
+    assert block_starts(resumed, 20) == block_starts(loader, 20) != starts
+
+
+def test_shuffled_overfit_cycles_the_first_batches_of_its_seeds_order():
+    tokens = np.arange(1_001, dtype=np.uint16)
+    first = block_starts(shuffled(tokens), 3)
+    assert block_starts(shuffled(tokens, overfit_batches=3), 7) == first + first + first[:1]
+    assert block_starts(shuffled(tokens, seed=8, overfit_batches=3), 3) != first
+
+
+def test_sequential_ranks_wrap_together():
+    # 899 tokens of B*T = 100 under two ranks: 4 steps an epoch (the 4th reads tokens 600..800 and 801)
+    ranks = [BatchLoader(np.arange(900, dtype=np.uint16), 1, 100, rank=r, world_size=2) for r in range(2)]
+    assert [block_starts(loader, 4) for loader in ranks] == [[0, 200, 400, 600], [100, 300, 500, 700]]
+    assert [(loader.epoch, loader.position) for loader in ranks] == [(1, 0), (1, 0)]
+
+
+def test_a_checkpoint_from_before_data_order_resumes_sequential(shakespeare):
+    a = BatchLoader(shakespeare, B=4, T=32)
+    for _ in range(7):
+        a.next_batch()
+    assert a.state_dict() == {"position": 896, "batches_in_cycle": 7, "epoch": 0, "order": "sequential"}
+    b = BatchLoader(shakespeare, B=4, T=32)
+    b.load_state_dict({"position": 896, "batches_in_cycle": 7, "epoch": 0})
+    assert torch.equal(b.next_batch()[0], a.next_batch()[0])
+
+
+def test_resume_with_another_order_seed_or_block_size_is_one_error():
+    tokens = np.arange(1_001, dtype=np.uint16)
+    sequential_state = BatchLoader(tokens, 2, 5).state_dict()
+    with pytest.raises(DataError, match=r"^resume: the checkpoint read its data with data.order=sequential; resume "
+                                        r"with data.order=sequential$"):
+        shuffled(tokens).load_state_dict({k: v for k, v in sequential_state.items() if k != "order"})
+    with pytest.raises(DataError, match="with data.order=shuffled; resume with data.order=shuffled"):
+        BatchLoader(tokens, 2, 5).load_state_dict(shuffled(tokens).state_dict())
+    with pytest.raises(DataError, match=r"drawn from train.seed=7; resume with train.seed=7"):
+        shuffled(tokens, seed=8).load_state_dict(shuffled(tokens).state_dict())
+    with pytest.raises(DataError, match=r"blocks of B\*T = 10 tokens, not 20; resume with the checkpoint's B and T"):
+        shuffled(tokens, B=4).load_state_dict(shuffled(tokens).state_dict())
+
+
+def test_data_order_key():
+    assert compose_config().data.order == DataOrder.sequential
+    assert compose_config("data=text", "data.path=x.txt").data.order == DataOrder.sequential
+    assert compose_config("data.order=shuffled").data.order == DataOrder.shuffled
