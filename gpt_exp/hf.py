@@ -1,19 +1,20 @@
 """Hugging Face GPT-2 checkpoints: load a `GPT2LMHeadModel` dir (any size) into our GPT, and write ours as one.
 
-`transformers` is not needed: safetensors is read and written here (a JSON header and raw little-endian bytes).
+`transformers` is not needed: weights are read and written with the `safetensors` library.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import secrets
 import shutil
-import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.errors import ConfigError, UserError
@@ -28,66 +29,34 @@ _FIX = "give a Hugging Face GPT-2 dir (config.json + model.safetensors), e.g. on
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The causal-mask buffers older GPT-2 files carry: not weights, our attention builds its mask.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # HF's names for the GELU our MLP uses
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file: an 8-byte header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the tensors' bytes."""
-    # one writable copy of the file, which the tensors share (torch.frombuffer warns on read-only bytes)
+    """Every tensor of a .safetensors file. safe_open maps the file into memory (a 6 GB model is not read into
+    Python bytes) and validates its header and offsets; a damaged file is one line naming it."""
     try:
-        data = bytearray(path.stat().st_size)
-        with open(path, "rb") as f:
-            f.readinto(data)
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise ConfigError(f"{path} is not a readable safetensors file ({reason}); "
+                          f"export or download it again") from None
     except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror}); check the file and its permissions") from None
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        if 8 + header_len > len(data):
-            raise ValueError(f"a header of {header_len} bytes in a file of {len(data)}: the file is cut short")
-        header = json.loads(data[8 : 8 + header_len])
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        start = 8 + header_len
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _DTYPES:
-                raise ValueError(f"tensor {name} has an unknown dtype {info['dtype']!r}")
-            dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-            begin, end = info["data_offsets"]
-            count = math.prod(shape)
-            if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or start + end > len(data):
-                raise ValueError(f"tensor {name} does not fit its data_offsets")
-            if count == 0:  # torch.frombuffer refuses an empty slice
-                tensors[name] = torch.empty(shape, dtype=dtype)
-                continue
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
-        return tensors
-    except (struct.error, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{path} is not a readable safetensors file ({e}); export or download it again") from None
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); check the file and its permissions") from None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """`tensors` as a .safetensors file, written atomically; `format: pt` is what transformers checks for."""
     cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in cpu.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header so the tensor data is 8-byte aligned
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for t in cpu.values():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(cpu, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (a full disk) carry the errno only in the text
+            errno = re.search(r"\(os error (\d+)\)", str(e))
+            if errno is None:
+                raise
+            raise OSError(int(errno[1]), os.strerror(int(errno[1])), str(path)) from None
 
 
 def gpt_config(shape: dict, source: str, fix: str) -> GPTConfig:

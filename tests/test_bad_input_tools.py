@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from gpt_exp import sample
 from gpt_exp.checkpoint import load_model, save_checkpoint
 from gpt_exp.hf import SAFETENSORS, load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig
-from tests.helpers import run_cli
+from tests.helpers import cli_env, run_cli
 
 MAINS = {"compare": compare.main, "sample": sample.main, "eval": evals.main, "export": export.main}
 TINY = dict(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)
@@ -101,9 +104,14 @@ CASES = [
     ("hf config heads do not divide", "sample", ["hf={tmp}/hf_heads"],
      "error: {tmp}/hf_heads/config.json has n_embd=8, not divisible by n_head=3", "main"),
     ("hf truncated safetensors", "sample", ["hf={tmp}/hf_truncated"],
-     "error: {tmp}/hf_truncated/model.safetensors is not a readable safetensors file (tensor", "main"),
+     "error: {tmp}/hf_truncated/model.safetensors is not a readable safetensors file (incomplete metadata, file not "
+     "fully covered); export or download it again", "main"),
     ("hf garbage safetensors", "eval", ["hellaswag", HELLASWAG, "hf={tmp}/hf_garbage"],
-     "error: {tmp}/hf_garbage/model.safetensors is not a readable safetensors file (a header of", "main"),
+     "error: {tmp}/hf_garbage/model.safetensors is not a readable safetensors file (header too large); export or "
+     "download it again", "main"),
+    ("hf empty safetensors", "sample", ["hf={tmp}/hf_empty"],
+     "error: {tmp}/hf_empty/model.safetensors is not a readable safetensors file (header too small); export or "
+     "download it again", "main"),
     ("hf shapes unlike config", "sample", ["hf={tmp}/hf_wider"],
      "error: {tmp}/hf_wider's weights do not match its config.json (0 missing, 0 unexpected, 16 of another shape",
      "main"),
@@ -280,6 +288,7 @@ def tmp(tmp_path_factory):
     hf_copy(tmp, "hf_heads", config={"n_head": 3})
     hf_copy(tmp, "hf_truncated", weights=weights[: len(weights) // 2])
     hf_copy(tmp, "hf_garbage", weights=b"\x93NUMPY not a safetensors file" * 10)
+    hf_copy(tmp, "hf_empty", weights=b"")
     hf_copy(tmp, "hf_wider", config={"n_embd": 16})
     (hf_copy(tmp, "hf_no_weights") / SAFETENSORS).unlink()
 
@@ -375,6 +384,22 @@ def test_export_that_fails_midway_leaves_nothing(tmp, tmp_path, capsys, monkeypa
     assert_one_error_line(code, out, err, "(No space left on device); free disk space, fix its permissions, "
                                           "or export elsewhere")
     assert snapshot(tmp_path) == before
+
+
+def test_export_past_a_file_size_limit_is_one_line(tmp, tmp_path):
+    """The weights' write fails for real (a 500 kB file size limit, EFBIG where a full disk gives ENOSPC; the
+    safetensors library reports it only in its message): one line naming the file, no temp dir left behind."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
+
+    (tmp_path / "area").mkdir()
+    result = subprocess.run([sys.executable, "-m", "gpt_exp.export", f"{tmp}/run", "area/out"], cwd=tmp_path,
+                            env=cli_env(tmp_path), capture_output=True, text=True, preexec_fn=limit_file_size,
+                            timeout=300)
+    assert_one_error_line(result.returncode, result.stdout, result.stderr,
+                          f"/{SAFETENSORS} (File too large); free disk space, fix its permissions, or export elsewhere")
+    assert result.stderr.startswith("error: cannot write area/.out.export-")  # the temp dir, removed since
+    assert list((tmp_path / "area").iterdir()) == []
 
 
 def test_export_into_an_empty_dir_replaces_it_whole(tmp, tmp_path, capsys):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -82,6 +83,8 @@ def test_safetensors_reader_and_writer_agree_with_the_reference(tmp_path, dtype)
     for got in (theirs, ours):
         assert got.keys() == tensors.keys()
         assert all(got[k].dtype == dtype and torch.equal(got[k], tensors[k]) for k in tensors)
+    with safe_open(tmp_path / "ours.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
 
 
 def test_export_loads_in_transformers_with_our_logits(tmp_path):
