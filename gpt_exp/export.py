@@ -1,6 +1,8 @@
 """Export a run's model as a Hugging Face GPT-2 dir: `python -m gpt_exp.export RUN_DIR_OR_CKPT OUT_DIR`.
 
-The dir (config.json + model.safetensors) loads with `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`.
+The dir (config.json, model.safetensors, generation_config.json and GPT-2's tokenizer files) loads with
+`transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`, `AutoTokenizer.from_pretrained(OUT_DIR)` and
+`pipeline("text-generation", model=OUT_DIR)`.
 OUT_DIR must be new or empty: an export never overwrites files, and appears whole or not at all.
 """
 
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face GPT-2 dir to write (new or empty)")
     args = parser.parse_args(argv)
     out_dir, info = export(args.source, args.out_dir)
-    print(f"exported {describe(info)} to {out_dir} (config.json, model.safetensors)")
+    print(f"exported {describe(info)} to {out_dir} (model.safetensors, config.json, the GPT-2 tokenizer)")
     return 0
 
 

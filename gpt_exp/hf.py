@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 checkpoints: load a `GPT2LMHeadModel` dir (any size) into our GPT, and write ours as one.
 
-`transformers` is not needed: weights are read and written with the `safetensors` library.
+`transformers` is not needed: weights are read and written with the `safetensors` library, and the tokenizer
+files an export carries are the gpt2 BPE files gpt_exp ships, under their Hugging Face names.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.tokenizer import EOT_TOKEN
+from gpt_exp.tokenizer import EOT_TOKEN, gpt2_bpe_files
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for a sharded (large) model
@@ -192,6 +193,25 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
+def hf_files(config: GPTConfig) -> dict[str, bytes]:
+    """Every file of an export but the weights: the model's config, its generation defaults, and GPT-2's tokenizer
+    (gpt_exp's own BPE files), so that `AutoTokenizer` and `pipeline("text-generation", model=DIR)` work on the
+    dir. transformers 5 given a dir without them builds an empty tokenizer and generates nothing, without error."""
+    eot = "<|endoftext|>"
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    tokenizer = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size, **special,
+                 "add_prefix_space": False}
+    generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
+    bpe = gpt2_bpe_files()
+    return {"config.json": _json_bytes(hf_config(config)), "generation_config.json": _json_bytes(generation),
+            "vocab.json": bpe["encoder.json"], "merges.txt": bpe["vocab.bpe"],
+            "tokenizer_config.json": _json_bytes(tokenizer), "special_tokens_map.json": _json_bytes(special)}
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
 def check_out_dir(out_dir: str | Path) -> Path:
     """`out_dir` if a new export may go there: it does not exist yet, or is an empty dir. A dir with files in it
     is refused: they may be the user's (another model, notes), and an export never overwrites or mixes with them."""
@@ -209,10 +229,11 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 
 def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
-    """Write `model` as a Hugging Face GPT-2 dir (config.json + model.safetensors) that
-    `GPT2LMHeadModel.from_pretrained(out_dir)` loads; returns the dir. `out_dir` must be new or empty; the files
-    are written into a hidden temp dir beside it, renamed into place once both are whole, so an export that fails
-    midway (a full disk, Ctrl-C) leaves no dir that looks complete."""
+    """Write `model` as a Hugging Face GPT-2 dir (model.safetensors, config.json, generation_config.json and the
+    tokenizer's vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) that
+    `GPT2LMHeadModel.from_pretrained(out_dir)`, `AutoTokenizer` and `pipeline` load; returns the dir. `out_dir` must
+    be new or empty; the files are written into a hidden temp dir beside it, renamed into place once all are whole,
+    so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete."""
     out_dir = check_out_dir(out_dir)
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
@@ -222,7 +243,8 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
         tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         tmp.mkdir()  # an ordinary dir (the user's umask), unlike mkdtemp's private one
         write_safetensors(tensors, tmp / SAFETENSORS)
-        atomic_write_bytes(tmp / "config.json", (json.dumps(hf_config(model.config), indent=2) + "\n").encode())
+        for name, data in hf_files(model.config).items():
+            atomic_write_bytes(tmp / name, data)
         os.replace(tmp, out_dir)  # onto a missing or empty dir only: check_out_dir refused any other
         tmp = None
     except OSError as e:

@@ -6,6 +6,7 @@ tiktoken.get_encoding("gpt2") would download the same two files; a run must neve
 from __future__ import annotations
 
 import functools
+import hashlib
 from importlib import resources
 
 import tiktoken
@@ -18,6 +19,18 @@ _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # Part of every token cache key: a different tokenizer must never reuse a cache.
 TOKENIZER_ID = f"tiktoken-gpt2-{_VOCAB_BPE_SHA256[:12]}-{_ENCODER_JSON_SHA256[:12]}"
+
+
+def gpt2_bpe_files() -> dict[str, bytes]:
+    """The two shipped BPE files, {"encoder.json": ..., "vocab.bpe": ...}, checked against OpenAI's: what a
+    Hugging Face export writes as its vocab.json and merges.txt (the same files under their HF names)."""
+    files = {}
+    for name, sha256 in (("encoder.json", _ENCODER_JSON_SHA256), ("vocab.bpe", _VOCAB_BPE_SHA256)):
+        data = (resources.files("gpt_exp") / "assets" / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(f"gpt_exp/assets/{name} is not OpenAI's gpt2 file (sha256 differs); reinstall gpt_exp")
+        files[name] = data
+    return files
 
 
 @functools.lru_cache(maxsize=1)

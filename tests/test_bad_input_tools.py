@@ -147,7 +147,8 @@ CASES = [
     ("export into a dir with files", "export", ["{tmp}/run", "{tmp}/out_notes"],
      "error: {tmp}/out_notes already holds files (notes.txt); export into a new or empty dir", "main"),
     ("export onto a HF dir", "export", ["{tmp}/run", "{tmp}/hf"],
-     "error: {tmp}/hf already holds files (config.json, model.safetensors); export into a new or empty dir", "main"),
+     "error: {tmp}/hf already holds files (config.json, generation_config.json, merges.txt and 4 more); export "
+     "into a new or empty dir", "main"),
     ("export onto a file", "export", ["{tmp}/run", "{tmp}/notes.txt"],
      "error: {tmp}/notes.txt is a file; give a new dir", "main"),
     ("export under a file", "export", ["{tmp}/run", "{tmp}/notes.txt/hf"],
@@ -407,7 +408,9 @@ def test_export_into_an_empty_dir_replaces_it_whole(tmp, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert export.main([f"{tmp}/run", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]  # no temp dir beside it
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", SAFETENSORS]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", SAFETENSORS, "special_tokens_map.json",
+        "tokenizer_config.json", "vocab.json"]
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # an ordinary dir
     exported, original = load_hf_gpt2(tmp_path / "out"), tiny_model()
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), original.state_dict().values()))

@@ -1,22 +1,28 @@
 """Hugging Face GPT-2 dirs: ours loads theirs with their logits (safetensors and the original .bin layout),
-transformers loads our export with our logits, a round trip keeps every tensor, and bad dirs are one line."""
+transformers loads our export (model, tokenizer, text-generation pipeline) with our logits, tokens and greedy
+text, a round trip keeps every tensor, and bad dirs are one line."""
 
 import json
 import shutil
+from importlib import resources
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from gpt_exp.checkpoint import load_model
 from gpt_exp.errors import ConfigError
 from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.sample import generate
+from gpt_exp.tokenizer import encode_text, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=24, n_positions=64, vocab_size=50257)
+EXPORT_FILES = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
+                "tokenizer_config.json", "vocab.json"]
 IDX = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
 
 
@@ -87,15 +93,53 @@ def test_safetensors_reader_and_writer_agree_with_the_reference(tmp_path, dtype)
         assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
 
 
-def test_export_loads_in_transformers_with_our_logits(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[GPT, object]:
+    """A perturbed GPT of our own (block_size 48) and the dir save_hf_gpt2 wrote for it."""
     torch.manual_seed(0)
-    ours = perturb_(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=3, n_head=4, n_embd=32)))
-    save_hf_gpt2(ours, tmp_path / "out")
-    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    ours = perturb_(GPT(GPTConfig(block_size=48, vocab_size=50257, n_layer=3, n_head=4, n_embd=32)))
+    return ours, save_hf_gpt2(ours, tmp_path_factory.mktemp("export") / "out")
+
+
+def test_export_loads_in_transformers_with_our_logits(exported):
+    ours, out = exported
+    theirs = GPT2LMHeadModel.from_pretrained(out).eval()
     c = theirs.config
-    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions) == (3, 4, 32, 64)
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions) == (3, 4, 32, 48)
     assert c.activation_function == "gelu_new" and c.eos_token_id == 50256
     assert max_diff(ours, theirs) < 1e-4
+
+
+def test_export_carries_the_gpt2_tokenizer_files(exported):
+    ours, out = exported
+    assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES
+    assets = resources.files("gpt_exp") / "assets"
+    assert (out / "vocab.json").read_bytes() == (assets / "encoder.json").read_bytes()
+    assert (out / "merges.txt").read_bytes() == (assets / "vocab.bpe").read_bytes()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config == {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 48, "bos_token": "<|endoftext|>",
+                      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 50256, "eos_token_id": 50256}
+
+
+def test_autotokenizer_of_an_export_encodes_as_ours(exported):
+    tokenizer = AutoTokenizer.from_pretrained(exported[1])
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    text = "ROMEO:\n  Is it   'tis? 1,234.5 café<|endoftext|>Next"
+    assert tokenizer(text)["input_ids"] == encode_text(text)
+    assert (len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id) == (50257, 50256, 50256)
+    assert tokenizer.model_max_length == 48
+    assert tokenizer.decode(encode_text(text)) == text
+
+
+def test_text_generation_pipeline_of_an_export_writes_our_greedy_text(exported):
+    ours, out = exported
+    generated = pipeline("text-generation", model=str(out))("ROMEO:", max_new_tokens=5, do_sample=False)
+    prompt = encode_text("ROMEO:")
+    greedy = generate(ours, torch.tensor([prompt]), 5, top_k=1)[0].tolist()
+    assert len(greedy) == len(prompt) + 5 and 50256 not in greedy  # HF would stop at the end-of-text token
+    assert generated == [{"generated_text": gpt2_encoding().decode(greedy)}]
+    assert len(generated[0]["generated_text"]) > len("ROMEO:")
 
 
 def test_round_trip_keeps_every_tensor(tmp_path, hf_dir):
@@ -116,6 +160,9 @@ def test_export_cli_of_a_run(tmp_path, cache_dir):
     ours, info = load_model(str(run_dir))
     assert info["step"] == 3 and info["name"] == "tiny"
     assert max_diff(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()) < 1e-4
+    assert sorted(p.name for p in (tmp_path / "hf_out").iterdir()) == EXPORT_FILES
+    assert "(model.safetensors, config.json, the GPT-2 tokenizer)" in result.stdout
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf_out").model_max_length == ours.config.block_size
 
 
 def write_config(path, **changes):
