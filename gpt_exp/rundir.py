@@ -43,6 +43,7 @@ class _Claim:
 
 
 _claims: dict[str, _Claim] = {}
+_fresh: set[str] = set()  # dirs claim_dir has just made, not yet checked by a guard
 sweep_failures: list[str] = []  # "3 jobs: 2 completed, 1 diverged" when a sweep of this process had a failed job
 
 
@@ -61,6 +62,7 @@ def claim_dir(path: str) -> str:
         try:
             os.makedirs(candidate)
             _claims[_key(candidate)] = _Claim(created=True)
+            _fresh.add(_key(candidate))
             return candidate
         except FileExistsError:
             n += 1
@@ -89,7 +91,8 @@ def guard(path: str | Path, resume: str | None = None) -> None:
     """Before Hydra writes anything into the run dir `path`: refuse a dir that holds another run (unless this run
     resumes that very run into it) and remember what the dir held, so that a failed start removes only its own."""
     key = _key(path)
-    if key in _claims:  # claim_dir created it just now
+    if key in _fresh:  # claim_dir created it just now, empty
+        _fresh.discard(key)
         return
     existing = Path(key)
     if existing.exists() and not existing.is_dir():
@@ -106,7 +109,8 @@ def guard(path: str | Path, resume: str | None = None) -> None:
 def guard_sweep(path: str | Path) -> None:
     """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into."""
     key = _key(path)
-    if key in _claims:
+    if key in _fresh:
+        _fresh.discard(key)
         return
     existing = Path(key)
     jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []

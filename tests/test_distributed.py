@@ -17,7 +17,8 @@ def torchrun(cwd, *args):
                            "-m", "gpt_exp.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("total_batch", ["null", "512"])  # one micro-step, and 2 accumulated micro-steps
+# one micro-step, and 2 accumulated micro-steps (each a torchrun of ~10 s: the second behind the slow marker)
+@pytest.mark.parametrize("total_batch", ["null", pytest.param("512", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process(tmp_path, cache_dir, total_batch):
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     single_dir.mkdir(), ddp_dir.mkdir()
@@ -40,6 +41,7 @@ def test_two_ranks_match_one_process(tmp_path, cache_dir, total_batch):
     assert ddp.stderr.count("done: 6 steps") + ddp.stdout.count("done: 6 steps") == 1  # one console
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_under_any_world_size(tmp_path, cache_dir):
     """Checkpoints hold the full model once (rank 0's); a DDP run stopped at step 4 resumes with 2 ranks or with
     1 process and gives the losses of a single process that never stopped."""
@@ -64,6 +66,7 @@ def test_ddp_checkpoint_resumes_under_any_world_size(tmp_path, cache_dir):
         assert max(abs(r["loss"] - e) for r, e in zip(rows, expected)) < 1e-3, how
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
     """train.strategy=fsdp shards parameters, gradients and optimizer state over 2 CPU ranks (gloo); its losses
     are those of one process, and its gathered checkpoint resumes with FSDP and loads into a plain model."""

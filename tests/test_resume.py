@@ -45,7 +45,7 @@ def start_and_stop(cwd, cache_dir, sig, after_rows, *extra):
     return proc.wait(timeout=300), metrics[0].parent
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("schedule", [pytest.param("cosine", marks=pytest.mark.slow), "constant"])
 def test_sigkill_then_resume_gives_the_straight_losses(straight_losses, tmp_path, cache_dir, schedule):
     expected = straight_losses(schedule)
     rc, killed_dir = start_and_stop(tmp_path, cache_dir, signal.SIGKILL, 17, "train.ckpt_every=5",

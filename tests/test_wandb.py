@@ -128,11 +128,11 @@ def history(wandb_run_dir: Path) -> dict[int, float]:
             for r in wandb_records(wandb_run_dir) if r["type"] == "history"}
 
 
-@pytest.mark.parametrize("server_kind, mode, resume_id", [
+@pytest.mark.parametrize("server_kind, mode, resume_id", [  # ~7 s each: two in the default suite
     ("500", "online", ""),
-    ("silent", "online", ""),
+    pytest.param("silent", "online", "", marks=pytest.mark.slow),
     ("silent", "auto", ""),
-    ("500", "auto", "resumed1"),  # a resumed run keeps its W&B id offline too
+    pytest.param("500", "auto", "resumed1", marks=pytest.mark.slow),  # a resumed run keeps its W&B id offline too
 ])
 def test_failing_server_costs_seconds_and_history_goes_offline(tmp_path, server_kind, mode, resume_id):
     times, exit_s, warnings = run_driver(tmp_path, server_kind, mode, resume_id)
