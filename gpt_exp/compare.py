@@ -1,5 +1,6 @@
 """Compare finished, failed or still-running runs: a table of what differs and how it did, plus an overlay plot.
-Runs that differ only by `train.seed` are grouped into one row (mean ± sample std) and one mean curve with a band."""
+Runs that differ only by `train.seed` are grouped into one row (mean ± sample std) and one mean curve with a band;
+--baseline tests each group against one (Welch's t-test), --target asks which reached a loss, and when."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +21,30 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from scipy import stats
 
 from gpt_exp.atomic import atomic_path
 from gpt_exp.config import flatten
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
 from gpt_exp.metrics import is_number, read_metrics
-from gpt_exp.plots import plot_overlay
+from gpt_exp.plots import Curve, plot_overlay, trailing_mean
 
 RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
-LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss")  # aggregated as mean ± std over seeds
+# Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
+LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
 METRICS = (*LOSS_METRICS, "steps", "tokens", "median_tok_per_s", "wall_s")
-# Logger settings and paths decide where a run writes, not what it learns, and often differ per run.
+AXES = ("step", "tokens", "flops", "time")
+# Logger settings and paths decide where a run writes, not what it learns, and often differ per run; so do the
+# settings of how often it saves, logs and evaluates, and its CPU threads.
 IGNORED_SECTIONS = ("logger.", "hydra.")
 IGNORED_SUFFIXES = ("dir", "path")
+BOOKKEEPING_KEYS = ("resume", "train.ckpt_every", "train.keep_ckpts", "train.eval_batches", "train.log_every",
+                    "data.cache_dir", "device.threads")
+ALPHA, POWER = 0.05, 0.8  # the test --baseline runs, and the power its seed count is sized for
+NO_TEST = "n=1: no test"
+MAX_GRID = 5000  # points of a seed group's mean curve
 
 
 class CompareError(UserError):
@@ -46,6 +57,12 @@ class RunRecord:
     params: dict[str, Any]  # the composed config, flattened to dotted keys
     curve_steps: np.ndarray  # the training loss curve, one point per logged step
     curve_losses: np.ndarray
+    curve_tokens: np.ndarray | None  # the same rows' cumulative tokens; None: some row lacks them
+    curve_flops: np.ndarray | None  # cumulative training FLOPs; None: neither the rows nor summary.json say
+    curve_elapsed: np.ndarray | None  # wall seconds since the run started
+    curve_lr: np.ndarray | None
+    val_steps: np.ndarray  # the val loss, one point per evaluation
+    val_losses: np.ndarray
     status: str
     final_loss: float | None
     best_loss: float | None
@@ -98,16 +115,23 @@ def load_runs(patterns: list[str]) -> list[RunRecord]:
     return list(runs.values())
 
 
+def _column(rows: list[dict], key: str) -> np.ndarray | None:
+    """`key` of every row as floats, or None when a row lacks it (a run made before the key was logged)."""
+    if not all(is_number(r.get(key)) for r in rows):
+        return None
+    return np.array([r[key] for r in rows], dtype=float)
+
+
 def load_run(run_dir: Path) -> RunRecord:
     rows = read_metrics(run_dir / "metrics.jsonl")
     # A resumed run logs the steps after its checkpoint again; the later row of a step is the one that counts.
     train = sorted({r["step"]: r for r in rows if "loss" in r}.values(), key=lambda r: r["step"])
+    val = sorted({r["step"]: r for r in rows if "val_loss" in r}.values(), key=lambda r: r["step"])
     losses = np.array([r["loss"] for r in train], dtype=float)
     finite = losses[np.isfinite(losses)]
-    vals = [r["val_loss"] for r in rows if "val_loss" in r]
     tok_per_s = [r["tok_per_s"] for r in train if "tok_per_s" in r]
     # What metrics.jsonl says so far; summary.json, written when the run ends, has the last word.
-    stats: dict[str, Any] = {
+    stats_: dict[str, Any] = {
         "status": RUNNING,
         "final_loss": float(losses[-1]) if len(losses) else None,
         "best_loss": float(finite.min()) if len(finite) else None,
@@ -118,15 +142,29 @@ def load_run(run_dir: Path) -> RunRecord:
     }
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        stats.update(read_summary(summary_path, stats.keys()))
+        stats_.update(read_summary(summary_path, [*stats_, "flops_per_token"]))
+    flops_per_token = stats_.pop("flops_per_token", None)
+    tokens = _column(train, "tokens")
+    flops = _column(train, "flops")
+    if flops is None and tokens is not None and flops_per_token:  # runs made before the rows had flops
+        flops = tokens * flops_per_token
+    elapsed = _column(train, "elapsed_s")
+    if elapsed is None and (dt_ms := _column(train, "dt_ms")) is not None:  # before the rows had elapsed_s
+        elapsed = np.cumsum(dt_ms) / 1000
     return RunRecord(
         path=run_dir,
         params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
                 for k, v in flatten(_read_config(run_dir / ".hydra" / "config.yaml")).items()},
         curve_steps=np.array([r["step"] for r in train], dtype=float),
         curve_losses=losses,
-        final_val_loss=float(vals[-1]) if vals else None,
-        **stats,
+        curve_tokens=tokens,
+        curve_flops=flops,
+        curve_elapsed=elapsed,
+        curve_lr=_column(train, "lr"),
+        val_steps=np.array([r["step"] for r in val], dtype=float),
+        val_losses=np.array([r["val_loss"] for r in val], dtype=float),
+        final_val_loss=float(val[-1]["val_loss"]) if val else None,
+        **stats_,
     )
 
 
@@ -165,10 +203,94 @@ def _read_config(path: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+# --- the x axis ---------------------------------------------------------------------------------------------------
+
+def axis(run: RunRecord, x: str) -> np.ndarray:
+    """The run's training rows on axis `x` (step, tokens, flops or time); a run that cannot give it is an error."""
+    values = {"step": run.curve_steps, "tokens": run.curve_tokens, "flops": run.curve_flops,
+              "time": run.curve_elapsed}[x]
+    if values is None:
+        metrics = run.path / "metrics.jsonl"
+        raise CompareError({
+            "tokens": f"--x tokens needs tokens in every row of {metrics}; use --x step",
+            "flops": f"--x flops needs runs made by this version of gpt_exp ({metrics} has no flops and "
+                     f"{run.path / 'summary.json'} no flops_per_token); use --x tokens",
+            "time": f"--x time needs elapsed_s or dt_ms in every row of {metrics}; use --x step",
+        }[x])
+    return np.maximum.accumulate(values) if len(values) else values  # interpolation needs it non-decreasing
+
+
+def default_x(runs: list[RunRecord]) -> str:
+    """tokens when the runs train on different numbers of tokens per step (B, T, gradient accumulation), so that
+    equal steps are unequal amounts of training; else step."""
+    logged = [r for r in runs if len(r.curve_steps)]
+    if any(r.curve_tokens is None for r in logged):
+        return "step"
+    per_step = {round(r.curve_tokens[-1] / (r.curve_steps[-1] + 1)) for r in logged}  # steps count from 0
+    return "tokens" if len(per_step) > 1 else "step"
+
+
+def common_x(runs: list[RunRecord], x: str) -> float | None:
+    """The largest x that every run reached: where runs of different lengths, batch sizes or speeds compare. A run
+    that failed or diverged early does not hold the others back (unless every run did)."""
+    logged = [r for r in runs if len(r.curve_steps)]
+    going = [r for r in logged if r.status not in ("failed", "diverged")] or logged
+    return float(min(axis(r, x)[-1] for r in going)) if going else None
+
+
+def smoothing_span(runs: list[RunRecord], x: str, smooth: int) -> float:
+    """The x width that --smooth N averages over: N logged steps of the run that covers the most x per step, and
+    the same width for every other run (0: no smoothing)."""
+    if smooth <= 1:
+        return 0.0
+    gaps = [float(np.median(np.diff(axis(r, x)))) for r in runs if len(r.curve_steps) > 1]
+    return smooth * max(gaps, default=1.0)
+
+
+def smoothed_loss(run: RunRecord, x: str, span: float) -> np.ndarray:
+    return trailing_mean(axis(run, x), run.curve_losses, span)
+
+
+def loss_at(run: RunRecord, x: str, at: float | None, span: float) -> float | None:
+    """The run's smoothed training loss at x = `at`, interpolated between logged points; None if it did not get there."""
+    xs = axis(run, x)
+    if at is None or not len(xs) or not xs[0] <= at <= xs[-1]:
+        return None
+    value = float(np.interp(at, xs, smoothed_loss(run, x, span)))
+    return value if math.isfinite(value) else None
+
+
+def first_crossing(xs: np.ndarray, losses: np.ndarray, level: float) -> float | None:
+    """The x at which `losses` first reached `level`, interpolated linearly from the point before; None if never."""
+    below = np.flatnonzero(losses <= level)  # NaN is never below
+    if not len(below):
+        return None
+    i = below[0]
+    if i == 0 or not math.isfinite(losses[i - 1]):
+        return float(xs[i])
+    fraction = (losses[i - 1] - level) / (losses[i - 1] - losses[i])
+    return float(xs[i - 1] + fraction * (xs[i] - xs[i - 1]))
+
+
+def on_common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, one row per curve): each (x, y) interpolated onto the x that any of them logged within the range all of
+    them cover. Seeds log at the same steps but not at the same tokens or seconds: averaging by index mixes points."""
+    lo, hi = max(float(x[0]) for x, _ in curves), min(float(x[-1]) for x, _ in curves)
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if len(grid) > MAX_GRID:
+        grid = np.linspace(lo, hi, MAX_GRID)
+    return grid, np.stack([np.interp(grid, x, y) for x, y in curves])
+
+
+# --- grouping and the table ---------------------------------------------------------------------------------------
+
 def varying_keys(runs: list[RunRecord]) -> list[str]:
-    """Config keys whose values differ between the runs, in config order, skipping logger settings and paths."""
+    """Config keys whose values differ between the runs, in config order, skipping logger settings, paths and
+    bookkeeping (BOOKKEEPING_KEYS)."""
     keys = list(dict.fromkeys(k for run in runs for k in run.params))
-    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k.rsplit(".", 1)[-1].endswith(IGNORED_SUFFIXES))]
+    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k in BOOKKEEPING_KEYS
+                                    or k.rsplit(".", 1)[-1].endswith(IGNORED_SUFFIXES))]
     return [k for k in keys if len({repr(run.params.get(k)) for run in runs}) > 1]
 
 
@@ -192,29 +314,177 @@ def contributing(group: list[RunRecord]) -> list[RunRecord]:
     return completed or group
 
 
-def compare_table(runs: list[RunRecord], metric: str = "final_loss") -> list[dict]:
-    """One row per configuration, sorted by `metric` ascending (a config key works too); missing values last."""
+def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | None = None, smooth: int = 1,
+                  baseline: list[str] = (), target: float | None = None) -> list[dict]:
+    """One row per configuration, sorted by `metric` ascending (a config key works too); missing values last.
+    x: the axis of loss_at_x and --target's crossing (None: default_x); baseline: KEY=VALUE that pick the group the
+    others are tested against; target: a loss each group's mean is tested to be below."""
     keys, groups = group_runs(runs)
     if metric not in METRICS and metric not in keys:
         choices = ", ".join([*METRICS, *keys])
         raise CompareError(f"unknown --metric {metric}; choose one of {choices}")
-    rows = [_group_row(keys, group) for group in groups]
-    return sorted(rows, key=lambda row: _sort_key(row[metric]))
+    if (baseline or target is not None) and metric not in LOSS_METRICS:
+        option = "--baseline" if baseline else "--target"
+        raise CompareError(f"{option} tests a loss; use --metric {', '.join(LOSS_METRICS)}, not --metric {metric}")
+    x = x or default_x(runs)
+    span = smoothing_span(runs, x, smooth)
+    at = common_x([r for g in groups for r in contributing(g)], x)
+    loss_at_x = {r.path: loss_at(r, x, at, span) for r in runs}
+
+    def values(group: list[RunRecord], name: str) -> list[float]:
+        """The finite `name` of each run the group's numbers come from, for the tests."""
+        found = (loss_at_x[r.path] if name == "loss_at_x" else getattr(r, name) for r in contributing(group))
+        return [float(v) for v in found if v is not None and math.isfinite(v)]
+
+    rows = [_group_row(keys, group, loss_at_x, x, at) for group in groups]
+    if target is not None:
+        for row, group in zip(rows, groups):
+            row.update(_target_columns(group, values(group, metric), target, x, span))
+    if baseline:
+        base = find_baseline(baseline, keys, groups)
+        for i, (row, group) in enumerate(zip(rows, groups)):
+            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), is_base=i == base))
+    return [row for _, row in sorted(enumerate(rows), key=lambda item: _sort_key(item[1][metric]))]
 
 
-def _group_row(keys: list[str], group: list[RunRecord]) -> dict:
+def _group_row(keys: list[str], group: list[RunRecord], loss_at_x: dict, x: str, at: float | None) -> dict:
     used = contributing(group)
     row: dict[str, Any] = {k: group[0].params.get(k) for k in keys}
     row["n"] = len(used)
+    # Seeds of a sequential data order all read the same batches: their spread is the init's alone.
+    shuffled = group[0].params.get("data.order") == "shuffled"
+    row["data_varies"] = None if len(group) == 1 else "yes" if shuffled else "no"
     for name in METRICS:
-        values = [v for v in (getattr(r, name) for r in used) if v is not None]
+        found = (loss_at_x[r.path] if name == "loss_at_x" else getattr(r, name) for r in used)
+        values = [v for v in found if v is not None]
         row[name] = values[0] if len(values) == 1 else float(np.mean(values)) if values else None
         if name in LOSS_METRICS:
             row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
+    row["x_axis"], row["x_common"] = x, at
     statuses = Counter(r.status for r in group)
     row["status"] = group[0].status if len(statuses) == 1 else ", ".join(f"{n} {s}" for s, n in statuses.items())
     row["run_dirs"] = [str(r.path) for r in group]
     return row
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _target_columns(group: list[RunRecord], values: list[float], target: float, x: str, span: float) -> dict:
+    """The one-sided p-value that the group's mean is below `target`, and the tokens and seconds at which its runs'
+    smoothed loss first reached it (a mean over the runs when all of them did)."""
+    used = [r for r in contributing(group) if len(r.curve_steps)]
+    reached: dict[str, list] = {"step": [], "tokens": [], "time": []}
+    for run in used:
+        smoothed = smoothed_loss(run, x, span)
+        for name, xs in (("step", run.curve_steps), ("tokens", run.curve_tokens), ("time", run.curve_elapsed)):
+            reached[name].append(None if xs is None else first_crossing(np.maximum.accumulate(xs), smoothed, target))
+    p = None
+    if len(values) >= 2:
+        with warnings.catch_warnings():  # identical values: scipy warns and returns nan, shown as no p-value
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = _finite(stats.ttest_1samp(values, target, alternative="less").pvalue)
+
+    def mean_if_all(found: list) -> float | None:
+        return float(np.mean(found)) if found and all(v is not None for v in found) else None
+
+    return {
+        "target": target,
+        "p_below_target": p,
+        "target_note": NO_TEST if len(values) == 1 else None,
+        "tokens_to_target": mean_if_all(reached["tokens"]),
+        "time_to_target": mean_if_all(reached["time"]),
+        "runs_reached_target": sum(v is not None for v in reached["step"]),
+    }
+
+
+def find_baseline(specs: list[str], keys: list[str], groups: list[list[RunRecord]]) -> int:
+    """The index of the one group whose config matches every KEY=VALUE of --baseline (KEY may name a config group:
+    model=tiny means model.name=tiny)."""
+    matching = list(range(len(groups)))
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        if not (sep and key):
+            raise CompareError(f"--baseline {spec} must be KEY=VALUE, e.g. --baseline optim.lr=0.001")
+        params = groups[0][0].params
+        key = key if key in params or f"{key}.name" not in params else f"{key}.name"
+        if key not in params:
+            raise CompareError(f"--baseline {spec}: {key} is not a config key of these runs; the swept keys are "
+                               f"{', '.join(keys) or 'none'}")
+        matching = [i for i in matching if _matches(groups[i][0].params.get(key), text)]
+        if not matching:
+            seen = sorted({_fmt(g[0].params.get(key)) for g in groups})
+            raise CompareError(f"--baseline {spec} matches no run; {key} is {', '.join(seen)} in these runs")
+    if len(matching) > 1:
+        other = next(k for k in keys if len({repr(groups[i][0].params.get(k)) for i in matching}) > 1)
+        seen = ", ".join(f"{other}={_fmt(groups[i][0].params.get(other))}" for i in matching)
+        raise CompareError(f"--baseline {' '.join(specs)} matches {len(matching)} configurations ({seen}); add "
+                           f"--baseline {other}=VALUE to pick one")
+    return matching[0]
+
+
+def _matches(value: Any, text: str) -> bool:
+    """Whether a config value is what the user wrote on the command line (0.001 matches 1e-3)."""
+    if is_number(value):
+        try:
+            return math.isclose(value, float(text), rel_tol=1e-9)
+        except ValueError:
+            return False
+    if value is None or isinstance(value, bool):
+        return str(value).lower() == text.lower().replace("null", "none")
+    return str(value) == text
+
+
+def _baseline_columns(values: list[float], base: list[float], is_base: bool) -> dict:
+    """This group's metric against the baseline's: the difference of the means, its 95% CI and p-value from Welch's
+    t-test (no equal-variance assumption: a config can change the spread over seeds), and the seeds per side that
+    would resolve the observed difference."""
+    row: dict[str, Any] = {"baseline_diff": None, "baseline_ci_low": None, "baseline_ci_high": None,
+                           "baseline_p": None, "seeds_needed": None, "baseline_note": None}
+    if is_base:
+        return row | {"baseline_note": "baseline"}
+    if not values or not base:
+        return row
+    row["baseline_diff"] = float(np.mean(values) - np.mean(base))
+    if len(values) < 2 or len(base) < 2:
+        return row | {"baseline_note": NO_TEST}
+    with warnings.catch_warnings():  # identical values: scipy warns and returns nan, shown as no p-value
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(values, base, equal_var=False)
+        ci = result.confidence_interval(1 - ALPHA)  # t quantile at the Welch-Satterthwaite dof
+    pooled_std = math.sqrt(((len(values) - 1) * np.var(values, ddof=1) + (len(base) - 1) * np.var(base, ddof=1))
+                           / (len(values) + len(base) - 2))
+    return row | {"baseline_ci_low": _finite(ci.low), "baseline_ci_high": _finite(ci.high),
+                  "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(row["baseline_diff"], pooled_std)}
+
+
+def t_test_power(n: int, effect: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided two-sample Student t-test with n runs per side for a true difference of `effect` pooled
+    standard deviations: the noncentral t's mass beyond the critical values."""
+    df = 2 * n - 2
+    nc = effect * math.sqrt(n / 2)
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(critical, df, nc) + stats.nct.cdf(-critical, df, nc))
+
+
+def seeds_needed(diff: float, pooled_std: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
+    """Seeds per side at which a t-test at `alpha` finds a true difference `diff` with `power`, if the std over seeds
+    is `pooled_std`. The t-based power (t_test_power, exact for normal noise), not the normal approximation: that
+    one undercounts at the few seeds a sweep has (4 where 6 are needed for 2 std, 16 where 17 for 1 std).
+    None: no difference to resolve."""
+    if diff == 0 or not math.isfinite(diff) or not math.isfinite(pooled_std):
+        return None
+    if pooled_std == 0:
+        return 2
+    effect = abs(diff) / pooled_std
+    z = stats.norm.ppf
+    n = max(2, math.ceil(2 * ((z(1 - alpha / 2) + z(power)) / effect) ** 2))  # the normal approximation: a lower bound
+    if n > 100_000:  # where the two agree
+        return n
+    while t_test_power(n, effect, alpha) < power:
+        n += 1
+    return n
 
 
 def _sort_key(value: Any) -> tuple:
@@ -231,50 +501,111 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def loss_curves(runs: list[RunRecord], smooth: int = 1) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
-    """(label, steps, mean loss, std or None) per configuration, each run smoothed by a trailing `smooth`-step mean;
-    a seed group is averaged over the steps all its runs logged."""
+# --- curves and their labels --------------------------------------------------------------------------------------
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Legend names of swept keys: without their section (optim.lr -> lr), a group's choice by the group
+    (model.name -> model); the full key where two would read the same."""
+    short = {k: k.split(".")[0] if k.endswith(".name") else k.rsplit(".", 1)[-1] for k in keys}
+    taken = Counter(short.values())
+    return {k: short[k] if taken[short[k]] == 1 else k for k in keys}
+
+
+def short_value(value: Any) -> str:
+    """A config value for a legend: floats in 4 significant digits with a plain exponent (1e-3, 3.162e-4, 0.95)."""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            mantissa, exponent = f"{value:.3e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(short_value(v) for v in value)
+    return str(value)
+
+
+def curve_label(keys: list[str], params: dict, n: int = 1, best: bool = False, fallback: str = "") -> str:
+    """A configuration's legend entry: its swept keys, short (`lr=1e-3 B=16`), then (n=3) for seeds and `best`."""
+    names = short_names(keys)
+    label = " ".join(f"{names[k]}={short_value(params.get(k))}" for k in keys)
+    label = label or ("all seeds" if n > 1 else fallback)
+    notes = [f"n={n}"] * (n > 1) + ["best"] * best
+    return f"{label} ({', '.join(notes)})" if notes else label
+
+
+def loss_curves(runs: list[RunRecord], smooth: int = 1, x: str | None = None, best: str | None = None) -> list[Curve]:
+    """One Curve per configuration on axis `x`, each run smoothed by a trailing mean over `smooth` steps (as x
+    widths: smoothing_span); a seed group is averaged on a common x grid. best: a run dir of the configuration to
+    mark as the best."""
+    x = x or default_x(runs)
+    span = smoothing_span(runs, x, smooth)
     keys, groups = group_runs(runs)
     curves = []
     for group in groups:
         used = [r for r in contributing(group) if len(r.curve_steps)]
         if not used:
             continue
-        steps = used[0].curve_steps
-        for run in used[1:]:
-            steps = np.intersect1d(steps, run.curve_steps)
-        losses = np.stack([moving_average(r.curve_losses, smooth)[np.isin(r.curve_steps, steps)] for r in used])
-        label = ",".join(f"{k}={_fmt(group[0].params.get(k))}" for k in keys)
-        if len(group) > 1:
-            label = f"{label or 'all seeds'} (n={len(used)})"
-        label = label or group[0].path.name
-        std = losses.std(axis=0, ddof=1) if len(used) > 1 else None
-        curves.append((label, steps, losses.mean(axis=0), std))
+        grid, losses = on_common_grid([(axis(r, x), smoothed_loss(r, x, span)) for r in used])
+        lr = np.interp(grid, axis(used[0], x), used[0].curve_lr) if used[0].curve_lr is not None else None
+        evaluated = [(np.interp(r.val_steps, r.curve_steps, axis(r, x)), r.val_losses) for r in used
+                     if len(r.val_steps)]
+        val_x, val_losses = on_common_grid(evaluated) if evaluated else (None, None)
+        is_best = best is not None and best in {str(r.path) for r in group}
+        curves.append(Curve(
+            label=curve_label(keys, group[0].params, n=len(used), best=is_best, fallback=group[0].path.name),
+            x=grid, loss=losses.mean(axis=0), std=losses.std(axis=0, ddof=1) if len(used) > 1 else None, lr=lr,
+            val_x=val_x, val_loss=val_losses.mean(axis=0) if evaluated else None, best=is_best,
+        ))
     return curves
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the last `window` values at each point (fewer at the start), so the curve keeps its steps."""
-    if window <= 1 or len(values) == 0:
-        return values
-    sums = np.cumsum(np.insert(values, 0, 0.0))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - window, 0)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+def best_run(rows: list[dict], metric: str) -> str | None:
+    """A run dir of the best configuration: lowest `metric` when it is a loss, else lowest final loss; None for a
+    single configuration (nothing to mark) or when no row has the number."""
+    name = metric if metric in LOSS_METRICS else "final_loss"
+    scored = [row for row in rows if row[name] is not None and math.isfinite(row[name])]
+    if len(rows) < 2 or not scored:
+        return None
+    return min(scored, key=lambda row: row[name])["run_dirs"][0]
 
 
-def format_table(rows: list[dict], out_dir: Path) -> str:
-    """Aligned text table: config keys, losses (± std for seed groups), progress, status, run dirs."""
-    keys = [k for k in rows[0] if k not in {*METRICS, "n", "status", "run_dirs"} and not k.endswith("_std")]
+# --- output -------------------------------------------------------------------------------------------------------
+
+STAT_FIELDS = {*METRICS, "n", "data_varies", "x_axis", "x_common", "status", "run_dirs", "target", "p_below_target",
+               "target_note", "tokens_to_target", "time_to_target", "runs_reached_target", "baseline_diff",
+               "baseline_ci_low", "baseline_ci_high", "baseline_p", "seeds_needed", "baseline_note"}
+
+
+def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") -> str:
+    """Aligned text table: config keys, losses (± std for seed groups), the tests, progress, status, run dirs."""
+    keys = [k for k in rows[0] if k not in STAT_FIELDS and not k.endswith("_std")]
     grouped = any(row["n"] > 1 for row in rows)
-    losses = [m for m in LOSS_METRICS if any(row[m] is not None for row in rows)]
-    header = [*keys, *(["n"] if grouped else []), *losses, "steps", "tokens", "tok/s", "wall", "status", "run"]
+    losses = [m for m in LOSS_METRICS[:3] if any(row[m] is not None for row in rows)]
+    # loss_at_x where it tells something the final loss does not: runs that stop at different x, or smoothing.
+    if metric == "loss_at_x" or any(row["loss_at_x"] != row["final_loss"] for row in rows):
+        losses.append("loss_at_x")
+    header = [*keys, *(["n", "data varies"] if grouped else [])]
+    header += [f"loss@{_x_text(rows[0]['x_axis'], rows[0]['x_common'])}" if m == "loss_at_x" else m for m in losses]
+    tested = "baseline_note" in rows[0]
+    if tested:
+        header += [f"Δ{metric}", "95% CI", "p (Welch)", "seeds/side"]
+    target = rows[0].get("target")
+    if target is not None:
+        header += [f"p({metric}<{target:g})", f"tokens to {target:g}", f"time to {target:g}"]
+    header += ["steps", "tokens", "tok/s", "wall", "status", "run"]
     lines = [header]
     for row in rows:
-        cells = [_fmt(row[k]) for k in keys] + ([str(row["n"])] if grouped else [])
+        cells = [_fmt(row[k]) for k in keys] + ([str(row["n"]), _fmt(row["data_varies"])] if grouped else [])
         for m in losses:
             std = row[f"{m}_std"]
             cells.append("-" if row[m] is None else f"{row[m]:.4f}" + (f"±{std:.4f}" if std is not None else ""))
+        if tested:
+            cells += _baseline_cells(row)
+        if target is not None:
+            cells.append(row["target_note"] or _p(row["p_below_target"]))
+            tokens, time = _count(row["tokens_to_target"]), _duration(row["time_to_target"])
+            if row["tokens_to_target"] is None and row["time_to_target"] is None and row["runs_reached_target"]:
+                tokens = time = f"{row['runs_reached_target']}/{row['n']} runs"  # the mean needs every run
+            cells += [tokens, time]
         cells += [_count(row[k]) for k in ("steps", "tokens", "median_tok_per_s")] + [_duration(row["wall_s"])]
         cells += [row["status"], ",".join(os.path.relpath(d, out_dir) for d in row["run_dirs"])]
         lines.append(cells)
@@ -282,10 +613,32 @@ def format_table(rows: list[dict], out_dir: Path) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def _baseline_cells(row: dict) -> list[str]:
+    if row["baseline_note"] == "baseline":
+        return ["baseline", "", "", ""]
+    diff = "-" if row["baseline_diff"] is None else f"{row['baseline_diff']:+.4f}"
+    if row["baseline_note"]:
+        return [diff, "", row["baseline_note"], ""]
+    low, high = row["baseline_ci_low"], row["baseline_ci_high"]
+    ci = "-" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+    return [diff, ci, _p(row["baseline_p"]), _fmt(row["seeds_needed"])]
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _x_text(x: str, value: float | None) -> str:
+    if value is None:
+        return x
+    return {"step": f"step {value:.0f}", "tokens": f"{_count(value)} tokens", "flops": f"{_count(value)}FLOP",
+            "time": _duration(value)}[x]
+
+
 def _count(value: float | None) -> str:
     if value is None:
         return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= size:
             return f"{value / size:.3g}{unit}"
     return f"{value:.0f}"
@@ -301,7 +654,8 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.2f}h"
 
 
-def write_outputs(rows: list[dict], curves: list, out_dir: Path, logx: bool = False) -> None:
+def write_outputs(rows: list[dict], curves: list[Curve], out_dir: Path, x: str = "step", logx: bool = False,
+                  logy: bool = False) -> None:
     """compare.csv and compare.json (full precision) and compare.png, written atomically together: a failure in
     any of them leaves the previous three as they were."""
 
@@ -315,7 +669,7 @@ def write_outputs(rows: list[dict], curves: list, out_dir: Path, logx: bool = Fa
                 writer.writeheader()
                 writer.writerows({**row, "run_dirs": ";".join(row["run_dirs"])} for row in rows)
             json_tmp.write_text(json.dumps(rows, indent=2) + "\n")
-            plot_overlay(curves, png_tmp, title=f"training loss: {out_dir.name}", logx=logx)
+            plot_overlay(curves, png_tmp, title=f"training loss: {out_dir.name}", x=x, logx=logx, logy=logy)
     except OSError as e:
         raise CompareError(f"cannot write compare.csv, compare.json, compare.png to {out_dir} ({e.strerror}); "
                            f"pass --out DIR with a dir you can write") from None
@@ -333,23 +687,38 @@ def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep dirs, run dirs or globs")
-    parser.add_argument("--metric", default="final_loss", help=f"sort key, ascending: {', '.join(METRICS)} or a key")
-    parser.add_argument("--smooth", type=int, default=1, help="average the loss over the last N logged steps")
-    parser.add_argument("--logx", action="store_true", help="log-scale step axis")
+    parser.add_argument("--metric", default="final_loss",
+                        help=f"sort key, ascending, and what --baseline/--target test: {', '.join(METRICS)} or a key")
+    parser.add_argument("--x", choices=AXES, help="the plot's x axis and where loss_at_x compares the runs: step, "
+                        "tokens, flops (training FLOPs) or time (wall seconds); default: tokens when the runs differ "
+                        "in tokens per step, else step")
+    parser.add_argument("--smooth", type=int, default=1, help="average the loss over the last N logged steps (for "
+                        "every run the same x width: N steps of the run with the most x per step)")
+    parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
+                        help="test every configuration against this one (Welch's t-test over seeds), e.g. "
+                        "optim.lr=0.001; repeat to pick one of several matches")
+    parser.add_argument("--target", type=float, metavar="L", help="test each mean to be below the loss L; the tokens "
+                        "and time at which the smoothed loss first reached it")
+    parser.add_argument("--logx", action="store_true", help="log-scale x axis")
+    parser.add_argument("--logy", action="store_true", help="log-scale loss axis")
     parser.add_argument("--out", type=Path, help="where to write compare.{csv,json,png}")
     args = parser.parse_args(argv)
     if args.smooth < 1:
         raise CompareError(f"--smooth {args.smooth} must be at least 1 (1 means no smoothing)")
+    if args.target is not None and not math.isfinite(args.target):
+        raise CompareError(f"--target {args.target} must be a finite loss, e.g. --target 3.5")
     try:
         runs = load_runs(args.paths)
-        rows = compare_table(runs, args.metric)
+        x = args.x or default_x(runs)
+        rows = compare_table(runs, args.metric, x, args.smooth, args.baseline or [], args.target)
         out_dir = args.out or default_out_dir(args.paths, runs)
-        write_outputs(rows, loss_curves(runs, args.smooth), out_dir, args.logx)
+        curves = loss_curves(runs, args.smooth, x, best=best_run(rows, args.metric))
+        write_outputs(rows, curves, out_dir, x, args.logx, args.logy)
     except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
         if e.filename is None:
             raise
         raise CompareError(f"cannot read {e.filename} ({e.strerror}); check the path and its permissions") from None
-    print(format_table(rows, out_dir))
+    print(format_table(rows, out_dir, args.metric))
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
     return 0
 

@@ -20,9 +20,9 @@ from gpt_exp.compare import (
     load_runs,
     loss_curves,
     main,
-    moving_average,
     varying_keys,
 )
+from gpt_exp.plots import moving_average
 
 
 def make_run(
@@ -34,9 +34,15 @@ def make_run(
     status: str | None = "completed",
     val_losses: list[float] = (),
     tail: str = "",
+    config: dict | None = None,
+    columns: dict[str, list] | None = None,
+    drop: tuple[str, ...] = (),
+    summary_extra: dict | None = None,
 ) -> Path:
-    """A run dir as `python -m gpt_exp.run` leaves it; status None means no summary.json (still running)."""
-    config = {
+    """A run dir as `python -m gpt_exp.run` leaves it; status None means no summary.json (still running).
+    Each step trains on B*T tokens. config: nested settings merged into the config; columns: more values per step
+    row (e.g. {"elapsed_s": [...]}); drop: row keys that older versions did not write."""
+    sections = {
         "B": B,
         "T": 32,
         "data": {"name": "shakespeare", "cache_dir": f"/tmp/cache/{run_dir.name}"},
@@ -45,21 +51,27 @@ def make_run(
         "optim": {"lr": lr, "warmup_steps": 2, "weight_decay": 0.1},
         "logger": {"name": f"run-{run_dir.name}", "group": run_dir.parent.name},
     }
+    for section, values in (config or {}).items():
+        sections[section] = {**sections.get(section, {}), **values} if isinstance(values, dict) else values
     (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(sections))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr={lr}", f"train.seed={seed}"]))
     rows = [
-        dict(step=s, loss=loss, lr=lr, grad_norm=1.0, dt_ms=10.0, tok_per_s=1e3 * (s + 1), tokens=128 * (s + 1))
+        dict(step=s, loss=loss, lr=lr, grad_norm=1.0, dt_ms=10.0, tok_per_s=1e3 * (s + 1), tokens=B * 32 * (s + 1))
         for s, loss in enumerate(losses)
     ]
+    for s, row in enumerate(rows):
+        row.update({key: values[s] for key, values in (columns or {}).items()})
+        for key in drop:
+            del row[key]
     rows += [{"step": len(losses), "val_loss": v} for v in val_losses]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
     if status is not None:
-        summary = {"status": status, "steps": len(losses), "wall_s": 2.5, "tokens": 128 * len(losses)}
+        summary = {"status": status, "steps": len(losses), "wall_s": 2.5, "tokens": B * 32 * len(losses)}
         summary["median_tok_per_s"] = 1234.0
         if losses:
             summary |= {"final_loss": losses[-1], "best_loss": min(losses)}
-        (run_dir / "summary.json").write_text(json.dumps(summary))
+        (run_dir / "summary.json").write_text(json.dumps(summary | (summary_extra or {})))
     return run_dir
 
 
@@ -113,13 +125,13 @@ def test_seed_curve_is_mean_with_std_band(tmp_path: Path) -> None:
     make_run(tmp_path / "0", [1.0, 2.0, 3.0], seed=0)
     make_run(tmp_path / "1", [3.0, 4.0, 5.0], seed=1)
     make_run(tmp_path / "2", [9.0], seed=2, status="failed")  # stopped early: left out of the mean
-    ((label, steps, mean, std),) = loss_curves(load_runs([str(tmp_path)]))
-    assert label == "all seeds (n=2)"
-    np.testing.assert_allclose(steps, [0, 1, 2])
-    np.testing.assert_allclose(mean, [2.0, 3.0, 4.0])
-    np.testing.assert_allclose(std, [np.sqrt(2)] * 3)
-    ((_, _, smoothed, _),) = loss_curves(load_runs([str(tmp_path)]), smooth=2)
-    np.testing.assert_allclose(smoothed, [2.0, 2.5, 3.5])
+    (curve,) = loss_curves(load_runs([str(tmp_path)]))
+    assert curve.label == "all seeds (n=2)"
+    np.testing.assert_allclose(curve.x, [0, 1, 2])
+    np.testing.assert_allclose(curve.loss, [2.0, 3.0, 4.0])
+    np.testing.assert_allclose(curve.std, [np.sqrt(2)] * 3)
+    (smoothed,) = loss_curves(load_runs([str(tmp_path)]), smooth=2)
+    np.testing.assert_allclose(smoothed.loss, [2.0, 2.5, 3.5])
 
 
 def test_moving_average_keeps_length() -> None:
@@ -204,7 +216,7 @@ def test_outputs_are_replaced_together_or_not_at_all(tmp_path: Path, capsys, mon
     before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
     assert sorted(before) == ["compare.csv", "compare.json", "compare.png"]
 
-    def disk_full(curves, path, title, logx=False):
+    def disk_full(curves, path, title, **options):
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr("gpt_exp.compare.plot_overlay", disk_full)
