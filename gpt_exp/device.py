@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -61,6 +62,19 @@ def peak_flops(device_name: str, dtype: DType, tf32: bool) -> float | None:
         if name in device_name and kind:
             return peaks[kind]
     return None
+
+
+def device_name(device: torch.device) -> str:
+    """What the hardware is called: the GPU's name, or the CPU's model (for summaries that say what ran)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu" and sys.platform == "linux":
+        try:
+            with open("/proc/cpuinfo") as f:
+                return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return platform.processor() or device.type
 
 
 def _mps_available() -> bool:

@@ -31,7 +31,7 @@ from gpt_exp.config import RunConfig, register_schema, validate
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
 from gpt_exp.errors import EXIT_SWEEP_FAILED, Diverged, UserError
-from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, swept_keys
+from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, sweep_group, swept_keys
 from gpt_exp.tracking import RankTracker, Tracker, write_summary
 from gpt_exp.trainer import Trainer
 
@@ -77,7 +77,7 @@ def wandb_identity(cfg: RunConfig, hc, run_dir: Path) -> tuple[str, str | None]:
     if hc.mode == RunMode.MULTIRUN:
         keys = swept_keys(Path(hc.sweep.dir), hc.sweeper.get("params"))
         name = overrides_name(list(hc.overrides.task), keys) or f"job{hc.job.num}"
-        return cfg.logger.name or name, cfg.logger.group or below_outputs(Path(hc.sweep.dir))
+        return cfg.logger.name or name, cfg.logger.group or sweep_group(Path(hc.sweep.dir), list(hc.overrides.task))
     return cfg.logger.name or below_outputs(run_dir), cfg.logger.group
 
 
@@ -117,10 +117,10 @@ def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_di
         remove_stale_temp_files(run_dir)
     tracker = Tracker(
         run_dir, cfg.logger, launch.name, launch.group, {**config, "overrides": list(launch.overrides)},
-        cfg.train.max_steps, cfg.train.log_every, started_at=started_at,
+        trainer.max_steps, cfg.train.log_every, started_at=started_at,
         previous_rows=resumed.metrics_before() if resumed else [], wandb_id=resumed.wandb_id if resumed else None,
         summary_extra=resumed.summary() if resumed else {}, flops_per_token=trainer.model.flops_per_token(cfg.T),
-        peak_flops=runtime.peak_flops * d.world_size if runtime.peak_flops else None,
+        peak_flops=runtime.peak_flops * d.world_size if runtime.peak_flops else None, runtime=trainer.what_runs(),
     ) if d.is_main else RankTracker()
 
     status, error = "failed", None

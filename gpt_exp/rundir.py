@@ -221,18 +221,35 @@ def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> set[str] | None:
     Read from the sweep's multirun.yaml, which the launcher writes before any job starts; None if it is missing.
     """
     path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return None
+    if not path.exists():  # a sweeper that writes none (Optuna's): its search space is what varies
+        return set(sweeper_params) if sweeper_params else None
     overrides = OverridesParser.create().parse_overrides(list(OmegaConf.load(path).hydra.overrides.task))
     return {o.key_or_group for o in overrides if o.is_sweep_override()} | set(sweeper_params or {})
 
 
 def overrides_name(overrides: list[str], keys: set[str] | None = None) -> str:
-    """'lr=0.0003,B=8' for ['optim.lr=0.0003', 'B=8']: what a job changed (only `keys`, when given), in short."""
+    """'lr=0.0003,B=8' for ['optim.lr=0.0003', 'B=8']: what a job changed (only `keys`, when given), in short;
+    floats to 4 significant digits (an Optuna trial's lr=0.001373357564531546 reads lr=0.001373)."""
     shown = []
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if (keys is None or key in keys) and not key.startswith(_NOT_IN_NAMES):
-            shown.append(f"{key.rsplit('.', 1)[-1]}={value}")
+            shown.append(f"{key.rsplit('.', 1)[-1]}={_short(value)}")
     return ",".join(shown)
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "e" not in value.lower() else f"{number:.4g}"
+
+
+def sweep_group(sweep_dir: Path, overrides: list[str]) -> str:
+    """A sweep's W&B group: its dir under outputs/, after the named experiment it runs when there is one
+    ('tiny_smoke/2026-11-25/10-00-00')."""
+    when = below_outputs(sweep_dir)
+    experiment = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("experiment=")), None)
+    return f"{experiment}/{when.removeprefix('multirun/')}" if experiment else when

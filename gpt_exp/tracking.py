@@ -118,6 +118,7 @@ class WandbRun:
             before = set(wandb_dir.glob("run-*"))
             try:
                 self._run, self.mode = _wandb_init(mode, init_args), mode
+                _define_metrics(self._run)
                 break
             except Exception as e:  # noqa: BLE001 -- whatever W&B raises, the run goes on
                 failures.append(f"{mode}: {type(e).__name__}: {_first_line(e)}")
@@ -164,10 +165,16 @@ class WandbRun:
             log.warning("W&B logging failed (%s); continuing with local logs only", _first_line(e))
             self._run = None
 
-    def finish(self) -> None:
+    def finish(self, summary: dict | None = None) -> None:
+        """Send what is pending, then `summary` (status, best losses, what ran) as the run's W&B summary."""
         self._send_pending()
         if self.run is None:
             return
+        try:
+            # loss and val_loss keep W&B's min summary (define_metric); the rest describes the run
+            self._run.summary.update({k: v for k, v in (summary or {}).items() if k not in ("loss", "val_loss")})
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B summary failed (%s)", _first_line(e))
         run, self._run = self._run, None
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
         try:
@@ -180,6 +187,14 @@ class WandbRun:
             log.warning("W&B finish failed (%s: %s)", type(e).__name__, _first_line(e))
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
+
+
+def _define_metrics(run) -> None:
+    """Curves against tokens (runs with other batch shapes stay comparable), and loss summaries that keep the best
+    value instead of the last, noisy one."""
+    run.define_metric("tokens")
+    for name, summary in (("loss", "min"), ("val_loss", "min"), ("lr", None), ("grad_norm", None)):
+        run.define_metric(name, step_metric="tokens", **({"summary": summary} if summary else {}))
 
 
 def _wandb_init(mode: str, init_args: dict):
@@ -234,7 +249,7 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, group: str | None, config: dict, total_steps: int,
                  log_every: int = 1, started_at: float | None = None, previous_rows: list[dict] | None = None,
                  wandb_id: str | None = None, summary_extra: dict | None = None, flops_per_token: float = 0.0,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, runtime: dict | None = None):
         """previous_rows: the history of the run this one resumes (copied into metrics.jsonl, counted in the
         summary); wandb_id: the W&B run to continue."""
         self.t0 = started_at if started_at is not None else time.perf_counter()  # wall time counts from here
@@ -242,6 +257,9 @@ class Tracker:
         self.rows: list[dict] = list(previous_rows or [])
         self.summary_extra = summary_extra or {}
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # peak of all ranks together
+        self.runtime = runtime or {}
+        # a resumed run's clock goes on from where its history ends, so `elapsed_s` is one axis across restarts
+        self.elapsed_before = next((r["elapsed_s"] for r in reversed(self.rows) if "elapsed_s" in r), 0.0)
         # The history this run continues is written whole first (atomically: a resume into the run's own dir replaces
         # its file, rows past the checkpoint included), then every step is appended as one line.
         metrics_path = run_dir / "metrics.jsonl"
@@ -254,7 +272,7 @@ class Tracker:
         start_step = self.rows[-1]["step"] + 1 if self.rows else 0
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
-        self.wandb = WandbRun(cfg, run_dir, name, group, config, resume_id=wandb_id)
+        self.wandb = WandbRun(cfg, run_dir, name, group, {**config, "runtime": self.runtime}, resume_id=wandb_id)
 
     @property
     def tokens_seen(self) -> int:
@@ -266,6 +284,9 @@ class Tracker:
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
+        # the axes runs are compared on: wall time since the run started, and the training FLOPs so far
+        row["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t0, 3)
+        row["flops"] = m.tokens * self.flops_per_token
         if self.peak_flops:  # model FLOPs utilization: achieved FLOP/s over the devices' dense peak
             row["mfu"] = m.tok_per_s * self.flops_per_token / self.peak_flops
         self.rows.append(row)
@@ -276,10 +297,10 @@ class Tracker:
 
     def log_eval(self, step: int, val_loss: float) -> None:
         """A val_loss row (no `loss` key: rows are counted as training steps by `loss`)."""
-        row = {"step": step, "val_loss": val_loss}
+        row = {"step": step, "val_loss": val_loss, "tokens": self.tokens_seen}
         self.rows.append(row)
         self._write(row)
-        self.wandb.log({"val_loss": val_loss}, step=step)
+        self.wandb.log({"val_loss": val_loss, "tokens": self.tokens_seen}, step=step)
         log.info("step %d | val loss %.4f", step + 1, val_loss)
 
     def _write(self, row: dict) -> None:
@@ -318,6 +339,7 @@ class Tracker:
         val_rows = [r for r in self.rows if "val_loss" in r]
         if val_rows:
             summary["final_val_loss"] = val_rows[-1]["val_loss"]
+            summary["best_val_loss"] = min(r["val_loss"] for r in val_rows)
         if train_rows:
             losses = [r["loss"] for r in train_rows]
             summary.update(
@@ -335,7 +357,8 @@ class Tracker:
                 f", val loss {val_rows[-1]['val_loss']:.4f}" if val_rows else "",
                 f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
-        self.wandb.finish()
+        summary.update(flops_per_token=self.flops_per_token, runtime=self.runtime)
+        self.wandb.finish(summary)
         attempt(str(self.run_dir / "summary.json"), lambda: write_summary(self.run_dir, summary))
         if problems and raise_errors:
             raise UserError(f"{problems[0]}; free disk space or fix permissions (metrics.jsonl holds every step)")

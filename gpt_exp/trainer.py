@@ -7,10 +7,12 @@ and a resume is `load_state_dict()`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import random
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from gpt_exp.errors import DataError
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
-from gpt_exp.device import Runtime
+from gpt_exp.device import Runtime, device_name
 from gpt_exp.distributed import (Dist, all_reduce_mean, full_state, load_full_model_state, load_full_optimizer_state,
                                  set_grad_sync, shard_model)
 from gpt_exp.errors import ConfigError, Diverged
@@ -126,7 +128,9 @@ class Trainer:
         o = cfg.optim
         self.optimizer = self.model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps,
                                                         runtime.device_type, fused=not self.sharded)
-        self.schedule = LRSchedule(o.lr, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio, o.schedule)
+        # a budget in tokens becomes the steps that reach it at this batch shape (the last step may pass it)
+        self.max_steps = cfg.train.max_steps or math.ceil(cfg.train.max_tokens / self.tokens_per_step)
+        self.schedule = LRSchedule(o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule)
         self.step_model = torch.compile(self.model) if runtime.compile else self.model
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
@@ -148,27 +152,36 @@ class Trainer:
                 f"{self.cfg.T} x {self.grad_accum_steps} micro-steps x {self.d.world_size} ranks"
                 f"{' (fsdp)' if self.sharded else ''}")
 
+    def what_runs(self) -> dict:
+        """What the config resolved to on this machine (device=auto, dtype=auto, ...), for summary.json and W&B."""
+        return {"device": str(self.runtime.device), "device_name": device_name(self.runtime.device),
+                "dtype": self.runtime.dtype.value, "compile": self.runtime.compile, "world_size": self.d.world_size,
+                "strategy": "fsdp" if self.sharded else "ddp" if self.d.enabled else "single",
+                "grad_accum_steps": self.grad_accum_steps, "B": self.cfg.B, "T": self.cfg.T,
+                "tokens_per_step": self.tokens_per_step, "max_steps": self.max_steps,
+                "cpu_fast_paths": self.fast_paths, "threads": torch.get_num_threads(), **code_version()}
+
     def fit(self, tracker: Tracking) -> str:
-        """Train to train.max_steps: 'completed', or 'interrupted' when Ctrl-C or SIGTERM asked to stop (after the
+        """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C or SIGTERM asked to stop (after the
         step in flight, with a checkpoint when checkpoints are on)."""
-        t = self.cfg.train
+        t, max_steps = self.cfg.train, self.max_steps
         with StopOnSignal() as stop:
-            while self.step < t.max_steps:
+            while self.step < max_steps:
                 result = self.train_step()
                 if isinstance(result, Skipped):
                     tracker.log_skip(result.step, result.reason)
                     continue
                 tracker.log_step(result)
-                if self.val_loader and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                if self.val_loader and (self.step % t.eval_every == 0 or self.step == max_steps):
                     tracker.log_eval(result.step, self.evaluate())
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < max_steps:
                     self.save_checkpoint(tracker)
                 if stop.requested:
                     self.stop_signal = stop.requested
                     break
         if t.ckpt_every and self.step > self.start_step:
             self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
-        return "completed" if self.step == t.max_steps else "interrupted"
+        return "completed" if self.step == max_steps else "interrupted"
 
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
     stop_signal: int | None = None  # the signal that stopped the run early
@@ -270,7 +283,7 @@ def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | N
     train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
     log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
     loader = BatchLoader(train_tokens, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.overfit_batches,
-                         shuffle_seed=cfg.data.shuffle_seed)
+                         shuffle_seed=cfg.data.shuffle_seed, order=cfg.data.order, order_seed=cfg.train.seed)
     log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
     if not cfg.train.eval_every:
         return loader, None
@@ -316,6 +329,21 @@ def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, norm: t
             del optimizer.found_inf
     elif not bad.item():
         optimizer.step()
+
+
+def code_version() -> dict:
+    """torch's and gpt_exp's versions, and the project's git commit when it runs from a checkout ("-dirty": with
+    uncommitted changes)."""
+    try:
+        version = importlib.metadata.version("gpt_exp")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "gpt_exp": version, "git_commit": commit}
 
 
 def seed_everything(seed: int) -> None:

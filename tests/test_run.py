@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import subprocess
 
 import pytest
 import torch
@@ -36,8 +37,14 @@ def test_metrics_rows(offline_run):
     _, run_dir = offline_run
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(12))
-    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tok_per_s", "dt_ms", "tokens"}
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tok_per_s", "dt_ms", "tokens", "elapsed_s", "flops"}
     assert [r["tokens"] for r in rows] == [128 * (i + 1) for i in range(12)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    flops_per_token = summary["flops_per_token"]  # PaLM's count for tiny at T=32, as MFU counts it
+    assert flops_per_token == 6 * (1_226_808 - 256 * 24) + 12 * 2 * 24 * 32  # 1,226,808 params, wpe a lookup
+    assert [r["flops"] for r in rows] == [r["tokens"] * flops_per_token for r in rows]
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed == sorted(elapsed) and 0 < elapsed[0] and elapsed[-1] <= summary["wall_s"]
     assert abs(rows[0]["loss"] - math.log(50257)) < 0.1
     assert rows[0]["lr"] == pytest.approx(2e-4) and rows[2]["lr"] == pytest.approx(6e-4)  # warmup over 3 steps
     assert rows[-1]["lr"] == pytest.approx(6e-4 * 0.1 + 0.5 * (1 + math.cos(math.pi * 8 / 9)) * 5.4e-4)
@@ -70,6 +77,20 @@ def test_wandb_offline_history_matches_metrics(offline_run):
     assert run["display_name"] == "/".join(run_dir.parts[-2:])
     config = run["config"]["update"]
     assert config["B"] == 4 and config["optim"]["lr"] == 0.0006 and config["model"]["name"] == "tiny"
+    # what ran, not only what was asked (device=auto, dtype=auto): in the W&B config and in summary.json
+    assert config["runtime"]["device"] == "cpu" and config["runtime"]["dtype"] == "fp32"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["runtime"]["world_size"] == 1 and summary["runtime"]["grad_accum_steps"] == 1
+    assert summary["runtime"]["torch"] == torch.__version__ and (summary["runtime"]["B"], summary["runtime"]["T"]) == (4, 32)
+    # tokens are the x-axis of the curves, and the loss summary keeps the best value, not the last
+    metrics = {r["metric"]["name"]: r["metric"] for r in records if r["type"] == "metric"}
+    assert metrics["loss"]["step_metric"] == "tokens" and metrics["loss"]["summary"] == {"min": True}
+    assert metrics["val_loss"]["summary"] == {"min": True} and metrics["lr"]["step_metric"] == "tokens"
+    wandb_summary = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(wandb_run)],
+                                              capture_output=True, text=True, check=True).stdout)["summary"]
+    assert wandb_summary["loss"]["min"] == pytest.approx(min(r["loss"] for r in read_metrics(run_dir)))
+    assert wandb_summary["status"] == "completed" and wandb_summary["best_loss"] == summary["best_loss"]
+    assert wandb_summary["runtime"]["device"] == "cpu"
 
 
 def test_second_run_reuses_the_token_cache(offline_run, tmp_path, cache_dir):
@@ -146,10 +167,12 @@ def test_validation_loss_rows(tmp_path, cache_dir):
     rows = read_metrics(run_dir)
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 5, 6]  # every 3 steps and at the end
-    assert all(set(r) == {"step", "val_loss"} for r in val)  # `loss` stays the training loss only
+    assert all(set(r) == {"step", "val_loss", "tokens"} for r in val)  # `loss` stays the training loss only
+    assert [r["tokens"] for r in val] == [384, 768, 896]  # the val curve has the tokens axis too
     assert len([r for r in rows if "loss" in r]) == 7
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_loss"] == val[-1]["val_loss"] and summary["steps"] == 7
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in val)
     [offline] = list((run_dir / "wandb").glob("offline-run-*"))
     history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
     assert [h["val_loss"] for h in history if "val_loss" in h] == [r["val_loss"] for r in val]
@@ -178,3 +201,15 @@ def test_out_of_memory_run_is_one_line(tmp_path, cache_dir):
     assert result.stderr.strip().splitlines() == [
         "error: out of memory at B=1300 (T=256, model tiny); lower B, e.g. B=650, with train.total_batch_size=332800 "
         "to keep the tokens per step by gradient accumulation"]
+
+
+def test_a_token_budget_gives_runs_of_other_batch_shapes_the_same_data(cache_dir):
+    from tests.helpers import Collect, make_trainer
+
+    ends = {}
+    for B in (4, 16):
+        trainer = make_trainer(cache_dir, f"B={B}", "train.max_steps=null", "train.max_tokens=2000")
+        tracker = Collect()
+        assert trainer.fit(tracker) == "completed"
+        ends[B] = (trainer.max_steps, tracker.steps[-1].tokens)
+    assert ends == {4: (16, 2048), 16: (4, 2048)}  # ceil(2000 / 128) and ceil(2000 / 512) steps, equal tokens

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from gpt_exp.compare import compare_table, load_runs
-from gpt_exp.config import schema_keys, RunConfig, register_schema, validate
+from gpt_exp.config import RunConfig, register_schema, schema_keys, validate
 from gpt_exp.rundir import claim_dir, overrides_name
 from tests.helpers import read_metrics, run_cli, run_cli_async, wandb_records
 
@@ -135,7 +135,9 @@ def test_wandb_sweep_spec_passes_hydra_overrides():
     with open(os.path.join(REPO, "experiments", "wandb_sweeps", "lr_warmup.yaml")) as f:
         spec = yaml.safe_load(f)
     assert spec["command"][-1] == "${args_no_hyphens}" and spec["command"][2:4] == ["-m", "gpt_exp.run"]
-    assert spec["metric"] == {"name": "loss", "goal": "minimize"}
+    assert spec["metric"] == {"name": "best_val_loss", "goal": "minimize"}  # a key every run's W&B summary holds
+    assert spec["early_terminate"]["type"] == "hyperband"
+    assert "data.val_fraction=0.1" in spec["command"] and "train.eval_every=50" in spec["command"]
     assert set(spec["parameters"]) <= set(schema_keys())
 
 
@@ -143,3 +145,16 @@ def test_wandb_sweep_spec_passes_hydra_overrides():
 def test_submitit_local_sweep(tmp_path, cache_dir):
     _, sweep_dir = sweep(tmp_path, cache_dir, "optim.lr=1e-3,1e-2", "hydra/launcher=submitit_local")
     assert all(len(read_metrics(sweep_dir / job)) == 4 for job in ("0", "1"))
+
+
+def test_names_round_floats_and_named_experiments_group_by_name(tmp_path):
+    from gpt_exp.rundir import sweep_group, swept_keys
+
+    trial = ["optim.lr=0.001373357564531546", "optim.weight_decay=0.1036785641195", "train.max_steps=30", "B=8"]
+    params = {"optim.lr": "tag(log, interval(1e-4, 3e-2))", "optim.weight_decay": "interval(0.0, 0.2)"}
+    keys = swept_keys(tmp_path, params)  # Optuna writes no multirun.yaml: its search space is what varies
+    assert overrides_name(trial, keys) == "lr=0.001373,weight_decay=0.1037"
+    assert overrides_name(["B=16", "optim.lr=3e-4"]) == "B=16,lr=0.0003"
+    sweep_dir = tmp_path / "outputs" / "multirun" / "2026-11-25" / "10-00-00"
+    assert sweep_group(sweep_dir, ["+experiment=tiny_smoke", "optim.lr=1e-3"]) == "tiny_smoke/2026-11-25/10-00-00"
+    assert sweep_group(sweep_dir, ["optim.lr=1e-3,2e-3"]) == "multirun/2026-11-25/10-00-00"
