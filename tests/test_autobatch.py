@@ -1,0 +1,206 @@
+"""B=auto: exact candidates, the CUDA search (a fake GPU that runs out of memory), the CPU probe (an injected clock
+and memory), and a real tiny GPT probed on the CPU whose weights and optimizer state come back bitwise."""
+
+import json
+
+import pytest
+import torch
+
+from gpt_exp.autobatch import (AutoBatch, candidates, choose_micro_batch, oom_hint, preserve_state,
+                               training_step_fn)
+from gpt_exp.cpu import apply_cpu_fast_paths
+from gpt_exp.errors import ConfigError
+from gpt_exp.model import GPT, GPTConfig
+
+MiB = 2**20
+
+
+def test_candidates_are_the_exact_divisors_that_are_powers_of_two_and_the_largest():
+    assert candidates(524_288, 1024) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert candidates(524_288, 1024, world_size=8) == [1, 2, 4, 8, 16, 32, 64]
+    assert candidates(524_288, 1024, max_B=64) == [1, 2, 4, 8, 16, 32, 64]
+    assert candidates(480 * 1024, 1024, max_B=64) == [1, 2, 4, 8, 16, 32, 60]  # 60: 480's largest divisor <= 64
+    assert candidates(3 * 32, 32) == [1, 3]  # 2 does not divide 3
+    for total, T, world in [(524_288, 1024, 1), (480 * 1024, 1024, 2), (96, 32, 1)]:
+        assert all(total % (B * T * world) == 0 for B in candidates(total, T, world))
+
+
+@pytest.mark.parametrize("total, T, world, message", [
+    (None, 32, 1, "B=auto needs train.total_batch_size"),
+    (1000, 32, 1, "train.total_batch_size=1000 is invalid: B=auto needs a positive multiple of T*world_size = 32*1 = 32"),
+    (1024, 1024, 2, "train.total_batch_size=1024 is invalid: B=auto needs a positive multiple of T*world_size = 1024*2"),
+])
+def test_candidates_refuse_a_step_that_no_micro_batch_divides(total, T, world, message):
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")) as e:
+        candidates(total, T, world)
+    assert "\n" not in str(e.value)
+
+
+class FakeGPU:
+    """A 100 MiB GPU on which a step at micro-batch B peaks at peak_per_B * B bytes."""
+
+    def __init__(self, peak_per_B: int, total: int = 100 * MiB):
+        self.peak_per_B, self._total, self.last_B, self.released = peak_per_B, total, 0, 0
+
+    def total(self) -> int:
+        return self._total
+
+    def reset_peak(self) -> None:
+        self.last_B = 0
+
+    def peak(self) -> int:
+        return self.peak_per_B * self.last_B
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def oom_above(limit: int, gpu: FakeGPU, calls: list[int]):
+    def step(B: int) -> None:
+        calls.append(B)
+        if B > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} GiB")
+        gpu.last_B = B
+    return step
+
+
+def test_cuda_search_takes_the_largest_micro_batch_that_fits():
+    gpu, calls = FakeGPU(peak_per_B=5 * MiB), []
+    choice = choose_micro_batch(oom_above(8, gpu, calls), [1, 2, 4, 8, 16, 32], torch.device("cuda"),
+                                total_batch_size=64 * 1024, T=1024, memory=gpu)
+    assert (choice.B, choice.grad_accum_steps) == (8, 8)  # 8 * 1024 tokens x 8 micro-steps = 65,536
+    assert calls == [32, 16, 8]  # the largest first; nothing smaller is tried once one fits
+    assert gpu.released == 4  # after every try (the failed ones too) and once before training
+    assert choice.measured == {"32": {"status": "out of memory"}, "16": {"status": "out of memory"},
+                               "8": {"status": "fits", "peak_gib": 0.04, "peak_share": 0.4}}
+    assert choice.line() == ("B=auto: B=8 (x8 micro-steps): the largest of 1, 2, 4, 8, 16, 32 that fits cuda "
+                             "(100 MiB): out of memory at B=16, 32; B=8 peaks at 40 MiB (40%)")
+
+
+def test_cuda_search_steps_one_size_down_when_the_largest_that_fits_is_too_close_to_full():
+    gpu, calls = FakeGPU(peak_per_B=12 * MiB), []  # B=8 peaks at 96 of 100 MiB
+    choice = choose_micro_batch(oom_above(8, gpu, calls), [1, 2, 4, 8, 16], torch.device("cuda"),
+                                total_batch_size=16 * 128, T=128, memory=gpu)
+    assert (choice.B, choice.grad_accum_steps) == (4, 4) and calls == [16, 8]
+    assert "B=8 fits but peaks at 96% > 90%, so one size down" in choice.reason
+
+
+def test_cuda_search_with_nothing_that_fits_is_one_error_line():
+    gpu = FakeGPU(peak_per_B=MiB)
+    with pytest.raises(ConfigError, match=r"B=auto: even B=1 runs out of memory on cuda \(100 MiB\); use a smaller"):
+        choose_micro_batch(oom_above(0, gpu, []), [1, 2, 4], torch.device("cuda"), total_batch_size=4 * 64, T=64,
+                           memory=gpu)
+
+
+class FakeHost:
+    """A process whose resident set grows by grow_per_B * B during a step at micro-batch B, from 1 GiB, with a
+    probe budget of `budget` bytes."""
+
+    def __init__(self, grow_per_B: int, budget: int | None):
+        self.grow_per_B, self.budget, self.last_B = grow_per_B, budget, 0
+
+    def total(self) -> int | None:
+        return self.budget
+
+    def current(self) -> int:
+        return 2**30
+
+    def reset_peak(self) -> None:
+        self.last_B = 0
+
+    def peak(self) -> int:
+        return 2**30 + self.grow_per_B * self.last_B
+
+    def release(self) -> None:
+        pass
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_steps(s_per_token: dict[int, float], T: int, clock: FakeClock, host: FakeHost, calls: list[int]):
+    def step(B: int) -> None:
+        calls.append(B)
+        clock.now += B * T * s_per_token[B]
+        host.last_B = max(host.last_B, B)
+    return step
+
+
+def test_cpu_probe_takes_the_fastest_per_token():
+    s_per_token = {1: 4e-4, 2: 2e-4, 4: 1.0e-4, 8: 0.8e-4, 16: 0.9e-4, 32: 1.5e-4}  # fastest: B=8
+    clock, host, calls = FakeClock(), FakeHost(grow_per_B=MiB, budget=None), []
+    choice = choose_micro_batch(timed_steps(s_per_token, 32, clock, host, calls), list(s_per_token),
+                                torch.device("cpu"), total_batch_size=32 * 32, T=32, memory=host, clock=clock,
+                                warmup=1, steps=3)
+    assert (choice.B, choice.grad_accum_steps) == (8, 4)
+    assert calls == [B for B in s_per_token for _ in range(4)]  # one warm-up and 3 timed steps, smallest first
+    assert choice.measured["8"] == {"status": "timed", "tok_per_s": 12_500.0, "ms_per_step": 20.48,
+                                    "growth_gib": 0.008}
+    assert choice.line() == ("B=auto: B=8 (x4 micro-steps): the fastest per token of 1, 2, 4, 8, 16, 32 on cpu "
+                             "(12,500 tok/s; memory unknown)")
+    assert json.loads(json.dumps(choice.as_dict())) == choice.as_dict()
+
+
+def test_cpu_probe_leaves_out_candidates_over_the_memory_budget():
+    s_per_token = {1: 4e-4, 2: 2e-4, 4: 1.5e-4, 8: 1.2e-4, 16: 1e-4, 32: 0.5e-4}  # 32 would be fastest
+    clock, calls = FakeClock(), []
+    host = FakeHost(grow_per_B=MiB, budget=20 * MiB)  # B=16 grows 16 MiB; B=32 would grow 32 MiB
+    choice = choose_micro_batch(timed_steps(s_per_token, 64, clock, host, calls), list(s_per_token),
+                                torch.device("cpu"), total_batch_size=32 * 64, T=64, memory=host, clock=clock)
+    assert choice.B == 16 and 32 not in calls  # predicted from B=16's growth, never run
+    assert choice.measured["32"] == {"status": "over the memory budget", "predicted_gib": 0.03}
+    assert "(10,000 tok/s; 20 MiB budget; B=32 over the memory budget)" in choice.reason
+
+
+def test_cpu_probe_stops_before_a_candidate_that_would_pass_its_time():
+    s_per_token = {1: 1.2e-3, 2: 1.1e-3, 4: 1e-3, 8: 0.5e-3}  # 8 would be fastest
+    clock, host, calls = FakeClock(), FakeHost(grow_per_B=MiB, budget=None), []
+    choice = choose_micro_batch(timed_steps(s_per_token, 100, clock, host, calls), list(s_per_token),
+                                torch.device("cpu"), total_batch_size=800, T=100, memory=host, clock=clock,
+                                max_probe_s=4.0)
+    # 4 steps each: 0.48 + 0.88 + 1.6 s; B=8 predicted from B=4's step (0.4 s) at 4 x 0.8 s, past the 4 s
+    assert sorted(set(calls)) == [1, 2, 4] and choice.B == 4
+    assert choice.measured["8"] == {"status": "not probed: over the probe's time", "predicted_s": 3.2}
+
+
+def test_oom_hint_is_one_line_naming_b_auto_and_the_step():
+    assert oom_hint(64, 1024, 524_288) == (
+        "out of GPU memory at B=64, T=1024 (65,536 tokens a micro-batch); use B=auto train.total_batch_size=524288 "
+        "to train with the largest micro-batch that fits and the same 524,288 tokens per step, or a smaller B, e.g. "
+        "B=32 train.total_batch_size=524288")
+    assert "B=auto train.total_batch_size=131072 " in oom_hint(64, 1024, None, world_size=2)
+
+
+def test_a_real_tiny_gpt_probe_leaves_weights_optimizer_and_rng_bitwise_unchanged():
+    torch.manual_seed(0)  # a small vocabulary keeps the 8 probe steps fast; the restore is what is tested
+    model = GPT(GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=24))
+    apply_cpu_fast_paths(model)  # as the Trainer does on a CPU: oneDNN, sparse embedding gradient
+    optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step = training_step_fn(model, optimizer, T=32, vocab_size=1024, device=torch.device("cpu"),
+                            clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    with preserve_state(model, optimizer):
+        choice = choose_micro_batch(step, candidates(8 * 32, 32, max_B=8), torch.device("cpu"), total_batch_size=256,
+                                    T=32, steps=1)
+        assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the probe trained
+    assert isinstance(choice, AutoBatch) and choice.B in (1, 2, 4, 8) and choice.B * choice.grad_accum_steps == 8
+    assert {m["status"] for m in choice.measured.values()} == {"timed"}
+    assert all(m["tok_per_s"] > 0 and m["growth_gib"] >= 0 for m in choice.measured.values())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert optimizer.state_dict()["state"] == {} and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # the restored optimizer trains as a fresh one would: its first step is the same as an untouched model's
+    twin = GPT(GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=24))
+    twin.load_state_dict(before)
+    apply_cpu_fast_paths(twin)
+    twin_optimizer = twin.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    for m, opt in ((model, optimizer), (twin, twin_optimizer)):
+        training_step_fn(m, opt, T=32, vocab_size=1024, device=torch.device("cpu"), seed=7)(2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
