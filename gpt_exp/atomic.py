@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -43,6 +44,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete dir `new` in the place of `target` (which this run wrote before, or nothing): a reader sees
+    the old dir or the new one, and a kill in between leaves the old one beside as `.NAME.old`, never a half dir."""
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)  # a kill between the renames of an earlier replace left it
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _writer_gone(tmp: Path) -> bool:

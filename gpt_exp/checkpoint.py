@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
@@ -23,6 +24,7 @@ from gpt_exp.model import GPT
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
+WEIGHTS_DIR = "model"  # the weights every run leaves (train.save_model), as a Hugging Face GPT-2 dir
 _CKPT_NAME = re.compile(r"step_(\d+)\.pt")
 # Resuming with any of these changed cannot load the saved weights.
 SHAPE_KEYS = ("model.block_size", "model.vocab_size", "model.n_layer", "model.n_head", "model.n_embd")
@@ -92,7 +94,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
     old, new = flatten(saved), flatten(current)
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if k != "resume" and old.get(k) != new.get(k)]
+               if k not in ("resume", "init_from") and old.get(k) != new.get(k)]
     shape = [c for c in changes if c.split(":")[0] in SHAPE_KEYS]
     if shape:
         raise ConfigError(f"resume: the checkpoint's model has another shape ({'; '.join(shape)}); "
@@ -101,14 +103,34 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 class Resume:
-    """A run continued from a checkpoint: its state (for Trainer.load_state_dict) and the original run's history."""
+    """A run continued from a checkpoint: its state (for Trainer.load_state_dict), the settings and overrides it was
+    trained with, and the original run's history."""
 
-    def __init__(self, path: Path, state: dict, changes: list[str]):
-        self.path, self.state, self.changes = path, state, changes
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
         self.step: int = state["step"]
         self.wandb_id: str | None = state.get("wandb_id")
+        self.config: dict = state["config"]
+        self.changes: list[str] = []
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
+
+    def overrides(self) -> list[str] | None:
+        """The command-line overrides the run was started with (a checkpoint of an older version: its run dir's
+        .hydra/overrides.yaml; None when neither says)."""
+        if "overrides" in self.state:
+            return list(self.state["overrides"])
+        saved = self.source_run_dir / ".hydra" / "overrides.yaml" if self.source_run_dir else None
+        if saved is None or not saved.is_file():
+            return None
+        try:
+            return [str(o) for o in yaml.safe_load(saved.read_text()) or []]
+        except (OSError, yaml.YAMLError):
+            return None
+
+    def check(self, current_config: dict) -> None:
+        """What this run changes against the checkpoint's settings; a change the weights cannot take is refused."""
+        self.changes = config_changes(self.config, current_config)
 
     def metrics_before(self) -> list[dict]:
         """The original run's metrics rows before the checkpoint's step, so the new run dir has the whole curve
@@ -124,9 +146,9 @@ class Resume:
 _RESUME_KEYS = {"step", "tokens", "model", "optimizer", "loader", "rng", "config"}
 
 
-def load_resume(target: str, current_config: dict, run_dir: Path) -> Resume:
-    """The checkpoint `resume=` names, checked against this run: a gpt_exp training checkpoint, a model of the same
-    shape, and (when the run continues in the checkpoint's own dir) its newest one, so that two histories never mix."""
+def open_resume(target: str, run_dir: Path) -> Resume:
+    """The checkpoint `resume=` names: a gpt_exp training checkpoint and, when the run continues in the checkpoint's
+    own dir, its newest one, so that two histories never mix. (Resume.check compares the settings.)"""
     path = find_checkpoint(target)
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not _RESUME_KEYS <= state.keys():
@@ -139,13 +161,24 @@ def load_resume(target: str, current_config: dict, run_dir: Path) -> Resume:
         if newest.resolve() != path.resolve():
             raise ConfigError(f"resume={target} into its own run dir would mix two histories: {newest.name} is newer; "
                               f"resume into a new dir (leave hydra.run.dir unset) to branch from {path.name}")
-    return Resume(path, state, config_changes(state["config"], current_config))
+    return Resume(path, state)
+
+
+def init_weights(target: str) -> tuple[GPT, str]:
+    """The model `init_from=` names, on the CPU, and where it came from: hf:DIR (a Hugging Face GPT-2 dir of any
+    size), a run dir (its newest weights) or a checkpoint file."""
+    if target.startswith("hf:"):
+        return load_hf_gpt2(target[3:]), target
+    model, info = load_model(target)
+    return model, info["source"]
 
 
 def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
     path = Path(target).expanduser()
+    if not hf and (path / WEIGHTS_DIR / "config.json").is_file():  # a run dir's final weights (train.save_model)
+        path = path / WEIGHTS_DIR
     if hf or (path / "config.json").is_file():
         model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}
     else:

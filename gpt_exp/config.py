@@ -54,6 +54,13 @@ class CpuMatmul(str, Enum):
 class Schedule(str, Enum):
     cosine = "cosine"
     constant = "constant"
+    wsd = "wsd"  # warmup, stable, then a linear decay over the last optim.decay_fraction of the steps
+
+
+class SaveModel(str, Enum):
+    final = "final"  # model/ with the final weights (and model_best/ with the best val loss, when evaluating)
+    best = "best"  # model/ with the weights of the best val loss (needs train.eval_every)
+    none = "none"
 
 
 class Strategy(str, Enum):
@@ -117,6 +124,7 @@ class TrainConfig:
     eval_every: int = 0  # N > 0: the val loss every N steps and at the end (needs data.val_fraction > 0)
     eval_batches: int = 20  # (B, T) batches of the val split per evaluation
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
+    save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
 
 
 @dataclass
@@ -125,6 +133,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     schedule: Schedule = Schedule.cosine
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays to min_lr
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -150,7 +159,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    resume: Optional[str] = None  # a run dir or checkpoint file to continue from
+    resume: Optional[str] = None  # a run dir or checkpoint file to continue from; auto: this run dir's newest, if any
+    init_from: Optional[str] = None  # weights only (fresh optimizer, step 0): RUN_DIR, a checkpoint .pt, or hf:DIR
 
 
 def register_schema() -> None:
@@ -243,6 +253,9 @@ def validate(cfg: RunConfig) -> None:
         )
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0, e.g. optim.lr=6e-4")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")  # nan fails
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "it must be in (0, 1], e.g. 0.2")
+    _require(t.save_model != SaveModel.best or t.eval_every > 0, "train.save_model", t.save_model.value,
+             "best needs a val loss: set train.eval_every=N (and data.val_fraction), or train.save_model=final")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "it must be >= 0")
     _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
              "it must be a finite number >= 0, e.g. 0.1")

@@ -94,6 +94,15 @@ def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
         model.require_backward_grad_sync = enabled
 
 
+def full_model_state(model: torch.nn.Module, sharded: bool) -> dict:
+    """The model's whole tensors (gathered from the shards under FSDP: every rank must call this)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
     """(model, optimizer) state dicts as whole tensors on the CPU, gathered from the shards under FSDP (every rank
     must call this then; rank 0 writes the result), so that any world size can load them."""

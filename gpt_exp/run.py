@@ -20,20 +20,21 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp import rundir
-from gpt_exp.checkpoint import load_resume, remove_stale_temp_files
+from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resume, remove_stale_temp_files
 from gpt_exp.cli import fail, is_main_process, is_user_error, user_error_line
-from gpt_exp.config import RunConfig, register_schema, validate
+from gpt_exp.config import RunConfig, Schedule, register_schema, validate
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
-from gpt_exp.errors import EXIT_SWEEP_FAILED, Diverged, UserError
+from gpt_exp.errors import EXIT_SWEEP_FAILED, ConfigError, Diverged, UserError
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, sweep_group, swept_keys
 from gpt_exp.tracking import RankTracker, Tracker, write_summary
-from gpt_exp.trainer import Trainer
+from gpt_exp.trainer import LRSchedule, Trainer
 
 log = logging.getLogger("gpt_exp")
 
@@ -88,7 +89,6 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     launch = launch or Launch.from_hydra(cfg)
-    config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
     d = launch_env()
     runtime = resolve_runtime(cfg.device, launch.threads, local_rank=d.local_rank)
     init_process_group(d, runtime.device_type)
@@ -96,7 +96,21 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
         logging.getLogger().setLevel(logging.WARNING)  # one console: rank 0's
     try:
         run_dir = Path(broadcast(str(launch.run_dir), d))  # rank 0 decides where the run lives
-        return train(cfg, config, launch, d, runtime, run_dir, started_at)
+        resumed = resume_target(cfg.resume, run_dir)
+        if resumed is not None:  # the settings it was trained with, this command line's on top: nothing to retype
+            dict_cfg = settings_of(resumed, launch.overrides)
+            cfg = OmegaConf.to_object(dict_cfg)
+            validate(cfg)
+            runtime = resolve_runtime(cfg.device, launch.threads, local_rank=d.local_rank)
+        init = init_weights(cfg.init_from) if cfg.init_from and resumed is None else None
+        if init is not None and cfg.init_from.startswith("hf:"):
+            dict_cfg = adopt_shape(dict_cfg, init[0], cfg.init_from, launch.overrides)
+            cfg = OmegaConf.to_object(dict_cfg)
+            validate(cfg)
+        config = OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True)
+        if resumed is not None:
+            resumed.check(config)
+        return train(cfg, config, launch, d, runtime, run_dir, started_at, resumed, init)
     except BaseException as e:
         if (oom := out_of_memory(e, cfg)) is not None:
             raise oom from None
@@ -105,13 +119,66 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
         destroy(d)
 
 
-def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_dir: Path, started_at: float) -> float:
-    resumed = load_resume(cfg.resume, config, run_dir) if cfg.resume else None
-    trainer = Trainer(cfg, runtime, d, run_dir, config)
+def resume_target(resume: str | None, run_dir: Path) -> Resume | None:
+    """The checkpoint to continue from: resume=RUN_DIR or PATH.pt, or resume=auto: this run dir's newest complete
+    checkpoint when it has one (a requeued SLURM job goes on), a fresh start otherwise."""
+    if resume == "auto":
+        if not list_checkpoints(run_dir):
+            log.info("resume=auto: no checkpoint in %s yet; starting fresh", run_dir)
+            return None
+        resume = str(run_dir)
+    return open_resume(resume, run_dir) if resume else None
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def settings_of(resumed: Resume, overrides: tuple[str, ...]) -> DictConfig:
+    """The config a resumed run trains with: the overrides its checkpoint was trained with, then this command's
+    (which win where both set a key), composed afresh; the checkpoint's own config when its overrides are unknown."""
+    saved = resumed.overrides()
+    if saved is None:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), resumed.config, _dotlist(overrides))
+    mine = {_override_key(o) for o in overrides}
+    where = ("hydra", "resume", "init_from")  # where the run lived and what it started from are not settings
+    kept = [o for o in saved if _override_key(o) not in mine and not _override_key(o).startswith(where)]
+    return compose("config", overrides=kept + list(overrides))
+
+
+def _dotlist(overrides: tuple[str, ...]) -> DictConfig:
+    return OmegaConf.from_dotlist([o.lstrip("+~") for o in overrides if not _override_key(o).startswith("hydra")])
+
+
+SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+
+
+def adopt_shape(dict_cfg: DictConfig, model: torch.nn.Module, init_from: str, overrides: tuple[str, ...]) -> DictConfig:
+    """init_from=hf:DIR trains a model of that dir's shape; a model setting on the command line that says otherwise
+    is refused in one line rather than silently overruled."""
+    shape = {key: getattr(model.config, key) for key in SHAPE}
+    given = {_override_key(o) for o in overrides}
+    clash = [k for k, v in shape.items() if dict_cfg.model[k] != v and ("model" in given or f"model.{k}" in given)]
+    if clash:
+        asked = ", ".join(f"model.{k}={dict_cfg.model[k]}" for k in clash)
+        raise ConfigError(f"{asked} contradicts init_from={init_from} ({', '.join(f'{k}={shape[k]}' for k in clash)}); "
+                          f"drop the model override to take the shape of the weights")
+    return OmegaConf.merge(dict_cfg, {"model": {**shape, "name": Path(init_from[3:]).name or "hf"}})
+
+
+def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_dir: Path, started_at: float,
+          resumed: Resume | None = None, init: tuple[torch.nn.Module, str] | None = None) -> float:
+    trainer = Trainer(cfg, runtime, d, run_dir, config, overrides=launch.overrides)
     if resumed:
         trainer.load_state_dict(resumed.state)
         log.info("resumed from %s at step %d%s", resumed.path, resumed.step,
                  f"; changed: {', '.join(resumed.changes)}" if resumed.changes else "")
+        if (note := schedule_change(resumed, trainer)) is not None:
+            log.info("%s", note)
+    elif init is not None:
+        model, source = init
+        trainer.load_weights(model.state_dict(), f"init_from={cfg.init_from}")
+        log.info("initialized from %s (weights only: a fresh optimizer, step 0)", source)
     if d.is_main:
         rundir.mark_started(run_dir)  # from here on, whatever fails, the run's files stay
         remove_stale_temp_files(run_dir)
@@ -135,9 +202,26 @@ def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_di
     if error is not None:
         raise error
     if status == "interrupted":
-        log.info("interrupted at step %d; continue with resume=%s", trainer.step, run_dir)
+        # the checkpoint holds the run's settings: this line works as printed, with no override retyped
+        log.info("interrupted at step %d; continue with: python -m gpt_exp.run resume=%s", trainer.step, run_dir)
         raise SystemExit(128 + (trainer.stop_signal or signal.SIGINT))
     return summary.get("final_val_loss", summary.get("final_loss", math.nan))
+
+
+def schedule_change(resumed: Resume, trainer: Trainer) -> str | None:
+    """One line when the resumed run's lr schedule differs from the checkpoint's at the step it resumes from (a
+    longer or shorter cosine moves the lr at once; wsd's stable phase does not)."""
+    saved = resumed.config
+    o, t = saved.get("optim", {}), saved.get("train", {})
+    max_steps = t.get("max_steps") or math.ceil((t.get("max_tokens") or 1) / trainer.tokens_per_step)
+    before = LRSchedule(o.get("lr", 0.0), o.get("warmup_steps", 0), max_steps, o.get("min_lr_ratio", 0.1),
+                        Schedule(o.get("schedule", "cosine")), o.get("decay_fraction", 0.2))(resumed.step)
+    after = trainer.schedule(resumed.step)
+    if math.isclose(before, after, rel_tol=1e-9):
+        return None
+    return (f"resume: the lr at step {resumed.step} is {after:.3g} (it was {before:.3g} under the checkpoint's "
+            f"schedule, train.max_steps {max_steps} -> {trainer.max_steps}); optim.schedule=wsd extends a run "
+            f"without a jump")
 
 
 def failure_line(e: BaseException | None) -> str | None:

@@ -98,7 +98,7 @@ def guard(path: str | Path, resume: str | None = None) -> None:
     if existing.exists() and not existing.is_dir():
         raise ConfigError(f"hydra.run.dir={path} is a file, not a dir; give a new dir or leave hydra.run.dir unset")
     markers = holds_run(existing)
-    resume_dir = _resume_dir(resume)
+    resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
     if markers and not (resume_dir is not None and _key(resume_dir) == key):
         raise ConfigError(f"hydra.run.dir={path} already holds another run ({', '.join(markers)}); continue it "
                           f"with resume={path} hydra.run.dir={path}, or give a new dir (or leave hydra.run.dir unset)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import random
 import signal
 import subprocess
@@ -22,25 +23,27 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt_exp.atomic import replace_dir
 from gpt_exp.checkpoint import save_checkpoint
-from gpt_exp.config import CpuMatmul, DType, RunConfig, Schedule, Strategy
-from gpt_exp.errors import DataError
+from gpt_exp.config import CpuMatmul, DType, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
 from gpt_exp.device import Runtime, device_name
-from gpt_exp.distributed import (Dist, all_reduce_mean, full_state, load_full_model_state, load_full_optimizer_state,
-                                 set_grad_sync, shard_model)
-from gpt_exp.errors import ConfigError, Diverged
+from gpt_exp.distributed import (Dist, all_reduce_mean, full_model_state, full_state, load_full_model_state,
+                                 load_full_optimizer_state, set_grad_sync, shard_model)
+from gpt_exp.errors import ConfigError, DataError, Diverged
+from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.tracking import StepMetrics
+from gpt_exp.metrics import StepMetrics
 
 log = logging.getLogger("gpt_exp")
 
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps` (or constant after warmup).
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps`, constant after warmup, or wsd:
+    warmup, stable at `lr`, then a linear decay to `min_lr_ratio * lr` over the last `decay_fraction` of the steps.
 
     Stateless: the position in the schedule is the optimizer step, which the checkpoint holds.
     """
@@ -51,6 +54,8 @@ class LRSchedule:
     min_lr_ratio: float = 0.1
     kind: Schedule = Schedule.cosine
 
+    decay_fraction: float = 0.2  # wsd only
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
@@ -59,6 +64,11 @@ class LRSchedule:
         min_lr = self.lr * self.min_lr_ratio
         if step >= self.max_steps:
             return min_lr
+        if self.kind == Schedule.wsd:  # stable until the decay starts: a longer run shares the shorter one's steps
+            decay_start = max(self.warmup_steps, self.max_steps - round(self.decay_fraction * self.max_steps))
+            if step < decay_start:
+                return self.lr
+            return self.lr - (self.lr - min_lr) * (step - decay_start + 1) / max(1, self.max_steps - decay_start)
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - min_lr)
 
@@ -110,9 +120,11 @@ class Trainer:
     """Data, model, optimizer, schedule and wrappers for one run, built from its validated config."""
 
     def __init__(self, cfg: RunConfig, runtime: Runtime, d: Dist = Dist(), run_dir: Path | None = None,
-                 config: dict | None = None):
-        """run_dir: where checkpoints go; config: the resolved config they record."""
+                 config: dict | None = None, overrides: tuple[str, ...] = ()):
+        """run_dir: where checkpoints go; config and overrides: the resolved config and the command line they record
+        (a resume takes both, so nothing needs retyping)."""
         self.cfg, self.runtime, self.d, self.run_dir, self.config = cfg, runtime, d, run_dir, config or {}
+        self.overrides = list(overrides)
         seed_everything(cfg.train.seed)
         self.loader, self.val_loader = build_loaders(cfg, d)
         self.grad_accum_steps = grad_accum_steps(cfg, d)
@@ -130,12 +142,13 @@ class Trainer:
                                                         runtime.device_type, fused=not self.sharded)
         # a budget in tokens becomes the steps that reach it at this batch shape (the last step may pass it)
         self.max_steps = cfg.train.max_steps or math.ceil(cfg.train.max_tokens / self.tokens_per_step)
-        self.schedule = LRSchedule(o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule)
+        self.schedule = LRSchedule(o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule, o.decay_fraction)
         self.step_model = torch.compile(self.model) if runtime.compile else self.model
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
         self.batches = DeviceBatches(self.loader, runtime.device)
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
+        self.best_val_loss = math.inf
         log.info("%s", self.describe())
 
     @property
@@ -173,7 +186,11 @@ class Trainer:
                     continue
                 tracker.log_step(result)
                 if self.val_loader and (self.step % t.eval_every == 0 or self.step == max_steps):
-                    tracker.log_eval(result.step, self.evaluate())
+                    val_loss = self.evaluate()
+                    tracker.log_eval(result.step, val_loss)
+                    if val_loss < self.best_val_loss and t.save_model != SaveModel.none:
+                        self.best_val_loss = val_loss
+                        self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < max_steps:
                     self.save_checkpoint(tracker)
                 if stop.requested:
@@ -181,6 +198,8 @@ class Trainer:
                     break
         if t.ckpt_every and self.step > self.start_step:
             self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
+        if t.save_model == SaveModel.final and self.step > self.start_step:
+            self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
 
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
@@ -242,15 +261,34 @@ class Trainer:
         model.train()
         return all_reduce_mean(total / batches, self.d).item()
 
-    def save_checkpoint(self, tracker: Tracking) -> None:
-        """Write every stateful piece (rank 0; every rank gathers under FSDP). Weights that are no longer finite are
-        never written: the checkpoint on disk is always the last good state."""
+    def save_weights(self, name: str) -> None:
+        """The model as a Hugging Face GPT-2 dir RUN_DIR/NAME (weights, config, tokenizer: what sample, eval and
+        export read), replacing this run's earlier one whole. Weights that are no longer finite are never written."""
+        self._require_finite_weights()
+        state = full_model_state(self.model, self.sharded)  # every rank takes part under FSDP
+        if not self.d.is_main:
+            return
+        model = self.model
+        if self.sharded:  # a whole copy on the CPU to write from
+            model = GPT(self.model.config)
+            model.load_state_dict(state)
+        target = self.run_dir / name
+        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}")
+        replace_dir(new, target)
+        log.info("weights: %s (step %d)", target, self.step)
+
+    def _require_finite_weights(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise Diverged(f"the weights are no longer finite after step {self.step}; lower optim.lr or raise "
                            f"optim.warmup_steps, and resume from the last checkpoint")
+
+    def save_checkpoint(self, tracker: Tracking) -> None:
+        """Write every stateful piece (rank 0; every rank gathers under FSDP). Weights that are no longer finite are
+        never written: the checkpoint on disk is always the last good state."""
+        self._require_finite_weights()
         state = self.state_dict()
         if self.d.is_main:
-            state.update(config=self.config, wandb_id=tracker.wandb_id)
+            state.update(config=self.config, overrides=self.overrides, wandb_id=tracker.wandb_id)
             log.info("checkpoint: %s", save_checkpoint(self.run_dir, state, self.cfg.train.keep_ckpts))
 
     def state_dict(self) -> dict:
@@ -260,6 +298,16 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "model": model_state,
                 "optimizer": optimizer_state, "sharded": self.sharded, "loader": self.loader.state_dict(),
                 "rng": rng_state()}
+
+    def load_weights(self, weights: dict, source: str) -> None:
+        """Weights only (init_from): the model's tensors, shape for shape, or one line naming the first that differs."""
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        for name, shape in expected.items():
+            got = tuple(weights[name].shape) if name in weights else None
+            if got != shape and not (name == "lm_head.weight" and got is None):  # tied to wte
+                raise ConfigError(f"{source} has another shape: {name} is {got}, this model's is {shape}; give the "
+                                  f"model settings of those weights (or init_from=hf:DIR, which adopts them)")
+        load_full_model_state(self.model, {k: v for k, v in weights.items() if k in expected}, self.sharded)
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sharded", False) != self.sharded:

@@ -78,14 +78,16 @@ def test_sigterm_checkpoints_and_resumes_exactly(straight_losses, tmp_path, cach
     summary = json.loads((stopped_dir / "summary.json").read_text())
     [ckpt] = list_checkpoints(stopped_dir)  # written at the interruption (ckpt_every never came)
     assert summary["status"] == "interrupted" and int(ckpt.stem.split("_")[1]) == summary["steps"]
-    assert f"continue with resume={stopped_dir}" in (stopped_dir / "run.log").read_text()
+    hint = f"continue with: python -m gpt_exp.run resume={stopped_dir}"
+    assert hint in (stopped_dir / "run.log").read_text()
 
-    result = run_cli("run", *RUN, f"resume={ckpt}", "optim.lr=0.0006", "train.log_every=10",
-                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    # the printed command as printed: no override retyped (model, steps, cache dir come from the checkpoint), one
+    # setting changed on top of it
+    result = run_cli("run", *hint.split("python -m gpt_exp.run ")[1].split(), "train.log_every=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [resumed_dir] = [d for d in (tmp_path / "outputs").glob("*/*") if d != stopped_dir]
     log = (resumed_dir / "run.log").read_text()
-    assert "changed: train.ckpt_every: 1000 -> 0, train.log_every: 1 -> 10" in log
+    assert "; changed: train.log_every: 1 -> 10\n" in log and "model tiny:" in log
     assert [r["loss"] for r in read_metrics(resumed_dir)] == expected
 
 
@@ -133,3 +135,16 @@ def test_parallel_first_runs_share_one_fresh_cache(tmp_path):
     assert sum("tokenized 1 document(s)" in log for log in logs) == 1  # exactly one process tokenized
     assert sum("token cache hit" in log for log in logs) == 2
     assert len(list(cache.glob("*.bin"))) == 1 and not list(cache.glob("*.tmp"))
+
+
+def test_resume_auto_starts_then_continues(tmp_path, cache_dir):
+    """One job script, requeued unchanged: the first start trains from scratch, the second goes on."""
+    args = ["model=tiny", "train.max_steps=6", "train.ckpt_every=3", "logger.mode=disabled", "resume=auto",
+            f"hydra.run.dir={tmp_path / 'job'}", f"data.cache_dir={cache_dir}"]
+    first = run_cli("run", *args, cwd=tmp_path)
+    assert first.returncode == 0 and "resume=auto: no checkpoint" in (tmp_path / "job" / "run.log").read_text()
+    second = run_cli("run", *args[:1], "train.max_steps=9", *args[2:], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in (tmp_path / "job" / "run.log").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "job")] == list(range(9))
+    assert [p.name for p in list_checkpoints(tmp_path / "job")] == ["step_0000006.pt", "step_0000009.pt"]
