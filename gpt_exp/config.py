@@ -123,6 +123,8 @@ class TrainConfig:
     log_every: int = 1  # steps between progress updates; metrics.jsonl gets every step
     eval_every: int = 0  # N > 0: the val loss every N steps and at the end (needs data.val_fraction > 0)
     eval_batches: int = 20  # (B, T) batches of the val split per evaluation
+    sample_every: int = 0  # N > 0: a few samples every N steps and at the end (the `sample` section says which)
+    hellaswag_every: int = 0  # N > 0: HellaSwag acc every N steps and at the end (needs eval.hellaswag_path)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
     save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
 
@@ -137,6 +139,24 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+
+
+@dataclass
+class SampleConfig:
+    """What train.sample_every writes (run.log, samples.jsonl, a W&B table)."""
+
+    prompts: List[str] = field(default_factory=lambda: ["Hello, I'm a language model,"])
+    max_new_tokens: int = 32
+    num_samples: int = 2  # per prompt
+    top_k: int = 50
+    temperature: float = 1.0
+    seed: int = 42  # the same seed each time: samples differ only because the model learned
+
+
+@dataclass
+class EvalConfig:
+    hellaswag_path: Optional[str] = None  # a local copy of the official hellaswag_val.jsonl
+    hellaswag_limit: int = 0  # the first N examples (0: all 10,042)
 
 
 @dataclass
@@ -159,6 +179,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: Optional[str] = None  # a run dir or checkpoint file to continue from; auto: this run dir's newest, if any
     init_from: Optional[str] = None  # weights only (fresh optimizer, step 0): RUN_DIR, a checkpoint .pt, or hf:DIR
 
@@ -253,6 +275,17 @@ def validate(cfg: RunConfig) -> None:
         )
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0, e.g. optim.lr=6e-4")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")  # nan fails
+    for key in ("sample_every", "hellaswag_every"):
+        _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "it must be >= 0 (0: never)")
+    _require(t.hellaswag_every == 0 or cfg.eval.hellaswag_path is not None, "train.hellaswag_every", t.hellaswag_every,
+             "it needs the examples: eval.hellaswag_path=PATH/hellaswag_val.jsonl (the official file, local)")
+    _require(cfg.eval.hellaswag_limit >= 0, "eval.hellaswag_limit", cfg.eval.hellaswag_limit, "it must be >= 0 (0: all)")
+    sp = cfg.sample
+    _require(len(sp.prompts) >= 1, "sample.prompts", list(sp.prompts), "give at least one, e.g. 'sample.prompts=[ROMEO:]'")
+    for key in ("max_new_tokens", "num_samples", "top_k"):
+        _require(getattr(sp, key) >= 1, f"sample.{key}", getattr(sp, key), "it must be >= 1")
+    _require(math.isfinite(sp.temperature) and sp.temperature > 0, "sample.temperature", sp.temperature,
+             "it must be > 0 and finite, e.g. 1.0")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "it must be in (0, 1], e.g. 0.2")
     _require(t.save_model != SaveModel.best or t.eval_every > 0, "train.save_model", t.save_model.value,
              "best needs a val loss: set train.eval_every=N (and data.val_fraction), or train.save_model=final")

@@ -154,6 +154,14 @@ class WandbRun:
             return  # W&B is still starting: the row waits for it, training does not
         self._send_pending()
 
+    def log_table(self, key: str, columns: list[str], data: list[list], step: int) -> None:
+        """A W&B Table (e.g. samples), queued like any row while W&B starts."""
+        if self.mode == "disabled":
+            return
+        import wandb  # already imported by the start thread: free here
+
+        self.log({key: wandb.Table(columns=columns, data=data)}, step=step)
+
     def _send_pending(self) -> None:
         rows, self._pending = self._pending, []
         if self.run is None:
@@ -310,6 +318,28 @@ class Tracker:
             raise UserError(f"cannot write {self.metrics_file.name} ({e.strerror}); free disk space, then resume "
                             f"from the last checkpoint") from None
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Texts sampled during training: run.log, samples.jsonl (one row each) and a W&B table."""
+        rows = [{"step": step, "tokens": self.tokens_seen, **sample} for sample in samples]
+        try:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        except OSError as e:
+            raise UserError(f"cannot write {self.run_dir / 'samples.jsonl'} ({e.strerror}); free disk space") from None
+        for row in rows:
+            log.info("step %d sample: %r", step + 1, row["text"])
+        self.wandb.log_table("samples", ["step", "tokens", "prompt", "text"], [list(r.values()) for r in rows],
+                             step=step)
+
+    def log_hellaswag(self, step: int, scores: dict) -> None:
+        """HellaSwag during training: a metrics row (no `loss`: not a training step), W&B and the summary."""
+        row = {"step": step, "tokens": self.tokens_seen, **scores}
+        self.rows.append(row)
+        self._write(row)
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        log.info("step %d | hellaswag acc_norm %.4f (%d examples)", step + 1, scores["hellaswag_acc_norm"],
+                 scores["hellaswag_examples"])
+
     def log_skip(self, step: int, reason: str) -> None:
         """A step that was not applied (non-finite loss or gradient norm): a row without `loss`, and a warning."""
         row = {"step": step, "skipped": reason}
@@ -337,6 +367,8 @@ class Tracker:
             summary["error"] = reason
         train_rows = [r for r in self.rows if "loss" in r]
         val_rows = [r for r in self.rows if "val_loss" in r]
+        if hellaswag := [r for r in self.rows if "hellaswag_acc_norm" in r]:
+            summary.update({k: v for k, v in hellaswag[-1].items() if k.startswith("hellaswag")})
         if val_rows:
             summary["final_val_loss"] = val_rows[-1]["val_loss"]
             summary["best_val_loss"] = min(r["val_loss"] for r in val_rows)
@@ -384,6 +416,12 @@ class RankTracker:
         pass
 
     def log_skip(self, step: int, reason: str) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        pass
+
+    def log_hellaswag(self, step: int, scores: dict) -> None:
         pass
 
     def close(self, status: str = "completed", reason: str | None = None, raise_errors: bool = True) -> dict:

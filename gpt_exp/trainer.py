@@ -33,9 +33,11 @@ from gpt_exp.device import Runtime, device_name
 from gpt_exp.distributed import (Dist, all_reduce_mean, full_model_state, full_state, load_full_model_state,
                                  load_full_optimizer_state, set_grad_sync, shard_model)
 from gpt_exp.errors import ConfigError, DataError, Diverged
+from gpt_exp.eval import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.metrics import StepMetrics
+from gpt_exp.sample import SampleArgs, sample_texts
 
 log = logging.getLogger("gpt_exp")
 
@@ -106,6 +108,8 @@ class Tracking(Protocol):
     def log_step(self, m: StepMetrics) -> None: ...
     def log_eval(self, step: int, val_loss: float) -> None: ...
     def log_skip(self, step: int, reason: str) -> None: ...
+    def log_samples(self, step: int, samples: list[dict]) -> None: ...
+    def log_hellaswag(self, step: int, scores: dict) -> None: ...
 
 
 @dataclass
@@ -147,6 +151,13 @@ class Trainer:
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
         self.batches = DeviceBatches(self.loader, runtime.device)
+        if self.sharded and (cfg.train.sample_every or cfg.train.hellaswag_every):
+            raise ConfigError("train.sample_every and train.hellaswag_every run on one rank's whole model: not with "
+                              "train.strategy=fsdp; sample and score the run's weights after it (python -m "
+                              "gpt_exp.sample, python -m gpt_exp.eval)")
+        # loaded now, so that a missing or damaged file is one line before step 0, not hours in
+        self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
+                          if cfg.train.hellaswag_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
         self.best_val_loss = math.inf
         log.info("%s", self.describe())
@@ -191,6 +202,10 @@ class Trainer:
                     if val_loss < self.best_val_loss and t.save_model != SaveModel.none:
                         self.best_val_loss = val_loss
                         self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
+                if t.sample_every and (self.step % t.sample_every == 0 or self.step == max_steps):
+                    tracker.log_samples(result.step, self.samples())
+                if t.hellaswag_every and (self.step % t.hellaswag_every == 0 or self.step == max_steps):
+                    tracker.log_hellaswag(result.step, self.hellaswag_scores())
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < max_steps:
                     self.save_checkpoint(tracker)
                 if stop.requested:
@@ -260,6 +275,34 @@ class Trainer:
             total += loss.detach()
         model.train()
         return all_reduce_mean(total / batches, self.d).item()
+
+    @torch.no_grad()
+    def samples(self) -> list[dict]:
+        """The `sample` section's texts from the model as it is now, on the eager module (a compiled one would
+        recompile for every new length: build-nanogpt #79); the same seed each time."""
+        sp = self.cfg.sample
+        self.model.eval()
+        rows = []
+        for prompt in sp.prompts:
+            args = SampleArgs(prompt=prompt, max_new_tokens=sp.max_new_tokens, num_samples=sp.num_samples,
+                              top_k=sp.top_k, temperature=sp.temperature, seed=sp.seed)
+            rows += [{"prompt": prompt, "text": text} for text in sample_texts(self.model, args, self.runtime.device)]
+        self.model.train()
+        return rows
+
+    @torch.no_grad()
+    def hellaswag_scores(self) -> dict:
+        """HellaSwag acc and acc_norm on eval.hellaswag_path, the examples split over the ranks and counted on all."""
+        mine = self.hellaswag[self.d.rank :: self.d.world_size]
+        counts = torch.zeros(3, device=self.runtime.device)  # examples, correct (sum of loss), correct (per token)
+        self.model.eval()
+        if mine:
+            scores = hellaswag_scores(self.model, mine, self.runtime.device)
+            counts += torch.tensor([len(mine), round(scores["acc"] * len(mine)), round(scores["acc_norm"] * len(mine))],
+                                   device=self.runtime.device)
+        self.model.train()
+        n, correct, correct_norm = (all_reduce_mean(counts, self.d) * self.d.world_size).tolist()
+        return {"hellaswag_examples": int(n), "hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
 
     def save_weights(self, name: str) -> None:
         """The model as a Hugging Face GPT-2 dir RUN_DIR/NAME (weights, config, tokenizer: what sample, eval and

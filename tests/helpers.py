@@ -102,7 +102,7 @@ class Collect:
     wandb_id = None
 
     def __init__(self):
-        self.steps, self.evals, self.skips = [], [], []
+        self.steps, self.evals, self.skips, self.samples, self.hellaswag = [], [], [], [], []
 
     def log_step(self, m):
         self.steps.append(m)
@@ -112,6 +112,12 @@ class Collect:
 
     def log_skip(self, step, reason):
         self.skips.append((step, reason))
+
+    def log_samples(self, step, samples):
+        self.samples.append((step, samples))
+
+    def log_hellaswag(self, step, scores):
+        self.hellaswag.append((step, scores))
 
     @property
     def losses(self):

@@ -53,3 +53,44 @@ def test_the_main_job_leaves_weights_that_sample_export_and_eval_read(tmp_path, 
         "starts pulling up roofing on a roof."]}) + "\n")
     assert evals.main(["hellaswag", f"path={hellaswag}", f"resume={run_dir}", "device=cpu"]) == 0
     assert "hellaswag: 1 examples, acc_norm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compile: ~40 s on 2 cores
+def test_samples_and_hellaswag_during_training(tmp_path, cache_dir, compiled):
+    from tests.helpers import wandb_records
+
+    examples = tmp_path / "hellaswag.jsonl"
+    endings = ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+               "starts pulling up roofing on a roof."]
+    examples.write_text("".join(json.dumps({"ctx": "A man is sitting on a roof. he", "label": i % 4,
+                                            "endings": endings}) + "\n" for i in range(8)))
+    result = run_cli("run", "model=tiny", "train.max_steps=4", "train.sample_every=2", "train.hellaswag_every=2",
+                     f"eval.hellaswag_path={examples}", "sample.max_new_tokens=6", "sample.prompts=[ROMEO:]",
+                     f"device.compile={str(compiled).lower()}", "logger.mode=offline", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["tokens"], s["prompt"]) for s in samples] == [(1, 256, "ROMEO:")] * 2 + [(3, 512, "ROMEO:")] * 2
+    assert all(s["text"].startswith("ROMEO:") and len(s["text"]) > len("ROMEO:") for s in samples)
+    assert "step 4 sample: 'ROMEO:" in (run_dir / "run.log").read_text()
+    hellaswag = [r for r in read_metrics(run_dir) if "hellaswag_acc_norm" in r]
+    assert [(r["step"], r["hellaswag_examples"]) for r in hellaswag] == [(1, 8), (3, 8)]
+    assert all(r["hellaswag_acc_norm"] * 8 == round(r["hellaswag_acc_norm"] * 8) for r in hellaswag)  # counts of 8
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["hellaswag_acc_norm"] == hellaswag[-1]["hellaswag_acc_norm"]
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
+    assert [h["hellaswag_acc_norm"] for h in history if "hellaswag_acc_norm" in h] == [r["hellaswag_acc_norm"] for r in hellaswag]
+    tables = [(h["samples.nrows"], h["samples.ncols"]) for h in history if "samples.nrows" in h]
+    assert tables == [(2, 4), (2, 4)]  # the W&B table (step, tokens, prompt, text), at steps 2 and 4
+
+
+def test_hellaswag_during_training_without_its_file_is_one_line_before_step_0(tmp_path, cache_dir):
+    result = run_cli("run", "model=tiny", "train.hellaswag_every=2", "logger.mode=disabled",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: train.hellaswag_every=2 is invalid: it needs")
+    missing = run_cli("run", "model=tiny", "train.hellaswag_every=2", f"eval.hellaswag_path={tmp_path / 'nope.jsonl'}",
+                      "logger.mode=disabled", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.jsonl" in missing.stderr
+    assert not list(tmp_path.glob("outputs/*/*"))
