@@ -48,13 +48,34 @@ class Launch:
     group: str | None = None
     overrides: tuple[str, ...] = ()
     threads: int | None = None  # CPU threads; None: every core
+    job: int | None = None  # the job's number in a sweep
 
     @classmethod
     def from_hydra(cls, cfg: RunConfig) -> "Launch":
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         name, group = wandb_identity(cfg, hc, run_dir)
-        return cls(run_dir, name, group, tuple(hc.overrides.task), launcher_threads(hc))
+        job = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+        return cls(run_dir, name, group, tuple(hc.overrides.task), launcher_threads(hc), job)
+
+
+class JobPrefix(logging.Filter):
+    """'[job 3] ' before each console line of a sweep's job, so that parallel jobs' lines can be told apart."""
+
+    def __init__(self, job: int):
+        super().__init__()
+        self.prefix = f"[job {job}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def prefix_console_lines(job: int) -> None:
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):  # the record is shared: run.log's lines carry it too
+            handler.addFilter(JobPrefix(job))
 
 
 def launcher_threads(hc) -> int | None:
@@ -89,6 +110,8 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     launch = launch or Launch.from_hydra(cfg)
+    if launch.job is not None:
+        prefix_console_lines(launch.job)
     d = launch_env()
     runtime = resolve_runtime(cfg.device, launch.threads, local_rank=d.local_rank)
     init_process_group(d, runtime.device_type)

@@ -19,6 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from gpt_exp.atomic import atomic_write_bytes
 from gpt_exp.config import LoggerConfig, LoggerMode
 from gpt_exp.errors import UserError
@@ -219,12 +222,19 @@ def _first_line(e: BaseException) -> str:
 
 
 class ProgressBar:
-    """A one-line bar redrawn in place on a terminal; a plain log line per update otherwise (files, CI)."""
+    """On a terminal, tqdm's bar redrawn in place (other log lines printed above it, through its logging redirect),
+    while run.log still gets every step's line; elsewhere (files, CI, a joblib worker) a plain log line per update."""
 
     def __init__(self, total_steps: int, start_step: int = 0):
         self.total, self.start = total_steps, start_step
         self.t0 = time.perf_counter()
         self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            self.bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
     def update(self, m: StepMetrics) -> None:
         done = m.step + 1
@@ -232,17 +242,26 @@ class ProgressBar:
         eta = elapsed / max(1, done - self.start) * (self.total - done)
         text = (f"step {done}/{self.total} | loss {m.loss:.4f} | lr {m.lr:.2e} | norm {m.grad_norm:.3f} "
                 f"| {m.dt_ms:.0f} ms | {m.tok_per_s:,.0f} tok/s | ETA {_clock(eta)}")
-        if self.tty:
-            width = 20
-            filled = int(width * done / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
-            sys.stderr.flush()
-        else:
+        if self.bar is None:
             log.info(text)
+            return
+        self.bar.set_postfix_str(f"loss {m.loss:.4f} | lr {m.lr:.2e} | {m.tok_per_s:,.0f} tok/s", refresh=False)
+        self.bar.update(done - self.bar.n)
+        _to_log_files(text)
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = None
+
+
+def _to_log_files(text: str) -> None:
+    """A log line for the run's log files only (run.log): the terminal shows the bar instead."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _clock(seconds: float) -> str:

@@ -48,7 +48,8 @@ def test_two_job_sweep(tmp_path, cache_dir, launcher):
     assert "optim.lr=0.001" in records[0]["config"]["update"]["overrides"]
     if launcher == "basic":
         assert records[0]["tags"] == ["smoke"]
-    else:  # two jobs side by side on this machine share its cores
+    else:  # two jobs side by side on this machine share its cores; their interleaved lines say whose they are
+        assert "[job 0] done: 4 steps" in result.stdout and "[job 1] done: 4 steps" in result.stdout
         log = (sweep_dir / "0" / "run.log").read_text()
         assert f"({max(1, os.cpu_count() // 2)} CPU threads)" in log
 

@@ -94,3 +94,36 @@ def test_hellaswag_during_training_without_its_file_is_one_line_before_step_0(tm
                       "logger.mode=disabled", f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.jsonl" in missing.stderr
     assert not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_on_a_terminal_the_bar_draws_and_run_log_still_gets_every_step(tmp_path, cache_dir):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.helpers import cli_env
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_exp.run", "model=tiny", "train.max_steps=5",
+                             "logger.mode=disabled", f"data.cache_dir={cache_dir}"], cwd=tmp_path, env=cli_env(tmp_path),
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=300) == 0
+    terminal = out.decode(errors="replace")
+    assert "5/5" in terminal and "|" in terminal and "step 5/5 | loss" not in terminal  # tqdm's bar, not log lines
+    log = (only_run_dir(tmp_path) / "run.log").read_text()
+    assert [f"step {i}/5 | loss" in log for i in range(1, 6)] == [True] * 5
