@@ -1,7 +1,12 @@
 """B=auto: exact candidates, the CUDA search (a fake GPU that runs out of memory), the CPU probe (an injected clock
-and memory), and a real tiny GPT probed on the CPU whose weights and optimizer state come back bitwise."""
+and memory), and a real tiny GPT probed on the CPU whose weights and optimizer state come back bitwise; the GPU
+check script (bench/gpu_check.sh, bench/gpu.py --check) as far as a CPU machine can run it."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +209,105 @@ def test_a_real_tiny_gpt_probe_leaves_weights_optimizer_and_rng_bitwise_unchange
     for m, opt in ((model, optimizer), (twin, twin_optimizer)):
         training_step_fn(m, opt, T=32, vocab_size=1024, device=torch.device("cpu"), seed=7)(2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real CUDA search needs a GPU")
+def test_cuda_probe_on_a_real_gpu_backs_off_restores_and_releases():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=50304, n_layer=2, n_head=4, n_embd=128)).to(device)
+    optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), 1e-8, "cuda")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    allocated = torch.cuda.memory_allocated(device)
+    step = training_step_fn(model, optimizer, T=1024, vocab_size=50304, device=device,
+                            autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    with preserve_state(model, optimizer):
+        choice = choose_micro_batch(step, candidates(512 * 1024, 1024), device, total_batch_size=512 * 1024, T=1024)
+    # B=512: 512 x 1024 x 50304 logits are ~100 GiB in fp32 alone, beyond any single GPU today
+    assert choice.measured["512"] == {"status": "out of memory"} and choice.B < 512
+    fits = choice.measured.get(str(choice.B), {})  # a step one size down was not measured itself
+    assert fits.get("status") == "fits" and fits["peak_share"] <= 0.9 or "one size down" in choice.reason
+    assert choice.B * choice.grad_accum_steps == 512
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict()["state"] == {} and all(p.grad is None for p in model.parameters())
+    assert torch.cuda.memory_allocated(device) - allocated < 64 * MiB  # the probe's memory is given back
+    assert torch.cuda.max_memory_allocated(device) == torch.cuda.memory_allocated(device)  # peak stats reset
+
+
+# bench/gpu_check.sh and bench/gpu.py --check: what a machine without a GPU can check of them
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+
+
+def sh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_gpu_check_script_parses():
+    assert sh("-n", str(BENCH / "gpu_check.sh")).returncode == 0
+
+
+@no_gpu
+def test_gpu_check_without_a_gpu_is_one_error_line_and_exit_code_2():
+    result = sh(str(BENCH / "gpu_check.sh"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(r"error: no CUDA device: torch \S+ \(CUDA \S+\) sees no GPU; run this on a GPU machine "
+                        r"\(--dry-run prints the commands\)\n", result.stderr)
+
+
+def test_gpu_check_dry_run_prints_the_installs_tests_and_runs_without_running_them():
+    result = sh(str(BENCH / "gpu_check.sh"), "--dry-run", "--site", "/tmp/site-x")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"\+ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-x "
+                        r"\S+/\.gpu_wheels/\*\.whl", lines[0])
+    assert re.fullmatch(r"\+ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile "
+                        r"--upgrade --target /tmp/site-x \S+", lines[1])
+    assert re.fullmatch(r"\+ python3 -P -m pytest .* -k cuda .*tests/test_autobatch.py .*tests/test_data.py ?", lines[2])
+    runs = [line for line in lines if "python -m gpt_exp.run" in line]
+    assert all("logger.mode=disabled" in line and "device=cuda" in line for line in runs)
+    assert [re.search(r"model=(\S+)", line).group(1) for line in runs] == ["gpt2"] * 4 + ["gpt2-medium"] + ["gpt2"] * 2
+    assert [re.search(r" B=(\d+) T=1024", line).group(1) for line in runs[1:5]] == ["16", "32", "64", "16"]
+    assert "train.ckpt_every=10" in runs[5] and "resume=" in runs[6]
+    assert any(line.startswith("124M B=auto:") for line in lines)  # run, or skipped with a note until integrated
+
+
+def test_gpu_check_stage_copies_the_wheels_into_a_git_excluded_folder(tmp_path):
+    repo, wheels = tmp_path / "repo", tmp_path / "wheels"
+    (repo / "bench").mkdir(parents=True)
+    wheels.mkdir()
+    (wheels / "omegaconf-2.3.1-py3-none-any.whl").write_bytes(b"PK")
+    (repo / "bench" / "gpu_check.sh").write_bytes((BENCH / "gpu_check.sh").read_bytes())
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for _ in range(2):  # twice: the exclude line is added once
+        result = sh(str(repo / "bench" / "gpu_check.sh"), "--stage", str(wheels))
+        assert result.returncode == 0, result.stderr
+    assert (repo / ".gpu_wheels" / "omegaconf-2.3.1-py3-none-any.whl").read_bytes() == b"PK"
+    assert (repo / ".git" / "info" / "exclude").read_text().count("/.gpu_wheels/\n") == 1
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == "?? bench/gpu_check.sh\n"  # the wheels do not show: they cannot be committed by mistake
+    missing = sh(str(repo / "bench" / "gpu_check.sh"), "--stage", str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no wheels in ")
+
+
+@pytest.mark.slow
+def test_gpu_check_figures_on_a_cpu_with_the_tiny_model(tmp_path):
+    """bench/gpu.py --check end to end with --device cpu (~1 minute on 2 cores): every line it prints on a GPU,
+    the resume across a SIGTERM included."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--check", "--device", "cpu", "--main-model", "tiny", "--main-steps",
+         "10", "--model", "tiny", "--B", "2", "auto", "--medium-B", "--T", "64", "--steps", "3", "--warmup", "1",
+         "--auto-total", "256", "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"main job on cpu \(tiny, B=4 T=32, 10 steps\): completed, final loss 10\.\d+, median [\d,]+ "
+                        r"tok/s, wall [\d.]+ s, peak unknown", lines[0])
+    assert re.fullmatch(r"tiny B=2 T=64: [\d,]+ tok/s, MFU unknown \(no peak\), peak unknown \(median of steps 1-2\)",
+                        lines[1])
+    assert lines[2].startswith("tiny B=auto")
+    assert re.fullmatch(r"resume across a restart on cpu: stopped by SIGTERM at step \d \(exit code 143\), resumed to "
+                        r"step 9: max \|loss - straight run's\| = 0 over \d steps after the restart: bitwise equal",
+                        lines[3])
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
