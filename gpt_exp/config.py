@@ -129,8 +129,23 @@ class TrainConfig:
     save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
 
 
+class OptimizerName(str, Enum):
+    adamw = "adamw"  # AdamW on every parameter (the lecture's)
+    muon = "muon"  # Muon on the blocks' 2-D matrices, AdamW on embeddings, gains and biases (gpt_exp/optim.py)
+
+
+class MuonAdjustLR(str, Enum):
+    # torch.optim.Muon's adjust_lr_fn: how the orthogonalized update is scaled for a matrix's shape
+    match_rms_adamw = "match_rms_adamw"  # Moonlight's 0.2*sqrt(max(A, B)): updates of AdamW's RMS, so AdamW's lr fits
+    original = "original"  # Keller Jordan's sqrt(max(1, A/B)): lr ~0.02 as in modded-nanogpt
+
+
+MUON_FSDP_ERROR = "optim=muon is not supported with train.strategy=fsdp; use train.strategy=ddp or optim=adamw"
+
+
 @dataclass
 class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -139,6 +154,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    # optim=muon only (conf/optim/muon.yaml says what they mean)
+    muon_lr: Optional[float] = None  # the Muon matrices' peak lr; None: optim.lr (the schedule scales both alike)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.match_rms_adamw
 
 
 @dataclass
@@ -300,6 +320,11 @@ def validate(cfg: RunConfig) -> None:
         list(o.betas),
         "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
     )
+    _require(o.muon_lr is None or (math.isfinite(o.muon_lr) and o.muon_lr > 0), "optim.muon_lr", o.muon_lr,
+             "it must be > 0, or null for optim.lr")
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "it must be in [0, 1), e.g. 0.95")
+    if o.name == OptimizerName.muon and t.strategy == Strategy.fsdp:
+        raise ConfigError(MUON_FSDP_ERROR)  # Newton-Schulz needs whole matrices, not FSDP's row shards
     _require(cfg.data.shard_tokens >= 1, "data.shard_tokens", cfg.data.shard_tokens, "it must be >= 1, e.g. 100000000")
     _require(cfg.data.threads is None or cfg.data.threads >= 1, "data.threads", cfg.data.threads,
              "it must be >= 1, or null for one per core")

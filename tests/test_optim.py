@@ -1,0 +1,197 @@
+"""gpt_exp/optim.py: optim=adamw is GPT.configure_optimizer's AdamW bit for bit; optim=muon puts the blocks' matrices
+in torch.optim.Muon and the rest in AdamW, learns, resumes bitwise from its state_dict, and is refused under FSDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from gpt_exp.cli import user_error_line
+from gpt_exp.config import MUON_FSDP_ERROR, MuonAdjustLR, OptimConfig, OptimizerName
+from gpt_exp.errors import ConfigError
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.optim import MuonAdamW, build_optimizer, muon_parameters
+from gpt_exp.trainer import LRSchedule, clip_gradients
+from tests.helpers import compose_config
+
+TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=3, n_head=2, n_embd=24)
+MUON = OptimConfig(name=OptimizerName.muon, lr=3e-3, muon_lr=1e-2, warmup_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Matrices this small run in microseconds on one thread; two threads on a shared machine wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(TINY)
+
+
+def fixed_batch(B: int = 4, T: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(TINY.vocab_size, (B, T + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train(model: GPT, optimizer, steps: range, schedule: LRSchedule, batch=None) -> list[float]:
+    """The Trainer's step: zero_grad, forward, backward, clip, the scheduled lr times each group's lr_scale, step."""
+    losses = []
+    for step in steps:
+        x, y = batch or fixed_batch(seed=step)
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        clip_gradients(model, 1.0, on_cpu=True)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step) * group.get("lr_scale", 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def names(model: GPT, params) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+@pytest.mark.parametrize("sharded", [False, True])  # True: configure_optimizer's foreach path (fused=False)
+def test_adamw_is_configure_optimizer_bit_for_bit(sharded):
+    a, b = tiny_model(), tiny_model()
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.05, betas=[0.8, 0.9], eps=1e-7)
+    ours = build_optimizer(a, cfg, "cpu", sharded=sharded)
+    theirs = b.configure_optimizer(1e-3, 0.05, (0.8, 0.9), 1e-7, "cpu", fused=not sharded)
+    assert type(ours) is torch.optim.AdamW and len(ours.param_groups) == len(theirs.param_groups) == 2
+    for g_ours, g_theirs in zip(ours.param_groups, theirs.param_groups):
+        assert {k: v for k, v in g_ours.items() if k != "params"} == {k: v for k, v in g_theirs.items() if k != "params"}
+        assert names(a, g_ours["params"]) == names(b, g_theirs["params"])
+    assert ours.param_groups[0]["fused"] is (not sharded)
+    x, y = fixed_batch()
+    for model, optimizer in ((a, ours), (b, theirs)):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(x, y)[1].backward()
+            optimizer.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert str(ours.state_dict()) == str(theirs.state_dict())
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    matrices, others = muon_parameters(model)
+    kinds = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    assert names(model, matrices) == [f"transformer.h.{i}.{k}" for i in range(TINY.n_layer) for k in kinds]
+    assert len(matrices) == 4 * TINY.n_layer == 12
+    optimizer = build_optimizer(model, MUON, "cpu", sharded=False)
+    assert isinstance(optimizer, MuonAdamW)
+    muon_group, decay, no_decay = optimizer.param_groups
+    assert [p for p in muon_group["params"]] == matrices
+    assert names(model, decay["params"]) == ["transformer.wte.weight", "transformer.wpe.weight"]  # wte is lm_head
+    # per block: ln_1, ln_2 (gain, bias) and 4 linear biases; then ln_f
+    assert len(no_decay["params"]) == 8 * TINY.n_layer + 2 and all(p.dim() == 1 for p in no_decay["params"])
+    every = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters()) and len(set(every)) == len(every)
+    assert (muon_group["momentum"], muon_group["nesterov"], muon_group["adjust_lr_fn"]) == (0.95, True, "match_rms_adamw")
+    assert (muon_group["lr"], muon_group["lr_scale"], muon_group["weight_decay"]) == (1e-2, pytest.approx(1e-2 / 3e-3), 0.1)
+    assert (decay["lr"], decay["lr_scale"], decay["weight_decay"], no_decay["weight_decay"]) == (3e-3, 1.0, 0.1, 0.0)
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
+    assert not any(g.get("fused") for g in optimizer.param_groups)  # so the Trainer checks non-finite steps on the host
+
+
+def test_muon_lr_defaults_to_optim_lr_and_adjust_lr_is_passed_on():
+    cfg = OptimConfig(name=OptimizerName.muon, lr=2e-3, muon_momentum=0.9, muon_nesterov=False,
+                      muon_adjust_lr=MuonAdjustLR.original)
+    group = build_optimizer(tiny_model(), cfg, "cpu", sharded=False).param_groups[0]
+    assert (group["lr"], group["lr_scale"], group["momentum"], group["nesterov"], group["adjust_lr_fn"]) == \
+        (2e-3, 1.0, 0.9, False, "original")
+
+
+def test_muon_lowers_the_loss_on_a_fixed_batch():
+    model = tiny_model()
+    optimizer = build_optimizer(model, MUON, "cpu", sharded=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = train(model, optimizer, range(15), LRSchedule(MUON.lr, 2, 15), batch=fixed_batch())
+    assert losses[0] == pytest.approx(4.56, abs=0.05)  # ln(96): a fresh model's uniform guess
+    assert losses[-1] < losses[0] - 0.5 and losses == sorted(losses, reverse=True), losses
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # every group stepped
+
+
+def test_state_dict_round_trip_is_bitwise():
+    """3 steps, a checkpoint through torch.save, 3 more in a fresh model and optimizer = 6 straight steps."""
+    schedule = LRSchedule(MUON.lr, MUON.warmup_steps, 6)
+    straight = tiny_model()
+    straight_losses = train(straight, build_optimizer(straight, MUON, "cpu", sharded=False), range(6), schedule)
+
+    first = tiny_model()
+    optimizer = build_optimizer(first, MUON, "cpu", sharded=False)
+    losses = train(first, optimizer, range(3), schedule)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert set(saved["optimizer"]) == {"muon", "adamw"} and len(saved["optimizer"]["muon"]["state"]) == 12
+
+    resumed = tiny_model(seed=5)  # other weights: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    optimizer = build_optimizer(resumed, MUON, "cpu", sharded=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    losses += train(resumed, optimizer, range(3, 6), schedule)
+    assert losses == straight_losses
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_takes_this_runs_muon_lr_and_refuses_adamw_state():
+    model = tiny_model()
+    optimizer = build_optimizer(model, MUON, "cpu", sharded=False)
+    train(model, optimizer, range(1), LRSchedule(MUON.lr, 2, 5))
+    other = build_optimizer(model, dataclasses.replace(MUON, muon_lr=3e-2), "cpu", sharded=False)
+    other.load_state_dict(optimizer.state_dict())
+    assert other.param_groups[0]["lr_scale"] == pytest.approx(10.0)
+    adamw_state = build_optimizer(model, OptimConfig(), "cpu", sharded=False).state_dict()
+    with pytest.raises(ConfigError, match="the checkpoint's optimizer is optim=adamw's; resume it with optim=adamw"):
+        other.load_state_dict(adamw_state)
+
+
+def test_muon_is_refused_under_fsdp():
+    with pytest.raises(ConfigError) as e:
+        build_optimizer(tiny_model(), MUON, "cuda", sharded=True)
+    assert str(e.value) == MUON_FSDP_ERROR
+    with pytest.raises(ConfigError) as e:
+        compose_config("optim=muon", "train.strategy=fsdp")
+    assert user_error_line(e.value) == (
+        "optim=muon is not supported with train.strategy=fsdp; use train.strategy=ddp or optim=adamw")
+    assert compose_config("optim=adamw", "train.strategy=fsdp").optim.name == OptimizerName.adamw
+
+
+def test_config_group_and_defaults():
+    assert compose_config().optim.name == OptimizerName.adamw
+    o = compose_config("optim=muon", "optim.muon_lr=0.02", "optim.muon_adjust_lr=original").optim
+    assert (o.name, o.lr, o.muon_lr, o.muon_momentum, o.muon_nesterov, o.muon_adjust_lr) == \
+        (OptimizerName.muon, 6e-4, 0.02, 0.95, True, MuonAdjustLR.original)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["optim=muon", "optim.muon_momentum=1"], "optim.muon_momentum=1.0 is invalid: it must be in [0, 1), e.g. 0.95"),
+    (["optim=muon", "optim.muon_momentum=-0.1"], "optim.muon_momentum=-0.1 is invalid: it must be in [0, 1)"),
+    (["optim=muon", "optim.muon_momentum=nan"], "optim.muon_momentum=nan is invalid: it must be in [0, 1)"),
+    (["optim=muon", "optim.muon_lr=0"], "optim.muon_lr=0.0 is invalid: it must be > 0, or null for optim.lr"),
+    (["optim=muon", "optim.muon_lr=-1e-3"], "optim.muon_lr=-0.001 is invalid: it must be > 0, or null for optim.lr"),
+    (["optim=muon", "optim.muon_lr=inf"], "optim.muon_lr=inf is invalid: it must be > 0, or null for optim.lr"),
+    (["optim=sgd"], "unknown option optim=sgd; choose one of: adamw, muon"),
+    (["optim.name=sgd"], "optim.name=sgd: Invalid value 'sgd', expected one of [adamw, muon]"),
+    (["optim=muon", "optim.muon_adjust_lr=keller"], "expected one of [match_rms_adamw, original]"),
+])
+def test_bad_optim_config_is_one_line(overrides, line):
+    with pytest.raises(Exception) as e:
+        compose_config(*overrides)
+    assert line in user_error_line(e.value)
+    assert "\n" not in user_error_line(e.value)
