@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -242,21 +243,26 @@ def main() -> None:
         print(f"error: bench/gpu.py needs a CUDA GPU (torch {torch.__version__} is {build}); --dry-run prints what it "
               f"would run", file=sys.stderr)
         raise SystemExit(2)
-    work = Path(tempfile.gettempdir(), "gpu_check-DRYRUN") if args.dry_run else Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    log_dir = args.log_dir or Path(os.environ.get("OUT") or work)
+    top = Path(tempfile.gettempdir(), "gpu_check-DRYRUN") if args.dry_run else Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    log_dir = args.log_dir or Path(os.environ.get("OUT") or top)
     if not args.dry_run:
         log_dir.mkdir(parents=True, exist_ok=True)
-    jobs = Jobs(work, log_dir / "gpu_check.log", args.dry_run, args.timeout_s, args.device)
+    jobs = Jobs(top / "runs", log_dir / "gpu_check.log", args.dry_run, args.timeout_s, args.device)
     if args.device == "cuda" and not args.dry_run:
         name, peak = torch.cuda.get_device_name(), peak_flops(torch.cuda.get_device_name(), DType.bf16, tf32=True)
         peak_line = f"dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else "no known peak (no MFU)"
         print(f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / GiB:.0f} GiB, {peak_line}), "
               f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
-    if args.check:
-        check(jobs, args, args.overrides)
-    else:
-        for B in args.B:
-            throughput(jobs, args.model, B, args.T, args.steps, args.warmup, args.overrides)
+    try:
+        if args.check:
+            check(jobs, args, args.overrides)
+        else:
+            for B in args.B:
+                throughput(jobs, args.model, B, args.T, args.steps, args.warmup, args.overrides)
+    finally:
+        shutil.rmtree(top / "runs", ignore_errors=True)  # run dirs, checkpoints, token cache: made here; the log stays
+        if not args.dry_run and not any(top.iterdir()):
+            top.rmdir()
 
 
 if __name__ == "__main__":

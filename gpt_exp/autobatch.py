@@ -26,6 +26,7 @@ from gpt_exp.errors import ConfigError
 GiB = 2**30
 CUDA_MARGIN = 0.9  # a step peaking above this share of the GPU leaves too little for eval, fragmentation, other kernels
 CPU_MEMORY_FRACTION = 0.5  # of the memory available when the probe starts: the rest is the OS's and other jobs'
+FIRST_WARMUP = 2  # CPU probe: warm-up steps added for the first candidate
 CPU_MAX_B = 64  # candidates(max_B=) on a CPU: beyond this a step takes seconds and tok/s no longer improves
 
 StepFn = Callable[[int], None]  # one full training step (forward, backward, optimizer) at micro-batch B
@@ -64,7 +65,7 @@ def candidates(total_batch_size: int | None, T: int, world_size: int = 1, max_B:
 
 
 def choose_micro_batch(step_fn: StepFn, candidate_Bs: list[int], device: torch.device, *, total_batch_size: int,
-                       T: int, world_size: int = 1, memory: "Memory | None" = None,
+                       T: int, world_size: int = 1, memory: Memory | None = None,
                        clock: Callable[[], float] = time.perf_counter, warmup: int = 1, steps: int = 3,
                        max_probe_s: float = 60.0) -> AutoBatch:
     """Probe candidate_Bs with step_fn and choose B: on CUDA the largest that fits, elsewhere the fastest per token.
@@ -92,17 +93,24 @@ class Memory(Protocol):
     """Where the probe reads memory: the GPU's allocator, or this process's resident set (fakes in tests)."""
 
     def total(self) -> int | None: ...  # CUDA: the device's memory; CPU: the budget for the probe's growth
+    peak_resets: bool  # False: peak() may be an earlier, higher peak
+    def current(self) -> int: ...  # bytes in use now
     def reset_peak(self) -> None: ...
     def peak(self) -> int: ...  # bytes, since reset_peak (CPU: of the whole process)
     def release(self) -> None: ...
 
 
 class CudaMemory:
+    peak_resets = True
+
     def __init__(self, device: torch.device):
         self.device = device
 
     def total(self) -> int:
         return torch.cuda.get_device_properties(self.device).total_memory
+
+    def current(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -147,8 +155,11 @@ def largest_that_fits(step_fn: StepFn, Bs: list[int], memory: Memory, where: str
 
 
 class HostMemory:
-    """This process's peak resident memory (Linux: VmHWM, which writing 5 to /proc/self/clear_refs resets; where
-    it cannot be reset the old peak counts, which only overstates growth)."""
+    """This process's resident memory. The peak is Linux's VmHWM, which writing 5 to /proc/self/clear_refs resets;
+    where it cannot be reset (peak_resets False) an earlier peak may hide growth, and the probe predicts from
+    proportions alone."""
+
+    peak_resets = True
 
     def __init__(self, fraction: float = CPU_MEMORY_FRACTION):
         self.fraction = fraction
@@ -157,16 +168,18 @@ class HostMemory:
         available = available_memory()
         return int(available * self.fraction) if available else None
 
+    def current(self) -> int:
+        return _proc_status_kib("VmRSS") * 1024 if sys.platform == "linux" else _max_rss()
+
     def reset_peak(self) -> None:
-        with contextlib.suppress(OSError):
+        try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+        except OSError:  # not Linux, or not allowed
+            self.peak_resets = False
 
     def peak(self) -> int:
         return _proc_status_kib("VmHWM") * 1024 if sys.platform == "linux" else _max_rss()
-
-    def current(self) -> int:
-        return _proc_status_kib("VmRSS") * 1024 if sys.platform == "linux" else _max_rss()
 
     def release(self) -> None:
         gc.collect()
@@ -175,23 +188,27 @@ class HostMemory:
 def fastest_per_token(step_fn: StepFn, Bs: list[int], T: int, memory: Memory, where: str,
                       clock: Callable[[], float] = time.perf_counter, warmup: int = 1, steps: int = 3,
                       max_probe_s: float = 60.0, sync: Callable[[], None] | None = None) -> tuple[int, str, dict]:
-    """Time `steps` steps (after `warmup`) of each candidate, smallest first; the next candidate's memory growth
-    over the probe's start is predicted in proportion to B from the last one (conservative: fixed costs such as
-    the optimizer state are scaled too) and must stay within memory.total(); so must the probe's time."""
-    budget, base, start = memory.total(), _current(memory), clock()
-    measured, timed, last = {}, {}, None  # last: (B, growth in bytes, seconds per step)
+    """Time `steps` steps of each candidate, smallest first, after `warmup` steps for its new shapes (the first
+    candidate gets FIRST_WARMUP more: a fresh process's first steps fault in its heap and build its kernels).
+
+    A candidate is run only if its predicted memory growth over the probe's start stays within memory.total() and
+    its predicted time within max_probe_s. Growth is fixed (gradients, optimizer state) + per sample (activations):
+    a line through the first and last measured candidates; from one measurement, proportional to B (conservative).
+    """
+    budget, base, start = memory.total(), memory.current(), clock()
+    measured, timed, runs = {}, {}, []  # runs: (B, growth in bytes, seconds per step) of each candidate run
     for B in Bs:
-        if last:
-            growth = last[1] * B / last[0]
+        if runs:
+            growth = predict_growth(runs, B, memory.peak_resets)
             if budget is not None and growth > budget:
                 measured[str(B)] = {"status": "over the memory budget", "predicted_gib": round(growth / GiB, 2)}
                 continue
-            cost = (warmup + steps) * last[2] * B / last[0]
+            cost = (warmup + steps) * runs[-1][2] * B / runs[-1][0]
             if clock() - start + cost > max_probe_s:
-                measured[str(B)] = {"status": "not probed: over the probe's time", "predicted_s": round(cost, 1)}
+                measured[str(B)] = {"status": "over the probe's time", "predicted_s": round(cost, 1)}
                 continue
         memory.reset_peak()
-        for _ in range(warmup):
+        for _ in range(warmup + (0 if runs else FIRST_WARMUP)):
             step_fn(B)
         seconds = []
         for _ in range(steps):
@@ -201,22 +218,33 @@ def fastest_per_token(step_fn: StepFn, Bs: list[int], T: int, memory: Memory, wh
                 sync()
             seconds.append(clock() - t0)
         dt, growth = statistics.median(seconds), max(0, memory.peak() - base)
-        last = (B, growth, dt)
-        entry = {"tok_per_s": round(B * T / dt, 1), "ms_per_step": round(dt * 1000, 2), "growth_gib": round(growth / GiB, 3)}
-        if budget is not None and growth > budget:
-            measured[str(B)] = {"status": "over the memory budget", **entry}
-            continue
-        measured[str(B)] = {"status": "timed", **entry}
-        timed[B] = dt / B
+        runs.append((B, growth, dt))
+        entry = {"tok_per_s": round(B * T / dt, 1), "ms_per_step": round(dt * 1000, 2),
+                 "growth_gib": round(growth / GiB, 3)}
+        over = budget is not None and growth > budget
+        measured[str(B)] = {"status": "over the memory budget" if over else "timed", **entry}
+        if not over:
+            timed[B] = dt / B
     if not timed:
         raise ConfigError(f"B=auto: even B={Bs[0]} grew this process by more than the probe's memory budget "
                           f"({_size(budget)}, {CPU_MEMORY_FRACTION:.0%} of the available memory); set B")
     best = min(timed, key=timed.get)
-    left_out = [f"B={b} {m['status']}" for b, m in measured.items() if m["status"] != "timed"]
-    budget_text = f"{_size(budget)} budget" if budget is not None else "memory unknown"
+    left_out = {}
+    for b, m in measured.items():
+        if m["status"] != "timed":
+            left_out.setdefault(m["status"], []).append(b)
+    notes = [f"{_size(budget)} budget" if budget is not None else "memory unknown"]
+    notes += [f"{status}: B={', '.join(b)}" for status, b in left_out.items()]
     return best, (f"the fastest per token of {', '.join(map(str, timed))} on {where} "
-                  f"({measured[str(best)]['tok_per_s']:,.0f} tok/s; {budget_text}"
-                  f"{'; ' + ', '.join(left_out) if left_out else ''})"), measured
+                  f"({measured[str(best)]['tok_per_s']:,.0f} tok/s; {'; '.join(notes)})"), measured
+
+
+def predict_growth(runs: list[tuple[int, int, float]], B: int, linear: bool = True) -> float:
+    """Memory growth at micro-batch B from the candidates run so far: (B, growth, seconds) each."""
+    (b0, g0, _), (b1, g1, _) = runs[0], runs[-1]
+    if not linear or b1 == b0:
+        return g1 * B / b1
+    return g1 + max(0.0, (g1 - g0) / (b1 - b0)) * (B - b1)
 
 
 @contextlib.contextmanager
@@ -301,11 +329,6 @@ def _host_copy(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_host_copy(v) for v in value)
     return value
-
-
-def _current(memory: Memory) -> int:
-    current = getattr(memory, "current", None)
-    return current() if current else memory.peak()
 
 
 def _proc_status_kib(field: str) -> int:

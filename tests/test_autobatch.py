@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_exp.autobatch import (AutoBatch, candidates, choose_micro_batch, oom_hint, preserve_state,
-                               training_step_fn)
+from gpt_exp.autobatch import (FIRST_WARMUP, AutoBatch, candidates, choose_micro_batch, oom_hint, predict_growth,
+                               preserve_state, training_step_fn)
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT, GPTConfig
@@ -98,11 +98,13 @@ def test_cuda_search_with_nothing_that_fits_is_one_error_line():
 
 
 class FakeHost:
-    """A process whose resident set grows by grow_per_B * B during a step at micro-batch B, from 1 GiB, with a
-    probe budget of `budget` bytes."""
+    """A process whose resident set grows by fixed + grow_per_B * B during a step at micro-batch B, from 1 GiB, with
+    a probe budget of `budget` bytes."""
 
-    def __init__(self, grow_per_B: int, budget: int | None):
-        self.grow_per_B, self.budget, self.last_B = grow_per_B, budget, 0
+    peak_resets = True
+
+    def __init__(self, grow_per_B: int, budget: int | None, fixed: int = 0):
+        self.grow_per_B, self.budget, self.fixed, self.last_B = grow_per_B, budget, fixed, 0
 
     def total(self) -> int | None:
         return self.budget
@@ -114,7 +116,7 @@ class FakeHost:
         self.last_B = 0
 
     def peak(self) -> int:
-        return 2**30 + self.grow_per_B * self.last_B
+        return 2**30 + (self.fixed + self.grow_per_B * self.last_B if self.last_B else 0)
 
     def release(self) -> None:
         pass
@@ -143,7 +145,8 @@ def test_cpu_probe_takes_the_fastest_per_token():
                                 torch.device("cpu"), total_batch_size=32 * 32, T=32, memory=host, clock=clock,
                                 warmup=1, steps=3)
     assert (choice.B, choice.grad_accum_steps) == (8, 4)
-    assert calls == [B for B in s_per_token for _ in range(4)]  # one warm-up and 3 timed steps, smallest first
+    # smallest first: one warm-up step (FIRST_WARMUP more for the first) and 3 timed steps
+    assert calls == [1] * (4 + FIRST_WARMUP) + [B for B in list(s_per_token)[1:] for _ in range(4)]
     assert choice.measured["8"] == {"status": "timed", "tok_per_s": 12_500.0, "ms_per_step": 20.48,
                                     "growth_gib": 0.008}
     assert choice.line() == ("B=auto: B=8 (x4 micro-steps): the fastest per token of 1, 2, 4, 8, 16, 32 on cpu "
@@ -159,7 +162,7 @@ def test_cpu_probe_leaves_out_candidates_over_the_memory_budget():
                                 torch.device("cpu"), total_batch_size=32 * 64, T=64, memory=host, clock=clock)
     assert choice.B == 16 and 32 not in calls  # predicted from B=16's growth, never run
     assert choice.measured["32"] == {"status": "over the memory budget", "predicted_gib": 0.03}
-    assert "(10,000 tok/s; 20 MiB budget; B=32 over the memory budget)" in choice.reason
+    assert "(10,000 tok/s; 20 MiB budget; over the memory budget: B=32)" in choice.reason
 
 
 def test_cpu_probe_stops_before_a_candidate_that_would_pass_its_time():
@@ -168,9 +171,28 @@ def test_cpu_probe_stops_before_a_candidate_that_would_pass_its_time():
     choice = choose_micro_batch(timed_steps(s_per_token, 100, clock, host, calls), list(s_per_token),
                                 torch.device("cpu"), total_batch_size=800, T=100, memory=host, clock=clock,
                                 max_probe_s=4.0)
-    # 4 steps each: 0.48 + 0.88 + 1.6 s; B=8 predicted from B=4's step (0.4 s) at 4 x 0.8 s, past the 4 s
-    assert sorted(set(calls)) == [1, 2, 4] and choice.B == 4
-    assert choice.measured["8"] == {"status": "not probed: over the probe's time", "predicted_s": 3.2}
+    # 6 + 4 + 4 steps: 0.72 + 0.88 + 1.6 s; B=8 predicted from B=4's step (0.4 s) at 4 x 0.8 s, past the 4 s
+    assert FIRST_WARMUP == 2 and sorted(set(calls)) == [1, 2, 4] and choice.B == 4
+    assert choice.measured["8"] == {"status": "over the probe's time", "predicted_s": 3.2}
+    assert choice.reason.endswith("; memory unknown; over the probe's time: B=8)")
+
+
+def test_memory_growth_is_predicted_as_fixed_plus_per_sample():
+    GB = 10**9  # 124M: ~1.5 GB of gradients and AdamW state whatever B is, then activations per sample
+    runs = [(1, 1.6 * GB, 0.1), (2, 1.7 * GB, 0.2)]
+    assert predict_growth(runs, 8) == pytest.approx(2.3 * GB)
+    assert predict_growth(runs[:1], 8) == pytest.approx(12.8 * GB)  # one point: proportional, an overestimate
+    assert predict_growth(runs, 8, linear=False) == pytest.approx(6.8 * GB)  # peaks that do not reset: proportional
+
+
+def test_cpu_probe_runs_what_fixed_costs_would_wrongly_exclude():
+    s_per_token = {1: 4e-4, 2: 2e-4, 4: 1.5e-4, 8: 1.2e-4, 16: 1e-4}
+    clock, calls = FakeClock(), []
+    # B=16 grows 30 + 16 = 46 MiB; in proportion to B=8's 38 MiB it would be 76, over the 70 MiB budget
+    host = FakeHost(grow_per_B=MiB, budget=70 * MiB, fixed=30 * MiB)
+    choice = choose_micro_batch(timed_steps(s_per_token, 64, clock, host, calls), list(s_per_token),
+                                torch.device("cpu"), total_batch_size=16 * 64, T=64, memory=host, clock=clock)
+    assert choice.B == 16 and choice.measured["16"]["growth_gib"] == round(46 * MiB / 2**30, 3)
 
 
 def test_oom_hint_is_one_line_naming_b_auto_and_the_step():
@@ -267,10 +289,13 @@ def test_gpu_check_dry_run_prints_the_installs_tests_and_runs_without_running_th
     assert re.fullmatch(r"\+ python3 -P -m pytest .* -k cuda .*tests/test_autobatch.py .*tests/test_data.py ?", lines[2])
     runs = [line for line in lines if "python -m gpt_exp.run" in line]
     assert all("logger.mode=disabled" in line and "device=cuda" in line for line in runs)
+    # B=auto runs where the config takes it, else one line says it was skipped
+    auto = [line for line in runs if " B=auto " in line] or [line for line in lines if line.startswith("124M B=auto:")]
+    assert len(auto) == 1 and ("train.total_batch_size=131072" in auto[0] or "skipped" in auto[0])
+    runs = [line for line in runs if " B=auto " not in line]
     assert [re.search(r"model=(\S+)", line).group(1) for line in runs] == ["gpt2"] * 4 + ["gpt2-medium"] + ["gpt2"] * 2
     assert [re.search(r" B=(\d+) T=1024", line).group(1) for line in runs[1:5]] == ["16", "32", "64", "16"]
     assert "train.ckpt_every=10" in runs[5] and "resume=" in runs[6]
-    assert any(line.startswith("124M B=auto:") for line in lines)  # run, or skipped with a note until integrated
 
 
 def test_gpu_check_stage_copies_the_wheels_into_a_git_excluded_folder(tmp_path):
