@@ -191,21 +191,21 @@ def fastest_per_token(step_fn: StepFn, Bs: list[int], T: int, memory: Memory, wh
     """Time `steps` steps of each candidate, smallest first, after `warmup` steps for its new shapes (the first
     candidate gets FIRST_WARMUP more: a fresh process's first steps fault in its heap and build its kernels).
 
-    A candidate is run only if its predicted memory growth over the probe's start stays within memory.total() and
-    its predicted time within max_probe_s. Growth is fixed (gradients, optimizer state) + per sample (activations):
+    A candidate is run only if its predicted time keeps the probe within max_probe_s and its predicted memory
+    growth over the probe's start stays within memory.total(). Growth is fixed (gradients, optimizer state) + per sample (activations):
     a line through the first and last measured candidates; from one measurement, proportional to B (conservative).
     """
     budget, base, start = memory.total(), memory.current(), clock()
     measured, timed, runs = {}, {}, []  # runs: (B, growth in bytes, seconds per step) of each candidate run
     for B in Bs:
-        if runs:
-            growth = predict_growth(runs, B, memory.peak_resets)
-            if budget is not None and growth > budget:
-                measured[str(B)] = {"status": "over the memory budget", "predicted_gib": round(growth / GiB, 2)}
-                continue
+        if runs:  # time first: a growth predicted from one candidate alone is a loose upper bound
             cost = (warmup + steps) * runs[-1][2] * B / runs[-1][0]
             if clock() - start + cost > max_probe_s:
                 measured[str(B)] = {"status": "over the probe's time", "predicted_s": round(cost, 1)}
+                continue
+            growth = predict_growth(runs, B, memory.peak_resets)
+            if budget is not None and growth > budget:
+                measured[str(B)] = {"status": "over the memory budget", "predicted_gib": round(growth / GiB, 2)}
                 continue
         memory.reset_peak()
         for _ in range(warmup + (0 if runs else FIRST_WARMUP)):
