@@ -10,7 +10,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -191,7 +191,7 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    B: int = 4  # micro-batch size (sequences)
+    B: Any = 4  # micro-batch size (sequences), or auto: the largest that fits (CUDA), the fastest per token (CPU)
     T: int = 32  # sequence length (tokens)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,7 +260,9 @@ def validate(cfg: RunConfig) -> None:
              f"the gpt2 tokenizer has {GPT2_VOCAB} tokens; use model.vocab_size>={GPT2_VOCAB} "
              f"(larger pads the embedding, e.g. 50304)")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
-    _require(cfg.B >= 1, "B", cfg.B, "the batch size must be >= 1, e.g. B=4")
+    auto_B = cfg.B == "auto"
+    _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,
+             "the batch size must be an integer >= 1, e.g. B=4, or B=auto")
     _require(cfg.T >= 1, "T", cfg.T, "the sequence length must be >= 1, e.g. T=32")
     _require(cfg.T <= m.block_size, "T", cfg.T, f"it exceeds model.block_size={m.block_size}; use T<={m.block_size}")
     _require(cfg.device.threads is None or cfg.device.threads >= 1, "device.threads", cfg.device.threads,
@@ -285,7 +287,11 @@ def validate(cfg: RunConfig) -> None:
              f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "it must be >= 0 (0: no checkpoints)")
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", t.keep_ckpts, "keep at least 1 checkpoint")
-    if t.total_batch_size is not None:
+    if auto_B:
+        _require(t.total_batch_size is not None and t.total_batch_size >= cfg.T and t.total_batch_size % cfg.T == 0,
+                 "train.total_batch_size", t.total_batch_size, f"B=auto keeps the tokens per step: give them as a "
+                 f"multiple of T={cfg.T}, e.g. train.total_batch_size={64 * cfg.T}")
+    elif t.total_batch_size is not None:
         micro = cfg.B * cfg.T
         _require(
             t.total_batch_size >= micro and t.total_batch_size % micro == 0,

@@ -63,6 +63,12 @@ def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def broadcast(obj: Any, d: Dist) -> Any:
     """Rank 0's `obj` on every rank (e.g. the run dir, which rank 0 alone decides)."""
     if not d.enabled:

@@ -124,6 +124,8 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
             dict_cfg = settings_of(resumed, launch.overrides)
             cfg = OmegaConf.to_object(dict_cfg)
             validate(cfg)
+            if cfg.B == "auto" and isinstance(resumed.state.get("B"), int):  # keep its choice; B=N overrides it
+                cfg.B = resumed.state["B"]
             runtime = resolve_runtime(cfg.device, launch.threads, local_rank=d.local_rank)
         init = init_weights(cfg.init_from) if cfg.init_from and resumed is None else None
         if init is not None and cfg.init_from.startswith("hf:"):
@@ -261,13 +263,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def out_of_memory(e: BaseException, cfg: RunConfig) -> UserError | None:
-    """A device or host out-of-memory as one line naming the knobs that fix it; None for anything else."""
+    """A device or host out-of-memory as one line naming B=auto and the knobs that fix it; None for anything else."""
     cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
     if not (isinstance(e, torch.OutOfMemoryError) or cpu_oom):
         return None
-    tokens_per_step = cfg.train.total_batch_size or cfg.B * cfg.T
-    return UserError(f"out of memory at B={cfg.B} (T={cfg.T}, model {cfg.model.name}); lower B, e.g. B={max(1, cfg.B // 2)}, "
-                     f"with train.total_batch_size={tokens_per_step} to keep the tokens per step by gradient accumulation")
+    B = cfg.B if isinstance(cfg.B, int) else 1
+    step = cfg.train.total_batch_size or B * cfg.T
+    return UserError(f"out of memory at B={B}, T={cfg.T} (model {cfg.model.name}); use B=auto "
+                     f"train.total_batch_size={step} (the largest micro-batch that fits, the same tokens per step), "
+                     f"or a smaller B, e.g. B={max(1, B // 2)} train.total_batch_size={step}")
 
 
 def sweep_job(cfg: DictConfig, hc, run_dir: Path) -> float:

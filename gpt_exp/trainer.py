@@ -24,13 +24,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.atomic import replace_dir
+from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
+                               training_step_fn)
 from gpt_exp.checkpoint import save_checkpoint
 from gpt_exp.config import CpuMatmul, DType, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
 from gpt_exp.device import Runtime, device_name
-from gpt_exp.distributed import (Dist, all_reduce_mean, full_model_state, full_state, load_full_model_state,
+from gpt_exp.distributed import (Dist, all_reduce_mean, all_reduce_min, full_model_state, full_state, load_full_model_state,
                                  load_full_optimizer_state, set_grad_sync, shard_model)
 from gpt_exp.errors import ConfigError, DataError, Diverged
 from gpt_exp.eval import hellaswag_scores, load_hellaswag
@@ -125,13 +127,13 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, runtime: Runtime, d: Dist = Dist(), run_dir: Path | None = None,
                  config: dict | None = None, overrides: tuple[str, ...] = ()):
-        """run_dir: where checkpoints go; config and overrides: the resolved config and the command line they record
+        """run_dir: where checkpoints and weights go (None: a Trainer of a test or benchmark writes nothing); config and overrides: the resolved config and the command line they record
         (a resume takes both, so nothing needs retyping)."""
         self.cfg, self.runtime, self.d, self.run_dir, self.config = cfg, runtime, d, run_dir, config or {}
         self.overrides = list(overrides)
         seed_everything(cfg.train.seed)
-        self.loader, self.val_loader = build_loaders(cfg, d)
-        self.grad_accum_steps = grad_accum_steps(cfg, d)
+        if cfg.B == "auto" and d.enabled and cfg.train.strategy == Strategy.fsdp:
+            raise ConfigError("B=auto probes one rank's whole model: not with train.strategy=fsdp; give B=N")
         m = cfg.model
         self.model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
         self.fast_paths = []
@@ -144,6 +146,9 @@ class Trainer:
         o = cfg.optim
         self.optimizer = self.model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps,
                                                         runtime.device_type, fused=not self.sharded)
+        self.autobatch = self.choose_B() if cfg.B == "auto" else None  # before the loaders: they take B
+        self.loader, self.val_loader = build_loaders(cfg, d)
+        self.grad_accum_steps = grad_accum_steps(cfg, d)
         # a budget in tokens becomes the steps that reach it at this batch shape (the last step may pass it)
         self.max_steps = cfg.train.max_steps or math.ceil(cfg.train.max_tokens / self.tokens_per_step)
         self.schedule = LRSchedule(o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule, o.decay_fraction)
@@ -161,6 +166,25 @@ class Trainer:
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
         self.best_val_loss = math.inf
         log.info("%s", self.describe())
+
+    def choose_B(self) -> AutoBatch:
+        """B=auto: probe real steps of this model and optimizer (put back bitwise after), choose B, and keep
+        train.total_batch_size by gradient accumulation; every rank takes the smallest choice of all ranks."""
+        cfg, device = self.cfg, self.runtime.device
+        Bs = candidates(cfg.train.total_batch_size, cfg.T, self.d.world_size,
+                        max_B=CPU_MAX_B if device.type == "cpu" else 1024)
+        step = training_step_fn(self.model, self.optimizer, cfg.T, cfg.model.vocab_size, device, self.runtime.autocast,
+                                clip=lambda: clip_gradients(self.model, cfg.train.grad_clip, device.type == "cpu"))
+        with preserve_state(self.model, self.optimizer):
+            choice = choose_micro_batch(step, Bs, device, total_batch_size=cfg.train.total_batch_size, T=cfg.T,
+                                        world_size=self.d.world_size)
+        agreed = int(all_reduce_min(torch.tensor(choice.B, device=device), self.d).item())
+        if agreed != choice.B:
+            choice = AutoBatch(agreed, cfg.train.total_batch_size // (agreed * cfg.T * self.d.world_size),
+                               f"the smallest choice of the ranks (this one: B={choice.B})", choice.measured)
+        cfg.B = choice.B
+        log.info("%s", choice.line())
+        return choice
 
     @property
     def tokens_per_step(self) -> int:
@@ -183,7 +207,8 @@ class Trainer:
                 "strategy": "fsdp" if self.sharded else "ddp" if self.d.enabled else "single",
                 "grad_accum_steps": self.grad_accum_steps, "B": self.cfg.B, "T": self.cfg.T,
                 "tokens_per_step": self.tokens_per_step, "max_steps": self.max_steps,
-                "cpu_fast_paths": self.fast_paths, "threads": torch.get_num_threads(), **code_version()}
+                "cpu_fast_paths": self.fast_paths, "threads": torch.get_num_threads(),
+                "autobatch": self.autobatch.as_dict() if self.autobatch else None, **code_version()}
 
     def fit(self, tracker: Tracking) -> str:
         """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C or SIGTERM asked to stop (after the
@@ -199,7 +224,7 @@ class Trainer:
                 if self.val_loader and (self.step % t.eval_every == 0 or self.step == max_steps):
                     val_loss = self.evaluate()
                     tracker.log_eval(result.step, val_loss)
-                    if val_loss < self.best_val_loss and t.save_model != SaveModel.none:
+                    if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
                         self.best_val_loss = val_loss
                         self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == max_steps):
@@ -213,7 +238,7 @@ class Trainer:
                     break
         if t.ckpt_every and self.step > self.start_step:
             self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
-        if t.save_model == SaveModel.final and self.step > self.start_step:
+        if t.save_model == SaveModel.final and self.step > self.start_step and self.run_dir is not None:
             self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
 
@@ -338,7 +363,7 @@ class Trainer:
         """Whole tensors on the CPU (gathered from the shards under FSDP: every rank must call this), so that a
         checkpoint resumes under any world size."""
         model_state, optimizer_state = full_state(self.model, self.optimizer, self.sharded)
-        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "model": model_state,
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "B": self.cfg.B, "model": model_state,
                 "optimizer": optimizer_state, "sharded": self.sharded, "loader": self.loader.state_dict(),
                 "rng": rng_state()}
 

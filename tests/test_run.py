@@ -187,8 +187,8 @@ def test_out_of_memory_is_one_line_naming_B():
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 105396551680 bytes. Error code 12 (Cannot allocate memory)")
     assert str(out_of_memory(cpu, cfg)) == (
-        "out of memory at B=64 (T=1024, model gpt2); lower B, e.g. B=32, with train.total_batch_size=524288 to keep "
-        "the tokens per step by gradient accumulation")
+        "out of memory at B=64, T=1024 (model gpt2); use B=auto train.total_batch_size=524288 (the largest micro-batch "
+        "that fits, the same tokens per step), or a smaller B, e.g. B=32 train.total_batch_size=524288")
     assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg) is not None
     assert out_of_memory(RuntimeError("shape mismatch"), cfg) is None  # a bug stays a bug
 
@@ -199,8 +199,8 @@ def test_out_of_memory_run_is_one_line(tmp_path, cache_dir):
                      f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: out of memory at B=1300 (T=256, model tiny); lower B, e.g. B=650, with train.total_batch_size=332800 "
-        "to keep the tokens per step by gradient accumulation"]
+        "error: out of memory at B=1300, T=256 (model tiny); use B=auto train.total_batch_size=332800 (the largest "
+        "micro-batch that fits, the same tokens per step), or a smaller B, e.g. B=650 train.total_batch_size=332800"]
 
 
 def test_a_token_budget_gives_runs_of_other_batch_shapes_the_same_data(cache_dir):

@@ -127,3 +127,22 @@ def test_on_a_terminal_the_bar_draws_and_run_log_still_gets_every_step(tmp_path,
     assert "5/5" in terminal and "|" in terminal and "step 5/5 | loss" not in terminal  # tqdm's bar, not log lines
     log = (only_run_dir(tmp_path) / "run.log").read_text()
     assert [f"step {i}/5 | loss" in log for i in range(1, 6)] == [True] * 5
+
+
+def test_B_auto_keeps_the_tokens_per_step_and_a_resume_keeps_its_choice(tmp_path, cache_dir):
+    common = ["model=tiny", "B=auto", "train.total_batch_size=256", "logger.mode=disabled", f"data.cache_dir={cache_dir}",
+              "train.ckpt_every=2"]
+    first = run_cli("run", *common, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    chosen = summary["runtime"]["autobatch"]
+    assert chosen["B"] in (1, 2, 4, 8) and set(chosen["measured"]) <= {"1", "2", "4", "8"}
+    assert chosen["grad_accum_steps"] * chosen["B"] * 32 == 256  # the step keeps train.total_batch_size
+    assert [r["tokens"] for r in read_metrics(tmp_path / "a")] == [256, 512]
+    log = (tmp_path / "a" / "run.log").read_text()
+    assert f"B=auto: B={chosen['B']} (x{chosen['grad_accum_steps']} micro-steps): the fastest per token of" in log
+    resumed = run_cli("run", f"resume={tmp_path / 'a'}", "train.max_steps=4", "logger.mode=disabled",
+                      f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    log = (tmp_path / "b" / "run.log").read_text()
+    assert "B=auto:" not in log and f"= {chosen['B']} x 32 x {chosen['grad_accum_steps']} micro-steps" in log
