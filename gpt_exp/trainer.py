@@ -38,6 +38,7 @@ from gpt_exp.errors import ConfigError, DataError, Diverged
 from gpt_exp.eval import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.optim import build_optimizer
 from gpt_exp.metrics import StepMetrics
 from gpt_exp.sample import SampleArgs, sample_texts
 
@@ -144,8 +145,7 @@ class Trainer:
         if self.sharded:
             shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
         o = cfg.optim
-        self.optimizer = self.model.configure_optimizer(o.lr, o.weight_decay, tuple(o.betas), o.eps,
-                                                        runtime.device_type, fused=not self.sharded)
+        self.optimizer = build_optimizer(self.model, o, runtime.device_type, self.sharded)
         self.autobatch = self.choose_B() if cfg.B == "auto" else None  # before the loaders: they take B
         self.loader, self.val_loader = build_loaders(cfg, d)
         self.grad_accum_steps = grad_accum_steps(cfg, d)
@@ -265,7 +265,7 @@ class Trainer:
         norm = clip_gradients(self.model, self.cfg.train.grad_clip, on_cpu=self.runtime.device_type == "cpu")
         lr = self.schedule(self.step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: their own peak, the same curve
         step_if_finite(optimizer, loss_accum, norm)
         loss_value, norm_value = loss_accum.item(), norm.item()  # waits for the device: dt is the real step time
         dt = time.perf_counter() - t0
