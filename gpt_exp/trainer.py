@@ -116,6 +116,17 @@ class Tracking(Protocol):
 
 
 @dataclass
+class Queued:
+    """A step queued on the device, its loss and gradient norm not yet read."""
+
+    step: int
+    lr: float
+    loss: torch.Tensor
+    norm: torch.Tensor
+    t0: float
+
+
+@dataclass
 class Skipped:
     """A step whose loss or gradient norm was NaN or inf: its update was not applied."""
 
@@ -164,6 +175,8 @@ class Trainer:
         self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
                           if cfg.train.hellaswag_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
+        # on a GPU a step's loss is read after the next step is queued, so the host never waits on the hot path
+        self.defer = runtime.device_type == "cuda"
         self.best_val_loss = math.inf
         log.info("%s", self.describe())
 
@@ -211,28 +224,20 @@ class Trainer:
                 "autobatch": self.autobatch.as_dict() if self.autobatch else None, **code_version()}
 
     def fit(self, tracker: Tracking) -> str:
-        """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C or SIGTERM asked to stop (after the
-        step in flight, with a checkpoint when checkpoints are on)."""
+        """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C or
+        SIGTERM asked to stop (after the step in flight, with a checkpoint when checkpoints are on)."""
         t, max_steps = self.cfg.train, self.max_steps
         with StopOnSignal() as stop:
+            pending = None  # on a GPU: a queued step whose numbers are read once the next one is queued
             while self.step < max_steps:
-                result = self.train_step()
-                if isinstance(result, Skipped):
-                    tracker.log_skip(result.step, result.reason)
+                queued = self.queue_step()
+                if pending is not None:  # the last step's loss and norm, read while this one runs on the device
+                    self.report(self.read_step(pending), tracker)
+                pending = queued
+                if self.defer and not (self.due(self.step) or stop.requested):
                     continue
-                tracker.log_step(result)
-                if self.val_loader and (self.step % t.eval_every == 0 or self.step == max_steps):
-                    val_loss = self.evaluate()
-                    tracker.log_eval(result.step, val_loss)
-                    if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
-                        self.best_val_loss = val_loss
-                        self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
-                if t.sample_every and (self.step % t.sample_every == 0 or self.step == max_steps):
-                    tracker.log_samples(result.step, self.samples())
-                if t.hellaswag_every and (self.step % t.hellaswag_every == 0 or self.step == max_steps):
-                    tracker.log_hellaswag(result.step, self.hellaswag_scores())
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < max_steps:
-                    self.save_checkpoint(tracker)
+                self.report(self.read_step(pending), tracker)
+                pending = None
                 if stop.requested:
                     self.stop_signal = stop.requested
                     break
@@ -242,12 +247,46 @@ class Trainer:
             self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
 
+    def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
+        """What happens after a step, as the lecture's loop does it: log it, then evaluate, sample, score HellaSwag
+        and checkpoint when their turn has come."""
+        t = self.cfg.train
+        if isinstance(result, Skipped):
+            tracker.log_skip(result.step, result.reason)
+            return
+        tracker.log_step(result)
+        done = result.step + 1
+        if self.val_loader and (done % t.eval_every == 0 or done == self.max_steps):
+            val_loss = self.evaluate()
+            tracker.log_eval(result.step, val_loss)
+            if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
+                self.best_val_loss = val_loss
+                self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
+        if t.sample_every and (done % t.sample_every == 0 or done == self.max_steps):
+            tracker.log_samples(result.step, self.samples())
+        if t.hellaswag_every and (done % t.hellaswag_every == 0 or done == self.max_steps):
+            tracker.log_hellaswag(result.step, self.hellaswag_scores())
+        if t.ckpt_every and done % t.ckpt_every == 0 and done < self.max_steps:
+            self.save_checkpoint(tracker)
+
+    def due(self, done: int) -> bool:
+        """Whether anything happens after step `done` (evaluation, samples, HellaSwag, a checkpoint, the end): the
+        one place where a step's numbers must be read before the next step is queued."""
+        t = self.cfg.train
+        return done == self.max_steps or any(every and done % every == 0 for every in (
+            t.eval_every if self.val_loader else 0, t.sample_every, t.hellaswag_every, t.ckpt_every))
+
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
     stop_signal: int | None = None  # the signal that stopped the run early
 
     def train_step(self) -> StepMetrics | Skipped:
         """One optimizer step over grad_accum_steps micro-batches: the lecture's step, with a non-finite loss or
         gradient norm never applied (up to train.skip_nonfinite such steps are skipped; the next raises)."""
+        return self.read_step(self.queue_step())
+
+    def queue_step(self) -> Queued:
+        """The step's work, queued on the device without waiting for it (no .item(): on a GPU the host goes on to
+        the next step while this one runs); a non-finite step is skipped on the device by fused AdamW's found_inf."""
         t0 = time.perf_counter()
         model, optimizer = self.step_model, self.optimizer
         optimizer.zero_grad(set_to_none=True)
@@ -267,14 +306,18 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: their own peak, the same curve
         step_if_finite(optimizer, loss_accum, norm)
-        loss_value, norm_value = loss_accum.item(), norm.item()  # waits for the device: dt is the real step time
-        dt = time.perf_counter() - t0
-        step = self.step
         self.step += 1
+        return Queued(self.step - 1, lr, loss_accum, norm, t0)
+
+    def read_step(self, queued: Queued) -> StepMetrics | Skipped:
+        """The queued step's numbers (waits for the device: dt is the time until they were there)."""
+        loss_value, norm_value = queued.loss.item(), queued.norm.item()
+        dt = time.perf_counter() - queued.t0
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            return self._skip(step, lr, loss_value, norm_value)
+            return self._skip(queued.step, queued.lr, loss_value, norm_value)
         self.tokens += self.tokens_per_step
-        return StepMetrics(step, loss_value, lr, norm_value, dt * 1000, self.tokens_per_step / dt, self.tokens)
+        return StepMetrics(queued.step, loss_value, queued.lr, norm_value, dt * 1000, self.tokens_per_step / dt,
+                           self.tokens)
 
     def _skip(self, step: int, lr: float, loss: float, norm: float) -> Skipped:
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the grad norm is {norm}"

@@ -146,3 +146,51 @@ def test_B_auto_keeps_the_tokens_per_step_and_a_resume_keeps_its_choice(tmp_path
     assert resumed.returncode == 0, resumed.stderr
     log = (tmp_path / "b" / "run.log").read_text()
     assert "B=auto:" not in log and f"= {chosen['B']} x 32 x {chosen['grad_accum_steps']} micro-steps" in log
+
+
+def test_deferred_reads_change_nothing_but_when_the_host_waits(tmp_path, cache_dir):
+    """On a GPU a step's loss is read after the next step is queued; the numbers, rows and checkpoints are the same
+    as reading each step at once (checked here on the CPU, where deferring is off by default)."""
+    import torch
+
+    from tests.helpers import Collect, make_trainer
+
+    runs = {}
+    for defer in (False, True):
+        trainer = make_trainer(cache_dir, "train.max_steps=7", "train.ckpt_every=3", "train.sample_every=5",
+                               "sample.max_new_tokens=3", run_dir=tmp_path / str(defer))
+        trainer.defer = defer
+        tracker = Collect()
+        assert trainer.fit(tracker) == "completed"
+        ckpts = sorted(p.name for p in (tmp_path / str(defer) / "checkpoints").glob("*.pt"))
+        weights = torch.load(tmp_path / str(defer) / "checkpoints" / "step_0000006.pt", weights_only=True)["model"]
+        runs[defer] = ([(m.step, m.loss, m.grad_norm, m.tokens) for m in tracker.steps], tracker.samples, ckpts, weights)
+    (rows, samples, ckpts, weights), (rows_d, samples_d, ckpts_d, weights_d) = runs[False], runs[True]
+    assert rows_d == rows and len(rows) == 7  # bitwise: deferring moves the read, not the arithmetic
+    assert samples_d == samples and [s for s, _ in samples] == [4, 6]
+    assert ckpts_d == ckpts == ["step_0000006.pt", "step_0000007.pt"]
+    assert all(torch.equal(weights[k], weights_d[k]) for k in weights)  # the checkpoint holds step 6, not step 7
+
+
+def test_deferred_reads_skip_and_stop_on_nonfinite_steps_as_at_once(cache_dir):
+    import torch
+
+    from gpt_exp.errors import Diverged
+    from tests.helpers import Collect, make_trainer
+
+    for skip, defer in ((2, True), (0, True)):
+        trainer = make_trainer(cache_dir, "B=2", "T=16", "train.max_steps=6", "optim.warmup_steps=0",
+                               f"train.skip_nonfinite={skip}")
+        trainer.defer = defer
+        calls = iter(range(100))
+        trainer.model.transformer.wte.register_forward_hook(
+            lambda module, inputs, out: out * float("inf") if next(calls) in (2, 3) else out)
+        tracker = Collect()
+        if skip:
+            assert trainer.fit(tracker) == "completed"
+            assert [m.step for m in tracker.steps] == [0, 1, 4, 5] and [s for s, _ in tracker.skips] == [2, 3]
+        else:
+            with pytest.raises(Diverged, match="at step 2 "):
+                trainer.fit(tracker)
+            assert [m.step for m in tracker.steps] == [0, 1]
+        assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
