@@ -97,6 +97,8 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # auto|true|false: the embedding padded to a multiple of 64 rows (50304), never sampled; auto: on CUDA only
+    pad_vocab: str = "auto"
 
 
 @dataclass

@@ -1,20 +1,22 @@
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from gpt_exp.config import DataConfig, DataSource, DType, Schedule
+from gpt_exp.config import DataConfig, DataSource, DType, ModelConfig, Schedule
 from gpt_exp.data.cache import prepare_tokens
 from gpt_exp.data.loader import BatchLoader
-from gpt_exp.cpu import short_sequence_attention
+from gpt_exp.cpu import apply_cpu_fast_paths, short_sequence_attention
 from gpt_exp.device import Runtime
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.model import GPT, GPTConfig, fit_padding, pad_vocab_on, padded_vocab
 from gpt_exp.trainer import LRSchedule, clip_gradients
-from gpt_exp.errors import Diverged
-from tests.helpers import Collect, make_trainer
+from gpt_exp.errors import ConfigError, Diverged
+from tests.helpers import Collect, compose_config, make_trainer
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=24)
+PADDED = dataclasses.replace(TINY, padded_vocab_size=50304)
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=DType.fp32, compile=False)
 
 
@@ -170,3 +172,106 @@ def test_nonfinite_step_is_never_applied(cache_dir, skip_nonfinite):
         assert "skipped 2 of at most 2" in tracker.skips[-1][1]
         assert opt.state[next(model.parameters())]["step"].item() == 4  # only the applied steps count
         assert tracker.steps[-1].tokens == 4 * 2 * 16  # skipped steps trained on nothing
+
+
+def test_padded_vocab_is_the_next_multiple_of_64():
+    assert [padded_vocab(v, True) for v in (50257, 50304, 50305, 1)] == [50304, 50304, 50368, 64]
+    assert padded_vocab(50257, False) == 50257
+
+
+@pytest.mark.parametrize("pad_vocab, device_type, rows", [
+    ("auto", "cuda", 50304), ("auto", "cpu", 50257), ("auto", "mps", 50257), ("AUTO", "cuda", 50304),
+    ("true", "cpu", 50304), ("True", "cpu", 50304), (True, "cpu", 50304), ("false", "cuda", 50257),
+    (False, "cuda", 50257),
+])
+def test_pad_vocab_auto_pads_on_cuda_only(pad_vocab, device_type, rows):
+    m = ModelConfig(name="tiny", block_size=256, n_layer=2, n_head=2, n_embd=24, pad_vocab=pad_vocab)
+    assert GPTConfig.from_model_config(m, device_type) == GPTConfig(256, 50257, 2, 2, 24, rows)
+    for saved in (50257, 50304):  # a checkpoint's weights decide, whatever the device
+        assert GPTConfig.from_model_config(m, device_type, saved_rows=saved).padded_vocab_size == saved
+
+
+def test_pad_vocab_from_the_command_line():
+    # Hydra hands true/false over as bools, which the str field keeps as "True"/"False"
+    assert [pad_vocab_on(compose_config(*o).model.pad_vocab, "cpu") for o in
+            ((), ("model.pad_vocab=true",), ("model.pad_vocab=false",), ("model.pad_vocab=auto",))] == \
+        [False, True, False, False]
+    assert pad_vocab_on(compose_config().model.pad_vocab, "cuda") is True
+    with pytest.raises(ConfigError) as e:
+        pad_vocab_on(compose_config("model.pad_vocab=maybe").model.pad_vocab, "cuda")
+    assert str(e.value) == "model.pad_vocab=maybe is invalid: use auto (pad on CUDA only), true or false"
+
+
+def test_padded_model_from_the_same_seed_is_the_same_model(shakespeare):
+    """Zero rows appended after an init drawn as the unpadded model draws it: same weights, logits, loss, gradients."""
+    torch.manual_seed(1337)
+    plain = GPT(TINY)
+    torch.manual_seed(1337)
+    padded = GPT(PADDED)
+    wte = padded.transformer.wte.weight
+    assert wte.shape == (50304, 24) and wte is padded.lm_head.weight  # tied, at the padded size
+    assert torch.equal(wte[:50257], plain.lm_head.weight) and not wte[50257:].any()
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(plain.named_parameters(), padded.named_parameters())
+               if a.shape == b.shape)
+    assert padded.num_params() == plain.num_params() == 1_226_808  # the padding is no weight of the model
+    assert padded.flops_per_token(32) == plain.flops_per_token(32)
+    x, y = BatchLoader(shakespeare, B=4, T=32).next_batch()
+    (logits, loss), (want_logits, want_loss) = padded(x, y), plain(x, y)
+    assert logits.shape == (4, 32, 50257) and torch.equal(logits, want_logits)
+    assert loss.item() == want_loss.item() and abs(loss.item() - math.log(50257)) < 0.1
+    loss.backward()
+    want_loss.backward()
+    assert torch.equal(wte.grad[:50257], plain.lm_head.weight.grad) and not wte.grad[50257:].any()
+
+
+def test_unpadded_weights_copied_into_a_padded_model_give_the_same_loss(shakespeare):
+    torch.manual_seed(0)
+    plain = GPT(TINY)
+    torch.manual_seed(1)  # other weights, overwritten by the copy
+    padded = GPT(PADDED)
+    padded.load_state_dict(fit_padding(plain.state_dict(), padded.config))
+    assert padded.lm_head.weight is padded.transformer.wte.weight and not padded.lm_head.weight[50257:].any()
+    x, y = BatchLoader(shakespeare, B=4, T=32).next_batch()
+    assert padded(x, y)[1].item() == plain(x, y)[1].item()
+    unpadded = GPT(TINY)  # and back: the padding cut
+    unpadded.load_state_dict(fit_padding(padded.state_dict(), TINY))
+    assert unpadded(x, y)[1].item() == plain(x, y)[1].item()
+
+
+def force_padded_logits(model: GPT, value: float = 1e4) -> None:
+    """lm_head's padded columns set to `value`: were they not cut, they would take all the probability."""
+    real = model.config.vocab_size
+
+    def hook(module, inputs, out):
+        return torch.cat([out[..., :real], out.new_full((*out.shape[:-1], out.size(-1) - real), value)], dim=-1)
+
+    model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_padded_rows_stay_zero_and_training_matches_unpadded(shakespeare, fast_paths):
+    """Five AdamW steps (weight decay 0.1) from the same seed: the same losses and weights, bit for bit, and the
+    padded rows still zero; with the CPU fast paths too (oneDNN matmuls, the sparse embedding gradient)."""
+    runs = {}
+    for config in (TINY, PADDED):
+        torch.manual_seed(1337)
+        model = GPT(config)
+        if fast_paths:
+            apply_cpu_fast_paths(model)
+        if config.padded:
+            force_padded_logits(model)
+        opt = model.configure_optimizer(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+        loader, losses = BatchLoader(shakespeare, B=4, T=32), []
+        for _ in range(5):
+            x, y = loader.next_batch()
+            opt.zero_grad(set_to_none=True)
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs[config.padded] = losses, model
+    (losses, plain), (padded_losses, padded) = runs[False], runs[True]
+    assert padded_losses == losses and losses[-1] < losses[0] - 0.5  # it trains
+    wte = padded.transformer.wte.weight
+    assert torch.equal(wte[:50257], plain.transformer.wte.weight) and not wte[50257:].any()
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), padded.parameters()) if a.shape == b.shape)
