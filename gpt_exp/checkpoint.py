@@ -191,7 +191,10 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
                               f"checkpoint file that `python -m gpt_exp.run train.ckpt_every=N` wrote")
         fix = "the checkpoint is damaged: use another one of the run"
         shape = {key: m.get(key) for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
-        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix))
+        # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on
+        wte = state["model"].get("transformer.wte.weight") if isinstance(state["model"], dict) else None
+        rows = wte.shape[0] if isinstance(wte, torch.Tensor) and wte.dim() == 2 else None
+        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=rows))
         load_checked_weights(model, state["model"], f"{ckpt}'s weights do not match its config", fix)
         info = {"name": m.get("name", "?"), "source": str(ckpt), "step": state["step"]}
     return model.eval(), {**info, "params": model.num_params()}

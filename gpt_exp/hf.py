@@ -1,11 +1,13 @@
 """Hugging Face GPT-2 checkpoints: load a `GPT2LMHeadModel` dir (any size) into our GPT, and write ours as one.
 
 `transformers` is not needed: weights are read and written with the `safetensors` library, and the tokenizer
-files an export carries are the gpt2 BPE files gpt_exp ships, under their Hugging Face names.
+files an export carries are the gpt2 BPE files gpt_exp ships, under their Hugging Face names. A padded model
+(model.pad_vocab) is exported without its padding, as GPT-2's 50257 tokens, and an import can be padded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes
 from gpt_exp.errors import ConfigError, UserError
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.model import GPT, GPTConfig, fit_padding, padded_vocab
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_bpe_files
 
 SAFETENSORS = "model.safetensors"
@@ -60,23 +62,28 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             raise OSError(int(errno[1]), os.strerror(int(errno[1])), str(path)) from None
 
 
-def gpt_config(shape: dict, source: str, fix: str) -> GPTConfig:
+def gpt_config(shape: dict, source: str, fix: str, padded_vocab_size: int | None = None) -> GPTConfig:
     """A GPTConfig from `shape`: the block size, vocab size, n_layer, n_head and n_embd in that order, named as
-    the file names them, each checked, or one line naming the bad value (not a crash inside the model)."""
+    the file names them, each checked, or one line naming the bad value (not a crash inside the model).
+    `padded_vocab_size`: the embedding rows, if more than the vocab size (fewer are ignored: the weights' check
+    then names the mismatch)."""
     bad = {k: v for k, v in shape.items() if not (isinstance(v, int) and not isinstance(v, bool) and v > 0)}
     if bad:
         raise ConfigError(f"{source} lacks the GPT-2 shape ({', '.join(f'{k}={v!r}' for k, v in bad.items())} "
                           f"must be positive integers); {fix}")
     if shape["n_embd"] % shape["n_head"]:
         raise ConfigError(f"{source} has n_embd={shape['n_embd']}, not divisible by n_head={shape['n_head']}; {fix}")
-    return GPTConfig(*shape.values())
+    rows = padded_vocab_size if padded_vocab_size and padded_vocab_size > shape["vocab_size"] else None
+    return GPTConfig(*shape.values(), padded_vocab_size=rows)
 
 
 def load_checked_weights(model: GPT, state: object, source: str, fix: str) -> None:
     """`state` (a state_dict in our names) into `model`, or one line saying how it differs from the model's shape:
-    the weights of another model, or not a state_dict at all. lm_head may be left out: it is tied to wte."""
+    the weights of another model, or not a state_dict at all. lm_head may be left out: it is tied to wte. The
+    embedding's padding may differ from the model's (fit_padding): a Hugging Face file's loads into a padded model."""
     if not isinstance(state, dict):
         raise ConfigError(f"{source} holds a {type(state).__name__}, not a model's weights; {fix}")
+    state = fit_padding(state, model.config)
     expected = model.state_dict()
     tied = "lm_head.weight" not in state
     if tied:
@@ -166,14 +173,16 @@ def _to_gpt_state_dict(hf_weights: dict) -> dict:
     return state
 
 
-def load_hf_gpt2(path: str | Path) -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 dir (config.json + model.safetensors or pytorch_model.bin)."""
+def load_hf_gpt2(path: str | Path, pad_vocab: bool = False) -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 dir (config.json + model.safetensors or pytorch_model.bin);
+    `pad_vocab`: its embedding padded with zero rows to a multiple of 64 (the logits stay the same)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path} does not exist; {_FIX}")
     if not path.is_dir():
         raise ConfigError(f"{path} is a file, not a dir; {_FIX}")
-    model = GPT(_read_config(path))
+    config = _read_config(path)
+    model = GPT(dataclasses.replace(config, padded_vocab_size=padded_vocab(config.vocab_size, pad_vocab)))
     state = _to_gpt_state_dict(_read_weights(path))
     load_checked_weights(model, state, f"{path}'s weights do not match its config.json",
                          "the weight file belongs to another model: download or export the dir again")
@@ -237,6 +246,8 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
     out_dir = check_out_dir(out_dir)
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
+    # GPT-2's vocabulary exactly: a padded model's zero rows are no tokens (config.json says vocab_size 50257)
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][: model.config.vocab_size]
     tmp = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

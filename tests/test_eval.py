@@ -9,11 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from gpt_exp import eval as evals
-from gpt_exp.eval import hellaswag_scores, load_hellaswag, main, render_example
+from gpt_exp.eval import ending_losses, hellaswag_scores, load_hellaswag, main, render_example
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import run_cli
+from tests.test_sample import padded_copy
 
 CONTEXTS = [
     ("Roof shingle removal", "A man is sitting on a roof.", "he",
@@ -164,3 +165,14 @@ def test_file_mistakes_are_one_line_and_exit_2(tmp_path, lines, message):
 def test_argument_mistakes_are_one_line(capsys, args, message):
     assert main(args) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_a_padded_model_scores_as_the_unpadded_one(model, dataset):
+    """Padded logits forced to 1e4 take no probability: every ending's loss and both scores are the same."""
+    padded = padded_copy(model)
+    tokens, mask = render_example(load_hellaswag(dataset[0])[0], block_size=128)
+    with torch.no_grad():
+        got, want = ending_losses(padded, tokens, mask), ending_losses(model, tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    examples = load_hellaswag(dataset[0])
+    assert hellaswag_scores(padded, examples, "cpu") == hellaswag_scores(model, examples, "cpu")

@@ -2,6 +2,7 @@
 transformers loads our export (model, tokenizer, text-generation pipeline) with our logits, tokens and greedy
 text, a round trip keeps every tensor, and bad dirs are one line."""
 
+import dataclasses
 import json
 import shutil
 from importlib import resources
@@ -15,7 +16,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 from gpt_exp.checkpoint import load_model
 from gpt_exp.errors import ConfigError
 from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.export import export
+from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.sample import generate
 from gpt_exp.tokenizer import encode_text, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
@@ -196,3 +198,43 @@ def test_export_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: no/such/run does not exist; give a run dir (outputs/<date>/<time>) "
                                      "or a checkpoint file")
+
+
+def test_hf_import_into_a_padded_model_gives_the_same_logits(hf_dir, hf_model):
+    plain, padded = load_hf_gpt2(hf_dir).eval(), load_hf_gpt2(hf_dir, pad_vocab=True).eval()
+    assert padded.config == GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=24,
+                                      padded_vocab_size=50304)
+    wte = padded.transformer.wte.weight
+    assert wte is padded.lm_head.weight and wte.shape == (50304, 24)
+    assert torch.equal(wte[:50257], plain.transformer.wte.weight) and not wte[50257:].any()
+    with torch.no_grad():
+        assert torch.equal(padded(IDX)[0], plain(IDX)[0])
+    assert max_diff(padded, hf_model) < 1e-4
+
+
+def test_export_of_a_padded_model_is_the_unpadded_export(exported, tmp_path):
+    """The padding is stripped: the same files byte for byte, GPT-2's vocab_size, and transformers' logits."""
+    ours, out = exported
+    padded = GPT(dataclasses.replace(ours.config, padded_vocab_size=50304)).eval()
+    padded.load_state_dict(fit_padding(ours.state_dict(), padded.config))
+    assert padded.transformer.wte.weight.shape == (50304, 32)
+    padded_out = save_hf_gpt2(padded, tmp_path / "padded")
+    assert sorted(p.name for p in padded_out.iterdir()) == EXPORT_FILES
+    assert all((padded_out / name).read_bytes() == (out / name).read_bytes() for name in EXPORT_FILES)
+    assert json.loads((padded_out / "config.json").read_text())["vocab_size"] == 50257
+    assert load_file(padded_out / "model.safetensors")["transformer.wte.weight"].shape == (50257, 32)
+    assert max_diff(padded, GPT2LMHeadModel.from_pretrained(padded_out).eval()) < 1e-4
+
+
+def test_export_of_a_padded_checkpoint(tmp_path, exported):
+    """python -m gpt_exp.export of a padded model's checkpoint writes what the unpadded model's export holds."""
+    ours, out = exported
+    c = ours.config
+    padded = GPT(dataclasses.replace(c, padded_vocab_size=50304))
+    padded.load_state_dict(fit_padding(ours.state_dict(), padded.config))
+    model_config = {"name": "small", "block_size": c.block_size, "vocab_size": 50257, "n_layer": c.n_layer,
+                    "n_head": c.n_head, "n_embd": c.n_embd, "pad_vocab": "true"}
+    torch.save({"step": 7, "model": padded.state_dict(), "config": {"model": model_config}}, tmp_path / "step.pt")
+    written, info = export(str(tmp_path / "step.pt"), str(tmp_path / "hf"))
+    assert info["step"] == 7 and info["params"] == ours.num_params()
+    assert all((written / name).read_bytes() == (out / name).read_bytes() for name in EXPORT_FILES)

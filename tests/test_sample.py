@@ -1,6 +1,7 @@
 """Sampling: the CLI prints num_samples texts that start with the prompt and are exactly what `generate` makes
 from the same seed, from a run's checkpoint or its Hugging Face export; bad arguments are one line, exit 2."""
 
+import dataclasses
 import re
 
 import pytest
@@ -8,10 +9,11 @@ import torch
 
 from gpt_exp.checkpoint import load_model
 from gpt_exp.hf import save_hf_gpt2
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.sample import encode_prompt, generate, main
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
+from tests.test_model import force_padded_logits
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +132,43 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
 def test_bad_values_are_one_line(run_dir, capsys, arg, message):
     assert main([f"resume={run_dir}", arg]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def padded_copy(model: GPT) -> GPT:
+    """`model` with its vocabulary padded to a multiple of 64 (the same real weights), its padded logits huge."""
+    padded = GPT(dataclasses.replace(model.config, padded_vocab_size=50304)).eval()
+    padded.load_state_dict(fit_padding(model.state_dict(), padded.config))
+    force_padded_logits(padded)
+    return padded
+
+
+@pytest.mark.parametrize("top_k", [1, 50, 50304])
+def test_padded_columns_are_never_sampled(top_k):
+    """Padded logits forced to 1e4 (all the probability, were they seen): the same draws as the unpadded model's."""
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    padded = padded_copy(plain)
+    idx = torch.randint(0, 50257, (64, 2), generator=torch.Generator().manual_seed(1))
+    got = generate(padded, idx, 6, top_k=top_k, generator=torch.Generator().manual_seed(2))
+    want = generate(plain, idx, 6, top_k=top_k, generator=torch.Generator().manual_seed(2))
+    assert got.max().item() < 50257 and torch.equal(got, want)
+    assert len(set(got[:, 2:].flatten().tolist())) > (1 if top_k == 1 else 100)  # sampling, not one token
+
+
+def test_padded_checkpoint_samples_as_the_unpadded_one(run_dir, tmp_path, capsys):
+    """A checkpoint of a padded model (model.pad_vocab=true) loads padded, on the CPU too, and samples the same text."""
+    ckpt = next((run_dir / "checkpoints").glob("step_*.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    model, _ = load_model(str(ckpt))
+    padded = padded_copy(model)
+    state["model"] = padded.state_dict()
+    state["config"]["model"]["pad_vocab"] = "true"
+    torch.save(state, tmp_path / "padded.pt")
+    loaded, info = load_model(str(tmp_path / "padded.pt"))
+    assert loaded.config == padded.config and loaded.transformer.wte.weight.shape == (50304, 24)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and info["params"] == model.num_params()
+    texts = []
+    for source in (ckpt, tmp_path / "padded.pt"):
+        assert main([f"resume={source}", "seed=5", "max_new_tokens=8", "num_samples=3", "prompt=To be"]) == 0
+        texts.append(samples(capsys.readouterr().out))
+    assert texts[0] == texts[1] and len(texts[0]) == 3
