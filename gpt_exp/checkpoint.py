@@ -6,6 +6,7 @@ config and the W&B run id, so that a resumed run continues exactly where the ori
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -173,12 +174,25 @@ def init_weights(target: str) -> tuple[GPT, str]:
     return model, info["source"]
 
 
+def _run_weights_info(run_dir: Path) -> dict:
+    """{name, source, step} of a run dir's weights: the model's name from its config, the steps it trained
+    from its summary (unknown while it runs)."""
+    info = {"name": "?", "source": str(run_dir / WEIGHTS_DIR), "step": None}
+    try:
+        info["name"] = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]["name"]
+        info["step"] = json.loads((run_dir / "summary.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        pass  # a description only: the weights themselves are checked by the loader
+    return info
+
+
 def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
     path = Path(target).expanduser()
     if not hf and (path / WEIGHTS_DIR / "config.json").is_file():  # a run dir's final weights (train.save_model)
-        path = path / WEIGHTS_DIR
+        model = load_hf_gpt2(path / WEIGHTS_DIR)
+        return model.eval(), {**_run_weights_info(path), "params": model.num_params()}
     if hf or (path / "config.json").is_file():
         model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}
     else:

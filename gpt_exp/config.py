@@ -260,7 +260,9 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "it must be >= 1")
     _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", m.vocab_size,
              f"the gpt2 tokenizer has {GPT2_VOCAB} tokens; use model.vocab_size>={GPT2_VOCAB} "
-             f"(larger pads the embedding, e.g. 50304)")
+             f"(to pad the embedding for speed, keep it and set model.pad_vocab=true)")
+    _require(str(m.pad_vocab).lower() in ("auto", "true", "false"), "model.pad_vocab", m.pad_vocab,
+             "use auto (pad on CUDA only), true or false")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
     auto_B = cfg.B == "auto"
     _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,

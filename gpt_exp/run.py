@@ -193,7 +193,8 @@ def adopt_shape(dict_cfg: DictConfig, model: torch.nn.Module, init_from: str, ov
 
 def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_dir: Path, started_at: float,
           resumed: Resume | None = None, init: tuple[torch.nn.Module, str] | None = None) -> float:
-    trainer = Trainer(cfg, runtime, d, run_dir, config, overrides=launch.overrides)
+    rows = resumed.state["model"]["transformer.wte.weight"].shape[0] if resumed else None
+    trainer = Trainer(cfg, runtime, d, run_dir, config, overrides=launch.overrides, saved_vocab_rows=rows)
     if resumed:
         trainer.load_state_dict(resumed.state)
         log.info("resumed from %s at step %d%s", resumed.path, resumed.step,

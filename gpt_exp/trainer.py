@@ -37,7 +37,7 @@ from gpt_exp.distributed import (Dist, all_reduce_mean, all_reduce_min, full_mod
 from gpt_exp.errors import ConfigError, DataError, Diverged
 from gpt_exp.eval import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import save_hf_gpt2
-from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.optim import build_optimizer
 from gpt_exp.metrics import StepMetrics
 from gpt_exp.sample import SampleArgs, sample_texts
@@ -138,16 +138,17 @@ class Trainer:
     """Data, model, optimizer, schedule and wrappers for one run, built from its validated config."""
 
     def __init__(self, cfg: RunConfig, runtime: Runtime, d: Dist = Dist(), run_dir: Path | None = None,
-                 config: dict | None = None, overrides: tuple[str, ...] = ()):
+                 config: dict | None = None, overrides: tuple[str, ...] = (), saved_vocab_rows: int | None = None):
         """run_dir: where checkpoints and weights go (None: a Trainer of a test or benchmark writes nothing); config and overrides: the resolved config and the command line they record
-        (a resume takes both, so nothing needs retyping)."""
+        (a resume takes both, so nothing needs retyping); saved_vocab_rows: a resumed checkpoint's embedding rows, so
+        that a run padded on a GPU (model.pad_vocab) resumes padded anywhere."""
         self.cfg, self.runtime, self.d, self.run_dir, self.config = cfg, runtime, d, run_dir, config or {}
         self.overrides = list(overrides)
         seed_everything(cfg.train.seed)
         if cfg.B == "auto" and d.enabled and cfg.train.strategy == Strategy.fsdp:
             raise ConfigError("B=auto probes one rank's whole model: not with train.strategy=fsdp; give B=N")
         m = cfg.model
-        self.model = GPT(GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd)).to(runtime.device)
+        self.model = GPT(GPTConfig.from_model_config(m, runtime.device_type, saved_rows=saved_vocab_rows)).to(runtime.device)
         self.fast_paths = []
         if runtime.device_type == "cpu":
             self.fast_paths = apply_cpu_fast_paths(self.model, onednn=cfg.device.cpu_matmul == CpuMatmul.onednn,
@@ -412,6 +413,7 @@ class Trainer:
 
     def load_weights(self, weights: dict, source: str) -> None:
         """Weights only (init_from): the model's tensors, shape for shape, or one line naming the first that differs."""
+        weights = fit_padding(weights, self.model.config)  # weights of another padding (model.pad_vocab) fit
         expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         for name, shape in expected.items():
             got = tuple(weights[name].shape) if name in weights else None

@@ -93,7 +93,7 @@ CONFIG_CASES = [
     ("negative shuffle seed", ["data.shuffle_seed=-1"], "error: data.shuffle_seed=-1 is invalid: it must be in [0, 2**32) = [0, 4294967295], or null for the stored order"),
     ("shuffle seed too large", ["data.shuffle_seed=4294967296"], "error: data.shuffle_seed=4294967296 is invalid: it must be in [0, 2**32)"),
     # the embedding must hold every token id of the gpt2 encoding
-    ("vocab too small", ["model.vocab_size=100"], "error: model.vocab_size=100 is invalid: the gpt2 tokenizer has 50257 tokens; use model.vocab_size>=50257 (larger pads the embedding, e.g. 50304)"),
+    ("vocab too small", ["model.vocab_size=100"], "error: model.vocab_size=100 is invalid: the gpt2 tokenizer has 50257 tokens; use model.vocab_size>=50257 (to pad the embedding for speed, keep it and set model.pad_vocab=true)"),
     ("vocab one short", ["model.vocab_size=50256"], "error: model.vocab_size=50256 is invalid: the gpt2 tokenizer has 50257 tokens"),
     # non-finite floats (nan fails every comparison, inf passes `>= 0`)
     ("eps inf", ["optim.eps=inf"], "error: optim.eps=inf is invalid: it must be a finite number >= 1.2e-38 (smaller rounds to 0 in float32), e.g. 1e-8"),

@@ -158,7 +158,7 @@ def test_export_cli_of_a_run(tmp_path, cache_dir):
     run_dir = only_run_dir(tmp_path)
     result = run_cli("export", str(run_dir), "hf_out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "step_0000003.pt" in result.stdout
+    assert f"exported model tiny (1.23M params, step 3) from {run_dir / 'model'}" in result.stdout  # its weights
     ours, info = load_model(str(run_dir))
     assert info["step"] == 3 and info["name"] == "tiny"
     assert max_diff(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()) < 1e-4
