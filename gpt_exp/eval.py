@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from gpt_exp.config import DeviceType
+from gpt_exp.atomic import atomic_write_bytes
 from gpt_exp.cli import command, parse_options
-from gpt_exp.errors import ConfigError, DataError
+from gpt_exp.config import DeviceType
+from gpt_exp.errors import ConfigError, DataError, UserError
 from gpt_exp.model import GPT
 from gpt_exp.sample import describe, inference_device, model_source
 from gpt_exp.tokenizer import encode_text
@@ -142,7 +143,30 @@ def main(argv: list[str]) -> int:
     log.info("%s, on %s: %d examples", describe(info), device, len(examples))
     scores = hellaswag_scores(model.to(device), examples, device)
     print(f"hellaswag: {scores['examples']} examples, acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f}")
+    if args.resume and (saved := save_result(Path(args.resume).expanduser(), info, args, scores)) is not None:
+        print(f"saved in {saved}")
     return 0
+
+
+def save_result(target: Path, info: dict, args: EvalArgs, scores: dict) -> Path | None:
+    """The scores into the run's eval.json (beside what other evals saved there) when `resume=` names a run dir or
+    one of its checkpoints; None for a lone checkpoint file."""
+    run_dir = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else None
+    if run_dir is None:
+        return None
+    path = run_dir / "eval.json"
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        saved = {}  # a damaged eval.json is replaced whole: it holds only results this command can make again
+    saved = saved if isinstance(saved, dict) else {}
+    saved["hellaswag"] = {**scores, "path": str(Path(args.path).expanduser()), "limit": args.limit,
+                          "model": info["source"], "step": info["step"]}
+    try:
+        atomic_write_bytes(path, json.dumps(saved, indent=1).encode())
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); the scores are printed above") from None
+    return path
 
 
 if __name__ == "__main__":

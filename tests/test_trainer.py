@@ -53,6 +53,8 @@ def test_the_main_job_leaves_weights_that_sample_export_and_eval_read(tmp_path, 
         "starts pulling up roofing on a roof."]}) + "\n")
     assert evals.main(["hellaswag", f"path={hellaswag}", f"resume={run_dir}", "device=cpu"]) == 0
     assert "hellaswag: 1 examples, acc_norm" in capsys.readouterr().out
+    saved = json.loads((run_dir / "eval.json").read_text())["hellaswag"]  # the result stays with the run
+    assert saved["examples"] == 1 and saved["acc_norm"] in (0.0, 1.0) and saved["step"] == 3
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compile: ~40 s on 2 cores
