@@ -99,6 +99,10 @@ class ModelConfig:
     n_embd: int = 768
     # auto|true|false: the embedding padded to a multiple of 64 rows (50304), never sampled; auto: on CUDA only
     pad_vocab: str = "auto"
+    # sp: standard GPT-2; mup: maximal-update parametrization (Tensor Programs V), widths measured against
+    # mup_base_width, so that the best optim.lr found at the base width transfers to wider models
+    parametrization: str = "sp"
+    mup_base_width: int = 64
 
 
 @dataclass
@@ -264,6 +268,8 @@ def validate(cfg: RunConfig) -> None:
     _require(str(m.pad_vocab).lower() in ("auto", "true", "false"), "model.pad_vocab", m.pad_vocab,
              "use auto (pad on CUDA only), true or false")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
+    _require(str(m.parametrization) in ("sp", "mup"), "model.parametrization", m.parametrization, "use sp or mup")
+    _require(m.mup_base_width >= 1, "model.mup_base_width", m.mup_base_width, "it must be >= 1, e.g. 64")
     auto_B = cfg.B == "auto"
     _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,
              "the batch size must be an integer >= 1, e.g. B=4, or B=auto")

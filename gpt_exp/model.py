@@ -3,6 +3,14 @@
 The init follows GPT-2: normal(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer). The CPU fast paths
 (oneDNN matmuls, sparse embedding gradients) are applied from outside, by gpt_exp/cpu.py.
 
+Under model.parametrization=mup (maximal-update parametrization, Yang et al. 2022, "Tensor Programs V", as in
+EleutherAI's nanoGPT-mup) widths are measured against mup_base_width, m = n_embd / base: the hidden matrices (the
+blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with AdamW lr / m (gpt_exp/optim.py),
+attention scores are q.k / d_head instead of q.k / sqrt(d_head), the query projection starts at zero, and the
+logits are multiplied by 1 / m. The embedding stays tied to the readout (as in nanoGPT-mup): a tied readout cannot
+start at zero, so only its logits are scaled; the embedding, gains and biases keep SP's init and lr. At m = 1 the
+init and the lrs are SP's, but for the zero query and the attention scale.
+
 The vocabulary can be padded (model.pad_vocab): the tied embedding gets zero rows up to a multiple of 64 (50304 for
 GPT-2's 50257), so that the lm_head matmul has shapes CUDA kernels tile well (~4% faster in the lecture). The padded
 rows are never a token: forward returns the logits of the real vocabulary only, so the loss, sampling and evaluation
@@ -51,6 +59,8 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     padded_vocab_size: int | None = None  # rows of the tied embedding / lm_head, >= vocab_size; None: vocab_size
+    parametrization: str = "sp"  # sp (GPT-2) or mup (see the module docstring)
+    mup_base_width: int = 64  # under mup: the n_embd at which mup's init and lrs equal sp's
 
     def __post_init__(self):
         if self.padded_vocab_size is None:
@@ -62,6 +72,15 @@ class GPTConfig:
     def padded(self) -> bool:
         return self.padded_vocab_size > self.vocab_size
 
+    @property
+    def mup(self) -> bool:
+        return self.parametrization == "mup"
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier m = n_embd / mup_base_width; 1 under sp (nothing is scaled)."""
+        return self.n_embd / self.mup_base_width if self.mup else 1.0
+
     @classmethod
     def from_model_config(cls, m: ModelConfig, device_type: str, saved_rows: int | None = None) -> GPTConfig:
         """The model `m` describes on `device_type`, padded as m.pad_vocab says. `saved_rows`: the embedding rows of
@@ -69,7 +88,8 @@ class GPTConfig:
         padded checkpoint resumes padded (and an unpadded one unpadded) on any device."""
         pad = pad_vocab_on(m.pad_vocab, device_type)
         rows = saved_rows if saved_rows is not None else padded_vocab(m.vocab_size, pad)
-        return cls(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, rows)
+        return cls(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, rows,
+                   str(getattr(m, "parametrization", "sp")), getattr(m, "mup_base_width", 64))
 
 
 def fit_padding(state: dict, config: GPTConfig) -> dict:
@@ -89,6 +109,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        # muP: 1/d_head (q and k become correlated as they train, so q.k grows like d_head, not sqrt(d_head));
+        # None: SDPA's default 1/sqrt(d_head)
+        self.scale = 1.0 / (config.n_embd // config.n_head) if config.mup else None
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
@@ -101,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # flash where available
 
 
 class MLP(nn.Module):
@@ -145,6 +168,8 @@ class GPT(nn.Module):
         # weight tying: the output projection reuses the token embedding (saves 38.6M params at 124M)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        if config.mup:
+            self._mup_init()
         if config.padded:
             self._pad_vocab()
 
@@ -169,6 +194,21 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _mup_init(self) -> None:
+        """muP after SP's init (so the random stream, and every other weight, is SP's): the hidden matrices' std
+        scaled by 1/sqrt(m) (fan-in), the query projection zeroed (the first n_embd rows of c_attn)."""
+        scale = self.config.width_mult ** -0.5
+        with torch.no_grad():
+            for p in self.hidden_matrices():
+                p.mul_(scale)
+            for block in self.transformer.h:
+                block.attn.c_attn.weight[: self.config.n_embd].zero_()
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the transformer blocks (c_attn, c_proj, c_fc, 4 per block): both their dims grow
+        with the width, so muP scales their init and lr; the embeddings (wte tied to lm_head, wpe) are not."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
+
     def num_params(self) -> int:
         """The model's weights, the padded embedding rows not counted: they are not the model, only the shape its
         matmul runs at, so a padded and an unpadded run report the same size and the same FLOPs per token."""
@@ -190,6 +230,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.mup:
+            logits = logits / self.config.width_mult  # muP's readout multiplier 1/m (the tied readout is not zero)
         if self.config.padded:
             # the real tokens' logits, a view: the padded columns take no probability anywhere (the loss, sampling,
             # HellaSwag). Cutting them beats masking them with -inf: the loss of B=4, T=32 costs 9.1 ms (fwd + bwd)
@@ -204,12 +246,23 @@ class GPT(nn.Module):
         self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, device_type: str,
         fused: bool = True,
     ) -> torch.optim.AdamW:
-        """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains."""
+        """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains. Under muP the
+        hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        if self.config.mup:
+            hidden = {id(p) for p in self.hidden_matrices()}
+            scale = 1.0 / self.config.width_mult
+            groups = [
+                {"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay,
+                 "lr": lr * scale, "lr_scale": scale},
+                {"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+        else:
+            groups = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
         # the fused kernel where torch has one for the device (sharded DTensor parameters take the foreach path)
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)

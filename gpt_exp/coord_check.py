@@ -1,0 +1,179 @@
+"""muP's coordinate check: train a few steps at several widths and record each layer type's mean |activation|.
+
+Under muP (model.parametrization=mup) every curve stays flat as the width grows; under SP the logits (and the
+attention and MLP outputs, after the first update) grow with the width, which is why SP's best lr shrinks as the
+model widens. As in microsoft/mup's coord check: the same batches at every width, Adam at one fixed lr, depth 2,
+T=64 on tiny shakespeare; step t's numbers are the forward pass of step t (step 1: the init).
+
+    python -m gpt_exp.coord_check --widths 64,128,256,512 --steps 5 --parametrization both --out coord_check/
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt_exp.cli import ArgumentParser, command
+from gpt_exp.config import ConfigError, DataConfig, OptimConfig
+from gpt_exp.data.cache import prepare_tokens
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.optim import build_optimizer
+
+LAYERS = ("embedding", "attention", "mlp", "logits")  # token embedding output, each block's attn / mlp output
+N_HEAD = 4  # fixed: d_head grows with the width, where 1/d_head and 1/sqrt(d_head) differ
+
+
+@dataclass(frozen=True)
+class Setup:
+    n_layer: int = 2
+    T: int = 64
+    B: int = 8
+    lr: float = 1e-2
+    base_width: int = 64
+    seed: int = 0
+
+
+def load_tokens(cache_dir: str | None) -> np.ndarray:
+    """Tiny shakespeare's GPT-2 tokens (the token cache, built on first use)."""
+    return np.asarray(prepare_tokens(DataConfig(cache_dir=cache_dir)).load()[:], dtype=np.int64)
+
+
+def batches(tokens: np.ndarray, steps: int, B: int, T: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` random (x, y) batches: the same ones for every width and parametrization of a seed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        starts = rng.integers(0, len(tokens) - T - 1, size=B)
+        buf = torch.from_numpy(np.stack([tokens[s: s + T + 1] for s in starts]))
+        out.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))
+    return out
+
+
+def build(width: int, parametrization: str, setup: Setup, lr: float, vocab_size: int = 50257):
+    """A depth-`setup.n_layer` GPT of `width` and its AdamW (muP's lr groups under mup), seeded by setup.seed."""
+    torch.manual_seed(setup.seed)
+    model = GPT(GPTConfig(block_size=setup.T, vocab_size=vocab_size, n_layer=setup.n_layer, n_head=N_HEAD,
+                          n_embd=width, parametrization=parametrization, mup_base_width=setup.base_width))
+    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0), "cpu", sharded=False)
+    return model, optimizer
+
+
+def record(model: GPT) -> tuple[dict[str, list[float]], list]:
+    """Forward hooks that append each layer type's mean |activation| to the returned dict's lists."""
+    seen: dict[str, list[float]] = {name: [] for name in LAYERS}
+
+    def hook(name):
+        return lambda module, args, out: seen[name].append(out.detach().abs().mean().item())
+
+    handles = [model.transformer.wte.register_forward_hook(hook("embedding"))]
+    for block in model.transformer.h:
+        handles.append(block.attn.register_forward_hook(hook("attention")))
+        handles.append(block.mlp.register_forward_hook(hook("mlp")))
+    handles.append(model.register_forward_hook(lambda module, args, out: seen["logits"].append(
+        out[0].detach().abs().mean().item())))
+    return seen, handles
+
+
+def coord_rows(widths: list[int], steps: int, parametrization: str, tokens: np.ndarray,
+               setup: Setup = Setup()) -> list[dict]:
+    """One row per (width, step, layer): the mean |activation| (averaged over the blocks for attention and mlp)."""
+    data = batches(tokens, steps, setup.B, setup.T, setup.seed)
+    rows = []
+    for width in widths:
+        model, optimizer = build(width, parametrization, setup, setup.lr)
+        for step, (x, y) in enumerate(data, start=1):
+            seen, handles = record(model)
+            _, loss = model(x, y)
+            for h in handles:
+                h.remove()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for layer in LAYERS:
+                rows.append({"parametrization": parametrization, "width": width, "step": step, "layer": layer,
+                             "mean_abs": float(np.mean(seen[layer])), "loss": loss.item()})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib  # a plotting backend is only needed for the figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = sorted({r["parametrization"] for r in rows}, key=["sp", "mup"].index)
+    fig, axes = plt.subplots(len(params), len(LAYERS), figsize=(4 * len(LAYERS), 3.2 * len(params)), squeeze=False)
+    for i, par in enumerate(params):
+        for j, layer in enumerate(LAYERS):
+            ax = axes[i][j]
+            mine = [r for r in rows if r["parametrization"] == par and r["layer"] == layer]
+            for step in sorted({r["step"] for r in mine}):
+                pts = sorted((r["width"], r["mean_abs"]) for r in mine if r["step"] == step)
+                ax.plot(*zip(*pts), marker="o", label=f"step {step}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{par}: {layer}")
+            ax.set_xlabel("width (n_embd)")
+            if j == 0:
+                ax.set_ylabel("mean |activation|")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "coord_check.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "coord_check.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "coord_check.png")
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or any(w < N_HEAD or w % N_HEAD for w in widths):
+        raise ConfigError(f"--widths={text} is invalid: give comma-separated multiples of {N_HEAD}, e.g. 64,128,256")
+    return widths
+
+
+@command
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m gpt_exp.coord_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--widths", default="64,128,256,512", help="comma-separated n_embd values")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per width")
+    parser.add_argument("--parametrization", choices=["sp", "mup", "both"], default="both")
+    parser.add_argument("--lr", type=float, default=Setup.lr, help="Adam's lr (hidden matrices: lr/m under mup)")
+    parser.add_argument("--base-width", type=int, default=Setup.base_width, help="muP's base width")
+    parser.add_argument("--cache-dir", default=None, help="the token cache dir (default: data.cache_dir's)")
+    parser.add_argument("--out", default="coord_check", help="where coord_check.{csv,json,png} go")
+    args = parser.parse_args(argv)
+    widths = _widths(args.widths)
+    if args.steps < 1:
+        raise ConfigError(f"--steps={args.steps} is invalid: it must be >= 1, e.g. --steps 5")
+    setup = Setup(lr=args.lr, base_width=args.base_width)
+    tokens = load_tokens(args.cache_dir)
+    params = ["sp", "mup"] if args.parametrization == "both" else [args.parametrization]
+    rows = [r for par in params for r in coord_rows(widths, args.steps, par, tokens, setup)]
+    write(rows, Path(args.out))
+    for par in params:
+        last = {r["width"]: r["mean_abs"] for r in rows
+                if r["parametrization"] == par and r["layer"] == "logits" and r["step"] == args.steps}
+        print(f"{par}: logits mean |a| at step {args.steps}: "
+              + ", ".join(f"{w}: {v:.3g}" for w, v in sorted(last.items())))
+    print(f"wrote {Path(args.out) / 'coord_check.png'}, coord_check.csv, coord_check.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""model.parametrization=sp|mup: sp is GPT-2 unchanged; mup (Tensor Programs V) scales init, lrs, attention and logits
+with the width multiplier m = n_embd / mup_base_width, and its coordinate check stays flat with the width."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gpt_exp import coord_check
+from gpt_exp.config import ConfigError, OptimConfig
+from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.optim import build_optimizer
+from tests.helpers import Collect, compose_config, make_trainer
+
+# the first 3 losses of `model=tiny train.max_steps=3` on tiny shakespeare before muP existed (this file's commit's
+# parent): sp must keep giving them
+SP_LOSSES = [10.815777778625488, 10.834146499633789, 10.81048583984375]
+
+
+def _gpt(width: int, parametrization: str, base: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=width,
+                         parametrization=parametrization, mup_base_width=base))
+
+
+def test_sp_is_the_default_and_trains_as_before(cache_dir):
+    runs = {}
+    for name, extra in (("unset", ()), ("sp", ("model.parametrization=sp",))):
+        trainer = make_trainer(cache_dir, "train.max_steps=3", "device.compile=false", *extra)
+        tracker = Collect()
+        assert trainer.fit(tracker) == "completed"
+        runs[name] = tracker.losses
+    assert runs["unset"] == runs["sp"]  # bit for bit
+    assert runs["sp"] == pytest.approx(SP_LOSSES, abs=1e-5)
+
+
+def test_mup_at_the_base_width_is_sp_but_for_the_zero_query_and_the_attention_scale():
+    """At m = 1: the same weights (the same seed) except c_attn's query rows, zero; the same lr in every group; the
+    logits unscaled; attention scores by 1/d_head (mup) instead of SDPA's 1/sqrt(d_head) (sp)."""
+    sp, mup = _gpt(64, "sp"), _gpt(64, "mup")
+    assert mup.config.width_mult == 1.0
+    for (name, a), (_, b) in zip(sp.named_parameters(), mup.named_parameters()):
+        if name.endswith("attn.c_attn.weight"):
+            assert torch.equal(b[:64], torch.zeros(64, 64)) and a[:64].abs().sum() > 0
+            assert torch.equal(a[64:], b[64:])  # keys and values
+        else:
+            assert torch.equal(a, b), name
+    assert sp.transformer.h[0].attn.scale is None and mup.transformer.h[0].attn.scale == 1 / 16
+    lrs = [[g["lr"] for g in build_optimizer(m, OptimConfig(lr=3e-3), "cpu", False).param_groups] for m in (sp, mup)]
+    assert set(lrs[0]) == set(lrs[1]) == {3e-3}
+    # with the query zero, every score is 0 whatever its scale: the two models' logits are the same at the init
+    x = torch.randint(0, 50257, (2, 16))
+    assert torch.allclose(sp.eval()(x)[0], mup.eval()(x)[0]) is False  # sp's query is not zero
+    sp.transformer.h[0].attn.c_attn.weight.data[:64] = 0
+    sp.transformer.h[1].attn.c_attn.weight.data[:64] = 0
+    assert torch.equal(sp(x)[0], mup(x)[0])
+
+
+@pytest.mark.parametrize("width", [64, 128, 256])
+def test_mup_hidden_matrices_train_with_lr_over_m_and_start_with_std_over_sqrt_m(width):
+    m = width / 64
+    model = _gpt(width, "mup")
+    groups = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), "cpu", False).param_groups
+    hidden = {id(p) for p in model.hidden_matrices()}
+    assert len(hidden) == 8  # c_attn, attn c_proj, c_fc, mlp c_proj in each of 2 blocks
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        if ids & hidden:
+            assert ids == hidden and group["lr"] == pytest.approx(1e-2 / m) and group["lr_scale"] == 1 / m
+        else:  # embeddings (wte tied to lm_head, wpe), gains, biases
+            assert group["lr"] == 1e-2 and group.get("lr_scale", 1.0) == 1.0
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    assert c_fc.std().item() == pytest.approx(0.02 / m ** 0.5, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: only the logits carry the 1/m
+
+
+def test_mup_through_the_trainer_scales_the_hidden_lr(cache_dir):
+    trainer = make_trainer(cache_dir, "model.parametrization=mup", "model.n_embd=96", "model.mup_base_width=24",
+                           "train.max_steps=2", "device.compile=false", "optim.lr=1e-3", "optim.warmup_steps=0")
+    assert trainer.model.config.width_mult == 4.0
+    tracker = Collect()
+    assert trainer.fit(tracker) == "completed"
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert lrs[0] == pytest.approx(lrs[-1] / 4)
+
+
+def test_a_bad_parametrization_is_one_error():
+    with pytest.raises(ConfigError, match="model.parametrization=mp is invalid: use sp or mup"):
+        compose_config("model.parametrization=mp")
+
+
+def test_coord_check_is_flat_under_mup_and_grows_under_sp(tmp_path, cache_dir, capsys):
+    out = tmp_path / "cc"
+    assert coord_check.main(["--widths", "32,64,128", "--steps", "3", "--cache-dir", str(cache_dir),
+                             "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"coord_check.csv", "coord_check.json", "coord_check.png"}
+    rows = json.loads((out / "coord_check.json").read_text())
+    assert len(rows) == 2 * 3 * 3 * 4  # parametrizations x widths x steps x layers
+    logits = {(r["parametrization"], r["width"]): r["mean_abs"] for r in rows
+              if r["layer"] == "logits" and r["step"] == 3}
+    mup = [logits["mup", w] for w in (32, 64, 128)]
+    sp = [logits["sp", w] for w in (32, 64, 128)]
+    assert max(mup) / min(mup) < 1.5  # measured: ~1.2
+    assert sp[2] / sp[0] > 2.5  # measured: ~3.6 (4x the width)
+    assert "mup: logits mean |a| at step 3" in capsys.readouterr().out
+
+
+def test_coord_check_bad_widths_is_one_line(tmp_path, capsys):
+    assert coord_check.main(["--widths", "64,abc", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --widths=64,abc is invalid: give comma-separated multiples of 4, e.g. 64,128,256"]
