@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 
 from gpt_exp import coord_check
-from gpt_exp.config import ConfigError, OptimConfig
+from gpt_exp.config import ConfigError, OptimConfig, schema_keys
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.optim import build_optimizer
 from tests.helpers import Collect, compose_config, make_trainer
@@ -112,3 +113,14 @@ def test_coord_check_bad_widths_is_one_line(tmp_path, capsys):
     assert coord_check.main(["--widths", "64,abc", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --widths=64,abc is invalid: give comma-separated multiples of 4, e.g. 64,128,256"]
+
+
+def test_the_mup_transfer_experiment_sweeps_existing_keys_and_validates():
+    with initialize_config_module("gpt_exp.conf", version_base="1.3"):
+        params = compose("config", overrides=["+experiment=mup_transfer"], return_hydra_config=True).hydra.sweeper.params
+    assert set(params) == {"model.parametrization", "model.n_embd", "optim.lr", "train.seed"}
+    assert set(params) <= set(schema_keys())
+    assert params["model.parametrization"] == "sp,mup" and params["model.n_embd"] == "64,128,256"
+    cfg = compose_config("+experiment=mup_transfer", "model.parametrization=mup", "model.n_embd=256")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.mup_base_width, cfg.T, cfg.train.max_steps) == (2, 4, 64, 64,
+                                                                                                           300)
