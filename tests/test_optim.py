@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.optim import MuonAdamW, build_optimizer, muon_parameters
 from gpt_exp.trainer import LRSchedule, clip_gradients
-from tests.helpers import compose_config
+from tests.helpers import compose_config, make_trainer
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=3, n_head=2, n_embd=24)
 MUON = OptimConfig(name=OptimizerName.muon, lr=3e-3, muon_lr=1e-2, warmup_steps=2)
@@ -70,7 +74,8 @@ def test_adamw_is_configure_optimizer_bit_for_bit(sharded):
     theirs = b.configure_optimizer(1e-3, 0.05, (0.8, 0.9), 1e-7, "cpu", fused=not sharded)
     assert type(ours) is torch.optim.AdamW and len(ours.param_groups) == len(theirs.param_groups) == 2
     for g_ours, g_theirs in zip(ours.param_groups, theirs.param_groups):
-        assert {k: v for k, v in g_ours.items() if k != "params"} == {k: v for k, v in g_theirs.items() if k != "params"}
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in (g_ours, g_theirs)]
+        assert settings[0] == settings[1]
         assert names(a, g_ours["params"]) == names(b, g_theirs["params"])
     assert ours.param_groups[0]["fused"] is (not sharded)
     x, y = fixed_batch()
@@ -99,8 +104,10 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert len(no_decay["params"]) == 8 * TINY.n_layer + 2 and all(p.dim() == 1 for p in no_decay["params"])
     every = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in model.parameters()) and len(set(every)) == len(every)
-    assert (muon_group["momentum"], muon_group["nesterov"], muon_group["adjust_lr_fn"]) == (0.95, True, "match_rms_adamw")
-    assert (muon_group["lr"], muon_group["lr_scale"], muon_group["weight_decay"]) == (1e-2, pytest.approx(1e-2 / 3e-3), 0.1)
+    assert muon_group["momentum"] == 0.95 and muon_group["nesterov"] is True
+    assert muon_group["adjust_lr_fn"] == "match_rms_adamw"
+    assert (muon_group["lr"], muon_group["weight_decay"]) == (1e-2, 0.1)
+    assert muon_group["lr_scale"] == pytest.approx(1e-2 / 3e-3)
     assert (decay["lr"], decay["lr_scale"], decay["weight_decay"], no_decay["weight_decay"]) == (3e-3, 1.0, 0.1, 0.0)
     assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
     assert not any(g.get("fused") for g in optimizer.param_groups)  # so the Trainer checks non-finite steps on the host
@@ -195,3 +202,48 @@ def test_bad_optim_config_is_one_line(overrides, line):
         compose_config(*overrides)
     assert line in user_error_line(e.value)
     assert "\n" not in user_error_line(e.value)
+
+
+MUON_RUN = ("optim=muon", "optim.lr=3e-3", "optim.muon_lr=0.02", "train.max_steps=6", "train.total_batch_size=256",
+            "device.threads=1")  # B=4, T=32: 2 micro-steps of gradient accumulation per step
+
+
+def test_trainer_resumes_muon_bitwise_with_its_own_lr(cache_dir):
+    """Through the Trainer: gradient accumulation, clipping, the schedule times lr_scale, a checkpoint's dict."""
+    straight = make_trainer(cache_dir, *MUON_RUN)
+    assert isinstance(straight.optimizer, MuonAdamW)
+    losses = [straight.train_step().loss for _ in range(6)]
+    muon_group, decay, _ = straight.optimizer.param_groups
+    assert muon_group["lr"] == pytest.approx(straight.schedule(5) * 0.02 / 3e-3)
+    assert decay["lr"] == straight.schedule(5)
+
+    first = make_trainer(cache_dir, *MUON_RUN)
+    resumed_losses = [first.train_step().loss for _ in range(3)]
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make_trainer(cache_dir, *MUON_RUN)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed_losses += [resumed.train_step().loss for _ in range(3)]
+    assert resumed_losses == losses
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_trainer_builds_adamw_as_before(cache_dir):
+    optimizer = make_trainer(cache_dir, "device.threads=1").optimizer
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["fused"] is True
+
+
+@pytest.mark.slow
+def test_bench_muon_sweeps_and_compares(tmp_path, cache_dir):
+    bench = Path(__file__).resolve().parent.parent / "bench" / "muon.py"
+    args = ["--steps", "4", "--adamw-lrs", "0.01", "--muon-lrs", "0.01", "--seeds", "1,2", "--out", str(tmp_path),
+            "--cache-dir", str(cache_dir)]
+    out = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, check=True,
+                         timeout=600).stdout
+    assert re.search(r"best adamw: optim.lr=0.01, final val loss \d+\.\d+ over 2 seeds", out), out
+    assert re.search(r"best muon: optim.lr=0.01, final val loss \d+\.\d+ over 2 seeds", out), out
+    table = out.split("--metric final_val_loss --x tokens --smooth 10")[1]
+    assert re.search(r"\nmuon +2 .* [-+]\d\.\d+ +\[-?\d", table) and "p (Welch)" in table, out
+    assert len(list(tmp_path.glob("*/*/metrics.jsonl"))) == 4
