@@ -100,6 +100,9 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     if shape:
         raise ConfigError(f"resume: the checkpoint's model has another shape ({'; '.join(shape)}); "
                           f"resume with the original model settings")
+    if old.get("optim.name", "adamw") != new.get("optim.name", "adamw"):  # its state is another optimizer's
+        raise ConfigError(f"resume: the checkpoint was trained with optim={old.get('optim.name', 'adamw')}; resume "
+                          f"with it, or start a new run from its weights with init_from=")
     return changes
 
 

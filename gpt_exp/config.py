@@ -269,6 +269,9 @@ def validate(cfg: RunConfig) -> None:
              "use auto (pad on CUDA only), true or false")
     _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"it must be divisible by model.n_head={m.n_head}")
     _require(str(m.parametrization) in ("sp", "mup"), "model.parametrization", m.parametrization, "use sp or mup")
+    _require(not (str(m.parametrization) == "mup" and cfg.optim.name == OptimizerName.muon), "model.parametrization",
+             m.parametrization, "muP's per-width AdamW lrs are not defined for optim=muon (Muon scales its updates "
+             "by shape itself): use optim=adamw with mup, or sp with muon")
     _require(m.mup_base_width >= 1, "model.mup_base_width", m.mup_base_width, "it must be >= 1, e.g. 64")
     auto_B = cfg.B == "auto"
     _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,

@@ -247,3 +247,17 @@ def test_bench_muon_sweeps_and_compares(tmp_path, cache_dir):
     table = out.split("--metric final_val_loss --x tokens --smooth 10")[1]
     assert re.search(r"\nmuon +2 .* [-+]\d\.\d+ +\[-?\d", table) and "p (Welch)" in table, out
     assert len(list(tmp_path.glob("*/*/metrics.jsonl"))) == 4
+
+
+def test_a_muon_checkpoint_does_not_resume_as_adamw_and_mup_with_muon_is_refused(tmp_path, cache_dir):
+    from tests.helpers import run_cli
+
+    common = ["model=tiny", "logger.mode=disabled", f"data.cache_dir={cache_dir}"]
+    assert run_cli("run", *common, "optim=muon", "train.max_steps=2", "train.ckpt_every=2",
+                   f"hydra.run.dir={tmp_path / 'm'}", cwd=tmp_path).returncode == 0
+    result = run_cli("run", f"resume={tmp_path / 'm'}", "optim=adamw", "logger.mode=disabled", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: resume: the checkpoint was trained with optim=muon; resume with it, or start a new run from its "
+        "weights with init_from=")
+    both = run_cli("run", *common, "optim=muon", "model.parametrization=mup", cwd=tmp_path)
+    assert both.returncode == 2 and both.stderr.startswith("error: model.parametrization=mup is invalid: muP's")
