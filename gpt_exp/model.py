@@ -9,7 +9,8 @@ blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with A
 attention scores are q.k / d_head instead of q.k / sqrt(d_head), the query projection starts at zero, and the
 logits are multiplied by 1 / m. The embedding stays tied to the readout (as in nanoGPT-mup): a tied readout cannot
 start at zero, so only its logits are scaled; the embedding, gains and biases keep SP's init and lr. At m = 1 the
-init and the lrs are SP's, but for the zero query and the attention scale.
+init and the lrs are SP's, but for the zero query and the attention scale (nanoGPT-mup instead drops the residual
+projections' 1/sqrt(2 * n_layer) under muP and has no zero query, which microsoft/mup recommends).
 
 The vocabulary can be padded (model.pad_vocab): the tied embedding gets zero rows up to a multiple of 64 (50304 for
 GPT-2's 50257), so that the lm_head matmul has shapes CUDA kernels tile well (~4% faster in the lecture). The padded
