@@ -57,6 +57,6 @@ def test_imports_have_no_cycle_and_none_inside_a_function():
 
 
 def test_commands_that_do_not_train_start_without_torch():
-    code = "import sys, gpt_exp.compare, gpt_exp.prepare, gpt_exp.data.cache; print('torch' in sys.modules)"
+    code = "import sys, gpt_exp.compare, gpt_exp.prepare, gpt_exp.scaling, gpt_exp.data.cache; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
