@@ -24,11 +24,11 @@ from gpt_exp.scaling import flops_per_token, param_counts
 
 VOCAB, BLOCK = 50257, 256  # conf/model/tiny.yaml: only n_layer and n_embd vary
 # The tiny model's width: at these budgets its FLOPs are mostly the lm_head's 6 V C per token, so the width decides
-# how many tokens a budget buys. 4 budgets x 4 shapes train 5.8M tokens: ~45 min at the ~2,500 tok/s that these
-# shapes reach at B=16, T=64 on 2 shared cores of an AMD EPYC (bench/RESULTS.md), under an hour with start-ups.
+# how many tokens a budget buys. 4 budgets x 4 shapes train 5.8M tokens: ~45 min at 2,500 tok/s, what these shapes
+# reach at B=16, T=64 on 2 cores with one other job running (~1,000 tok/s on 2 cores at load 6: bench/RESULTS.md).
 SHAPES = "2x4,2x8,2x16,2x32"
 BUDGETS = "2.5e11,5e11,1e12,2e12"
-TOK_PER_S = 2500  # for the estimate
+TOK_PER_S = 2500  # for the estimate: a laptop's free cores
 SECONDS_PER_RUN = 8  # start-up, data, the final val loss
 # Every run: B x T = 1024 tokens a step (B=... T=... among the arguments change it); one lr for all widths (1e-2:
 # tiny widths want it high); a val split whose loss (20 batches) is taken once, at the end, for --metric
@@ -99,8 +99,7 @@ def describe(shapes: list[tuple[int, int]], budgets: list[float], overrides: lis
         lines.append(f"{n_layer}x{n_embd:<7} {non_embedding:>9,} {params:>9,} {fpt:>12,}  " + ", ".join(f"{t:,}" for t in tokens))
     minutes = (total / TOK_PER_S + SECONDS_PER_RUN * len(shapes) * len(budgets)) / 60
     lines.append(f"{len(shapes) * len(budgets)} runs, {total:,} tokens: about {minutes:.0f} min at {TOK_PER_S:,} tok/s "
-                 f"(B={b}, T={t}, 2 cores; time follows tokens, not FLOPs: the V-wide logits cost the same at every "
-                 f"width)")
+                 f"(B={b}, T={t} on free cores; ~2x on 2 busy ones; time follows tokens, not FLOPs, at these widths)")
     return "\n".join(lines)
 
 
