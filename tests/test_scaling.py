@@ -254,9 +254,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, build, args, expected):
 
 @pytest.mark.slow
 def test_real_tiny_grid_on_the_cpu(tmp_path, cache_dir):
-    """Two budgets x three widths of the tiny model, trained for real (~40 s, 110 s on a busy machine): the CLI fits the parametric law (finite
-    constants and exponents) and writes the plots. At budgets this small the narrowest width has the lowest loss
-    (bench/RESULTS.md), so the IsoFLOP profiles may have no minimum; the report then says so instead of power laws."""
+    """Two budgets x three widths of the tiny model, trained for real (13 s on 2 quiet cores, 110 s on busy ones):
+    the CLI fits the parametric law (finite constants and exponents) and writes the plots. At budgets this small the
+    narrowest width has the lowest loss (bench/RESULTS.md), so the IsoFLOP profiles may have no minimum; the report
+    then says so instead of power laws."""
     budgets, widths = (1e10, 2e10), (8, 16, 32)
     for budget in budgets:
         for n_embd in widths:
