@@ -88,15 +88,16 @@ def grid_commands(shapes: list[tuple[int, int]], budgets: list[float], out: Path
 
 def describe(shapes: list[tuple[int, int]], budgets: list[float], overrides: list[str]) -> str:
     b, t = batch_shape(overrides)
-    lines = ["shape      N non-emb   N total   FLOPs/token  tokens per budget (" + ", ".join(f"{b:.3g}" for b in budgets)
-             + ")"]
+    header = "shape      N non-emb   N total   FLOPs/token  tokens per budget"
+    lines = [f"{header} ({', '.join(f'{budget:.3g}' for budget in budgets)})"]
     total = 0
     for n_layer, n_embd in shapes:
         fpt = flops_per_token(n_layer, n_embd, VOCAB, BLOCK, t)
         non_embedding, params = param_counts(n_layer, n_embd, VOCAB, BLOCK)
         tokens = [budget_tokens(budget, n_layer, n_embd, b, t) for budget in budgets]
         total += sum(tokens)
-        lines.append(f"{n_layer}x{n_embd:<7} {non_embedding:>9,} {params:>9,} {fpt:>12,}  " + ", ".join(f"{t:,}" for t in tokens))
+        lines.append(f"{n_layer}x{n_embd:<7} {non_embedding:>9,} {params:>9,} {fpt:>12,}  "
+                     + ", ".join(f"{t:,}" for t in tokens))
     minutes = (total / TOK_PER_S + SECONDS_PER_RUN * len(shapes) * len(budgets)) / 60
     lines.append(f"{len(shapes) * len(budgets)} runs, {total:,} tokens: about {minutes:.0f} min at {TOK_PER_S:,} tok/s "
                  f"(B={b}, T={t} on free cores; ~2x on 2 busy ones; time follows tokens, not FLOPs, at these widths)")

@@ -410,7 +410,8 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
                   f"   ({iso['bootstrap_fitted']} of {resamples} resamples had a minimum in every budget)"]
     else:
         sides = {p.lowest_at for p in result["profiles"] if p.n_opt is None} - {None}
-        fix = " or ".join(f"{'smaller' if side == 'smallest' else 'larger'} shapes" for side in sorted(sides, reverse=True))
+        fix = " or ".join(f"{'smaller' if side == 'smallest' else 'larger'} shapes"
+                          for side in sorted(sides, reverse=True))
         lines.append(f"  no power laws: they need a minimum in >= {MIN_BUDGETS} budgets; the grid does not bracket "
                      f"the compute-optimal N{f' (add {fix})' if fix else ''}")
     lines += ["", f"Parametric fit L(N, D) = E + A/N^alpha + B/D^beta (Huber delta {HUBER_DELTA:g} on ln L, BFGS "
@@ -574,8 +575,8 @@ def main(argv: list[str]) -> int:
         counts = Counter(why for _, why in skipped)
         fix = ("; or --metric final_loss (a val loss needs data.val_fraction>0 and train.eval_every)"
                if args.metric == "final_val_loss" else "")
-        raise ScalingError(f"no run has a {args.metric} to fit ({', '.join(f'{why}: {n}' for why, n in counts.items())})"
-                           f"; pass finished runs{fix}")
+        reasons = ", ".join(f"{why}: {n}" for why, n in counts.items())
+        raise ScalingError(f"no run has a {args.metric} to fit ({reasons}); pass finished runs{fix}")
     result = analyse(points, args.budget, args.bootstrap, args.seed)
     summary = {"metric": args.metric, "params": args.params, "compute": "tokens x flops_per_token",
                "bootstrap": args.bootstrap, "seed": args.seed,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,9 @@ def write_run(run_dir: Path, n_layer: int, n_embd: int, tokens: int, loss: float
               "completed", val_loss: float | None = None, T: int = T, block: int = BLOCK, vocab: int = V) -> Path:
     """A run dir as `python -m gpt_exp.run` leaves it: the composed config, one metrics row a step (here: the
     first and the last) and summary.json (status None: none yet, a running run)."""
-    cfg = RunConfig(B=TOKENS_PER_STEP // T, T=T, model=ModelConfig(name="synthetic", block_size=block, vocab_size=vocab,
-                                                                  n_layer=n_layer, n_head=n_embd // 64 or 1, n_embd=n_embd))
+    model = ModelConfig(name="synthetic", block_size=block, vocab_size=vocab, n_layer=n_layer,
+                        n_head=n_embd // 64 or 1, n_embd=n_embd)
+    cfg = RunConfig(B=TOKENS_PER_STEP // T, T=T, model=model)
     cfg.train.max_steps, cfg.train.max_tokens = None, tokens
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -227,7 +230,8 @@ BAD = [
      "error: argument --budget: must be a positive number of FLOPs, e.g. 1e15; `python -m gpt_exp.scaling --help` "
      "lists the arguments"),
     ("budget nan", lambda r: None, ["ROOT", "--budget", "nan"], "error: argument --budget: must be a positive number"),
-    ("budget text", lambda r: None, ["ROOT", "--budget", "lots"], "error: argument --budget: must be a positive number"),
+    ("budget text", lambda r: None, ["ROOT", "--budget", "lots"],
+     "error: argument --budget: must be a positive number"),
     ("bootstrap -1", lambda r: None, ["ROOT", "--bootstrap", "-1"],
      "error: --bootstrap -1 must be >= 0 (0: no confidence intervals)"),
     ("bad metric", lambda r: None, ["ROOT", "--metric", "loss"], "error: argument --metric: invalid choice: 'loss'"),
@@ -250,6 +254,27 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, build, args, expected):
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_the_grid_generator_gives_each_shape_its_budgets_tokens(tmp_path):
+    """bench/isoflop_grid.py prints one multirun per shape; its train.max_tokens are whole steps of B x T whose
+    FLOPs lie within half a step of each budget."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "isoflop_grid.py"
+    out = subprocess.run([sys.executable, str(script), "--budgets", "1e11,4e11", "--shapes", "2x8,3x16", "--out",
+                          str(tmp_path / "g"), "B=8", "logger.mode=disabled"], capture_output=True, text=True,
+                         check=True).stdout
+    commands = [line.split() for line in out.splitlines() if line.startswith("python -m gpt_exp.run -m")]
+    assert len(commands) == 2
+    assert out.splitlines()[-1] == f"python -m gpt_exp.scaling {tmp_path / 'g'} --metric final_val_loss"
+    for command, (n_layer, n_embd) in zip(commands, ((2, 8), (3, 16))):
+        args = dict(a.split("=", 1) for a in command[4:])
+        shape = (args["B"], args["T"], args["model.n_layer"], args["model.n_embd"])
+        assert shape == ("8", "64", str(n_layer), str(n_embd))
+        assert args["hydra.sweep.dir"] == str(tmp_path / "g" / f"L{n_layer}_E{n_embd}")
+        assert args["logger.mode"] == "disabled" and args["train.max_steps"] == "null"
+        fpt = flops_per_token(n_layer, n_embd, 50257, 256, 64)
+        for tokens, budget in zip(map(int, args["train.max_tokens"].split(",")), (1e11, 4e11)):
+            assert tokens % (8 * 64) == 0 and abs(tokens * fpt - budget) <= 8 * 64 * fpt / 2
 
 
 @pytest.mark.slow
