@@ -206,6 +206,9 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
         if not isinstance(m, dict) or not {"model", "step"} <= state.keys():  # a foreign .pt: a tensor, a state_dict
             raise ConfigError(f"{ckpt} is not a gpt_exp checkpoint (no model, config and step); give a run dir or a "
                               f"checkpoint file that `python -m gpt_exp.run train.ckpt_every=N` wrote")
+        if m.get("parametrization", "sp") != "sp":  # its attention and logit scales are not GPT-2's
+            raise ConfigError(f"{ckpt} is a model.parametrization={m['parametrization']} model: sample, eval and "
+                              f"export read GPT-2 (sp) models only; resume it with python -m gpt_exp.run instead")
         fix = "the checkpoint is damaged: use another one of the run"
         shape = {key: m.get(key) for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
         # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on

@@ -376,6 +376,11 @@ class Trainer:
     def save_weights(self, name: str) -> None:
         """The model as a Hugging Face GPT-2 dir RUN_DIR/NAME (weights, config, tokenizer: what sample, eval and
         export read), replacing this run's earlier one whole. Weights that are no longer finite are never written."""
+        if self.cfg.model.parametrization != "sp":  # a GPT-2 dir has no muP scales: it would load as another model
+            if self.d.is_main:
+                log.info("weights: no %s/ under model.parametrization=%s (a Hugging Face GPT-2 dir would drop its "
+                         "scales); its checkpoints hold the model", name, self.cfg.model.parametrization)
+            return
         self._require_finite_weights()
         state = full_model_state(self.model, self.sharded)  # every rank takes part under FSDP
         if not self.d.is_main:

@@ -124,3 +124,15 @@ def test_the_mup_transfer_experiment_sweeps_existing_keys_and_validates():
     cfg = compose_config("+experiment=mup_transfer", "model.parametrization=mup", "model.n_embd=256")
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.mup_base_width, cfg.T, cfg.train.max_steps) == (2, 4, 64, 64,
                                                                                                            300)
+
+
+def test_a_mup_run_leaves_no_gpt2_dir_and_tools_refuse_its_checkpoint(tmp_path, cache_dir):
+    from tests.helpers import run_cli
+
+    result = run_cli("run", "model=tiny", "model.parametrization=mup", "model.mup_base_width=8", "train.max_steps=2",
+                     "train.ckpt_every=2", "logger.mode=disabled", f"data.cache_dir={cache_dir}",
+                     f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "r" / "model").exists()  # a GPT-2 dir would silently drop muP's scales
+    sample = run_cli("sample", f"resume={tmp_path / 'r'}", "max_new_tokens=2", cwd=tmp_path)
+    assert sample.returncode == 2 and "model.parametrization=mup model" in sample.stderr
