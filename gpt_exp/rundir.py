@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 # Overrides that say where a run writes, not what it learns: left out of W&B names.
 _NOT_IN_NAMES = ("hydra.", "hydra/", "logger.", "data.cache_dir", "+experiment", "experiment")
-# Entries that mark a dir as holding a run (or a sweep) already.
-_RUN_MARKERS = (".hydra", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "multirun.yaml")
+# Every name a run (or a sweep) writes in its dir: a dir holding any of them holds another run, or files a run
+# would overwrite or replace (a project's own model/ or loss.png), so the guard refuses it.
+_RUN_OUTPUTS = (".hydra", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "multirun.yaml", "loss.png",
+                "model", "model_best", "samples.jsonl", "eval.json", "wandb")
 
 
 @dataclass
@@ -75,8 +77,8 @@ def register_resolvers() -> None:
 
 
 def holds_run(path: Path) -> list[str]:
-    """The entries of `path` that belong to a run or sweep ([] for a fresh or unrelated dir)."""
-    return sorted(name for name in _RUN_MARKERS if (path / name).exists()) if path.is_dir() else []
+    """The entries of `path` a run or sweep writes ([] for a fresh or unrelated dir)."""
+    return sorted(name for name in _RUN_OUTPUTS if (path / name).exists()) if path.is_dir() else []
 
 
 def _resume_dir(resume: str | None) -> Path | None:
@@ -100,10 +102,10 @@ def guard(path: str | Path, resume: str | None = None) -> None:
     markers = holds_run(existing)
     resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
     if markers and not (resume_dir is not None and _key(resume_dir) == key):
-        raise ConfigError(f"hydra.run.dir={path} already holds another run ({', '.join(markers)}); continue it "
-                          f"with resume={path} hydra.run.dir={path}, or give a new dir (or leave hydra.run.dir unset)")
-    _claims[key] = _Claim(created=not existing.exists(),
-                          before=frozenset(os.listdir(existing)) if existing.exists() else frozenset())
+        raise ConfigError(f"hydra.run.dir={path} already holds another run or the files one writes "
+                          f"({', '.join(markers)}); continue that run with resume={path} hydra.run.dir={path}, or give "
+                          f"a new dir (or leave hydra.run.dir unset)")
+    _remember(key, existing)
 
 
 def guard_sweep(path: str | Path) -> None:
@@ -117,6 +119,11 @@ def guard_sweep(path: str | Path) -> None:
     if holds_run(existing) or jobs:
         raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run ({', '.join(holds_run(existing) + jobs)}); "
                           f"give a new dir (or leave hydra.sweep.dir unset)")
+    _remember(key, existing)
+
+
+def _remember(key: str, existing: Path) -> None:
+    """What a dir this run did not create held before it, so that a failed start removes only its own entries."""
     _claims[key] = _Claim(created=not existing.exists(),
                           before=frozenset(os.listdir(existing)) if existing.exists() else frozenset())
 

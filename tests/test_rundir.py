@@ -227,3 +227,16 @@ def test_torchrun_with_a_set_run_dir_keeps_its_files_and_outputs(tmp_path, cache
         assert (tmp_path / name).exists(), name
     assert "done: 4 steps" in (tmp_path / "run.log").read_text()
     assert not list((tmp_path / "tmp").glob("gpt_exp-rank*"))  # rank 1's scratch dir is gone, and only it
+
+
+def test_a_dir_with_files_a_run_writes_is_refused_not_overwritten(tmp_path, cache_dir):
+    """A project's own model/ or loss.png would be replaced by the run's outputs of those names."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.txt").write_text("mine\n")
+    (tmp_path / "loss.png").write_bytes(b"my plot")
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli("run", *TINY, "train.max_steps=2", f"data.cache_dir={cache_dir}", "hydra.run.dir=.",
+                                  cwd=tmp_path))
+    assert "already holds another run or the files one writes (loss.png, model)" in line
+    assert_kept(tmp_path, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "model"]
