@@ -28,3 +28,8 @@ class Diverged(UserError):
     """The loss or gradient norm became NaN or inf: the run stops; its last checkpoint stays the last good state."""
 
     exit_code = EXIT_DIVERGED
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to `limit` characters: what a one-line report quotes."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]

@@ -31,7 +31,7 @@ from gpt_exp.cli import fail, is_main_process, is_user_error, user_error_line
 from gpt_exp.config import RunConfig, Schedule, register_schema, validate
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
-from gpt_exp.errors import EXIT_SWEEP_FAILED, ConfigError, Diverged, UserError
+from gpt_exp.errors import EXIT_SWEEP_FAILED, ConfigError, Diverged, UserError, first_line
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, sweep_group, swept_keys
 from gpt_exp.tracking import RankTracker, Tracker, write_summary
 from gpt_exp.trainer import LRSchedule, Trainer
@@ -256,11 +256,7 @@ def failure_line(e: BaseException | None) -> str | None:
         return None
     if is_user_error(e):
         return user_error_line(e)
-    return f"{type(e).__name__}: {_first_line(e)} (a bug in gpt_exp: the traceback is in run.log)"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first_line(e)} (a bug in gpt_exp: the traceback is in run.log)"
 
 
 def out_of_memory(e: BaseException, cfg: RunConfig) -> UserError | None:

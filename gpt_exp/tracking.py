@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gpt_exp.atomic import atomic_write_bytes
 from gpt_exp.config import LoggerConfig, LoggerMode
-from gpt_exp.errors import UserError
+from gpt_exp.errors import UserError, first_line
 from gpt_exp.plots import plot_loss_curve
 from gpt_exp.metrics import StepMetrics
 
@@ -124,7 +124,7 @@ class WandbRun:
                 _define_metrics(self._run)
                 break
             except Exception as e:  # noqa: BLE001 -- whatever W&B raises, the run goes on
-                failures.append(f"{mode}: {type(e).__name__}: {_first_line(e)}")
+                failures.append(f"{mode}: {type(e).__name__}: {first_line(e, 200)}")
             if mode == "online":
                 # The failed online run still holds its id in W&B's service process ("run ID is in use"): end that
                 # process (the next init starts another). Its folder, run-<time>-<id>, holds no history yet: the
@@ -173,7 +173,7 @@ class WandbRun:
             for row, step in rows:
                 self._run.log(row, step=step)
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B logging failed (%s); continuing with local logs only", _first_line(e))
+            log.warning("W&B logging failed (%s); continuing with local logs only", first_line(e, 200))
             self._run = None
 
     def finish(self, summary: dict | None = None) -> None:
@@ -185,7 +185,7 @@ class WandbRun:
             # loss and val_loss keep W&B's min summary (define_metric); the rest describes the run
             self._run.summary.update({k: v for k, v in (summary or {}).items() if k not in ("loss", "val_loss")})
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B summary failed (%s)", _first_line(e))
+            log.warning("W&B summary failed (%s)", first_line(e, 200))
         run, self._run = self._run, None
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
         try:
@@ -195,7 +195,7 @@ class WandbRun:
                         _FINISH_TIMEOUT_S, run_dir)
             return
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B finish failed (%s: %s)", type(e).__name__, _first_line(e))
+            log.warning("W&B finish failed (%s: %s)", type(e).__name__, first_line(e, 200))
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
 
@@ -215,10 +215,6 @@ def _wandb_init(mode: str, init_args: dict):
     settings = wandb.Settings(console="off", silent=True, init_timeout=_INIT_TIMEOUT_S,
                               finish_timeout=_FINISH_TIMEOUT_S, finish_timeout_raises=True)
     return wandb.init(mode=mode, settings=settings, **init_args)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 class ProgressBar:
