@@ -26,6 +26,7 @@ from omegaconf.errors import (InterpolationKeyError, InterpolationResolutionErro
 
 from gpt_exp.config import ConfigError, RunConfig, register_schema, schema_keys, unknown_key, validate
 from gpt_exp.errors import EXIT_USER_ERROR, UserError
+from gpt_exp.launch import launch_env
 
 _PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
 _WRITE_ELSEWHERE = "write elsewhere (hydra.run.dir=DIR, data.cache_dir=DIR)"
@@ -143,9 +144,7 @@ def user_error_line(e: BaseException) -> str:
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun or srun job, or a plain process: the one that speaks for the job."""
-    if "RANK" in os.environ:
-        return os.environ["RANK"] == "0"
-    return int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or os.environ.get("SLURM_PROCID", "0") == "0"
+    return launch_env().is_main
 
 
 def fail(e: BaseException) -> NoReturn:

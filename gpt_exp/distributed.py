@@ -1,47 +1,16 @@
-"""torch.distributed for DDP: who this process is (rank, world size) and the few collectives the run needs.
-
-Launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or by SLURM's srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).
-"""
+"""torch.distributed for DDP and FSDP: joining the job (`launch.Dist` says who this process is), the few collectives
+the run needs, and whole state dicts gathered from shards."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gpt_exp.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launch_env() -> Dist:
-    """This process's place in the job, from torchrun's variables or, under a bare srun, from SLURM's."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        # srun started one process per task; torch.distributed's env:// init reads RANK and WORLD_SIZE
-        env.setdefault("MASTER_PORT", "29500")
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        return launch_env()
-    return Dist()
+from gpt_exp.launch import Dist
 
 
 def init_process_group(d: Dist, device_type: str) -> None:
@@ -51,6 +20,10 @@ def init_process_group(d: Dist, device_type: str) -> None:
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError("a multi-process job needs MASTER_ADDR (torchrun sets it; under srun export "
                           "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+    # torch's env:// init reads these; under a bare srun only SLURM's variables are set
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for key, value in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", d.local_rank)):
+        os.environ.setdefault(key, str(value))
     if device_type == "cuda":
         torch.cuda.set_device(d.local_rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")

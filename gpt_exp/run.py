@@ -30,7 +30,8 @@ from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resu
 from gpt_exp.cli import fail, is_main_process, is_user_error, user_error_line
 from gpt_exp.config import RunConfig, Schedule, register_schema, validate
 from gpt_exp.device import resolve_runtime
-from gpt_exp.distributed import Dist, broadcast, destroy, init_process_group, launch_env
+from gpt_exp.distributed import broadcast, destroy, init_process_group
+from gpt_exp.launch import Dist, launch_env
 from gpt_exp.errors import EXIT_SWEEP_FAILED, ConfigError, Diverged, UserError, first_line
 from gpt_exp.rundir import below_outputs, overrides_name, register_resolvers, sweep_group, swept_keys
 from gpt_exp.tracking import RankTracker, Tracker, write_summary

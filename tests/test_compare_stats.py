@@ -13,7 +13,6 @@ import pytest
 from scipy import stats
 
 from gpt_exp.compare import (
-    CompareError,
     compare_table,
     curve_label,
     default_x,

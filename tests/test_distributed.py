@@ -1,10 +1,13 @@
 """DDP on CPU (gloo): 2 processes of B/2 give the losses of 1 process of B; rank 0 alone owns the outputs."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from gpt_exp.cli import is_main_process
+from gpt_exp.launch import Dist, launch_env
 from tests.helpers import cli_env, only_run_dir, read_metrics, run_cli
 
 RUN = ["model=tiny", "train.max_steps=6", "optim.warmup_steps=2", "logger.mode=offline"]
@@ -100,3 +103,21 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
 
     single = run_cli("run", *common, "B=4", f"resume={run_dir}", cwd=cwd)
     assert single.returncode == 2 and "resume it with train.strategy=fsdp under torchrun" in single.stderr
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, Dist(0, 1, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Dist(3, 4, 1)),  # torchrun
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, Dist(5, 8, 1)),  # a bare srun
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, Dist(0, 1, 0)),  # sbatch's one task: a plain process
+    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, Dist(1, 2, 0)),  # torchrun inside srun
+])
+def test_launch_env_and_who_speaks_for_the_job(monkeypatch, env, expected):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_env() == expected
+    assert is_main_process() == (expected.rank == 0)  # the error boundary's rule is the run's rule
+    assert "RANK" not in env or os.environ["RANK"] == env["RANK"]  # reading the job's place changes nothing
+    assert ("RANK" in os.environ) == ("RANK" in env)
