@@ -4,47 +4,77 @@
   picks its kernels by CPU vendor: on AMD it takes a slower path even where AVX-512 is there (~150 GFLOP/s on 2 Zen
   cores). oneDNN, also inside torch and chosen by instruction set, reaches ~420-480 GFLOP/s on the same shapes
   (bench/matmul.py). It is the same fp32 arithmetic: only the order of the sums differs, as between any two BLAS
-  libraries. `device.cpu_matmul=blas` leaves torch's own path, bit for bit plain PyTorch.
+  libraries. `device.cpu_matmul=blas` leaves torch's own path, bit for bit plain PyTorch. The op is private to
+  torch: a torch without it (or where it computes something else) falls back to torch's path with one warning.
 - The token embedding's gradient as sparse rows (one process only).
 - SDPA's math path for short sequences under CPU bf16 autocast.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpt_exp.errors import first_line
 from gpt_exp.model import GPT, CausalSelfAttention
 
+log = logging.getLogger(__name__)
 
-def _find_onednn_linear():
+
+ONEDNN_OP = "_linear_pointwise"  # torch.ops.mkldnn._linear_pointwise: what inductor calls for CPU linears
+
+
+def _lookup_op(name: str):
+    return getattr(torch.ops.mkldnn, name)
+
+
+def probe_onednn_linear(name: str = ONEDNN_OP) -> tuple[Callable | None, str]:
+    """(the op, "") where it works, else (None, why). The op is private: any torch release may drop it or change its
+    signature, so it is called once on a small product and checked against F.linear before any model uses it."""
     if not torch.backends.mkldnn.is_available():
-        return None
+        return None, f"torch {torch.__version__} was built without oneDNN"
+    x, w, b = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(1, -1, 40).view(5, 8), torch.linspace(0, 1, 5)
     try:
-        return torch.ops.mkldnn._linear_pointwise  # what inductor calls for CPU linears; takes dense tensors
-    except (AttributeError, RuntimeError):
-        return None
+        op = _lookup_op(name)
+        out = op(x, w, b, "none", [], "")
+    except (AttributeError, RuntimeError, TypeError) as e:
+        return None, f"torch {torch.__version__} has no usable torch.ops.mkldnn.{name} ({first_line(e)})"
+    if out.shape != (3, 5) or not torch.allclose(out, F.linear(x, w, b), rtol=1e-4, atol=1e-5):
+        return None, f"torch.ops.mkldnn.{name} of torch {torch.__version__} does not compute F.linear"
+    return op, ""
 
 
-_onednn_linear = _find_onednn_linear()
+@functools.cache
+def onednn_linear() -> Callable | None:
+    """The oneDNN linear op of this torch, or None with one warning per process: fp32 matmuls then stay in torch's
+    own path, correct, only slower on CPUs where its BLAS is slow."""
+    op, why = probe_onednn_linear()
+    if op is None:
+        log.warning(f"device.cpu_matmul=onednn: {why}; fp32 matmuls run in torch's BLAS instead (same numbers, slower "
+                    f"on some CPUs); device.cpu_matmul=blas says so and silences this")
+    return op
 
 
 def onednn_available() -> bool:
-    return _onednn_linear is not None
+    return onednn_linear() is not None
 
 
 def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T in oneDNN, for a (N, K) and b (M, K); b may be a transposed view (oneDNN reads its strides)."""
-    return _onednn_linear(a, b, None, "none", [], "")
+    return onednn_linear()(a, b, None, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return _onednn_linear(x, weight, bias, "none", [], "")
+        return onednn_linear()(x, weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -72,8 +102,7 @@ class OneDNNLinear(nn.Linear):
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        _onednn_linear is not None
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor, not a tensor subclass

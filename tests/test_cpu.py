@@ -1,13 +1,17 @@
+"""The CPU fast paths (gpt_exp/cpu.py): oneDNN matmuls equal torch's, apply_cpu_fast_paths keeps the model, and a
+torch without the private oneDNN op falls back to its own path with one warning."""
+
+import logging
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-"""The CPU fast paths (gpt_exp/cpu.py): oneDNN matmuls equal torch's, and apply_cpu_fast_paths keeps the model."""
-
+from gpt_exp import cpu
 from gpt_exp.cpu import CausalSelfAttention, OneDNNLinear, ShortSequenceAttention, apply_cpu_fast_paths, onednn_available
 from gpt_exp.model import GPT, GPTConfig
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no usable oneDNN linear op")
 
 
 def _forward_backward(layer: torch.nn.Linear, x: torch.Tensor):
@@ -19,6 +23,7 @@ def _forward_backward(layer: torch.nn.Linear, x: torch.Tensor):
     return out, grads, out.grad_fn.name()
 
 
+@needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48)])
 def test_onednn_linear_matches_torch_linear_in_fp32(bias, shape):
@@ -39,6 +44,7 @@ def test_onednn_linear_matches_torch_linear_in_fp32(bias, shape):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
 def test_autocast_and_blas_take_torchs_own_path():
     layer = OneDNNLinear(16, 8)
     x = torch.randn(4, 16)
@@ -53,6 +59,7 @@ def test_autocast_and_blas_take_torchs_own_path():
     assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
+@needs_onednn
 def test_gpt_gradients_match_with_onednn_and_blas():
     config = GPTConfig(block_size=32, vocab_size=500, n_layer=2, n_head=2, n_embd=32)
     idx = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -70,6 +77,7 @@ def test_gpt_gradients_match_with_onednn_and_blas():
         torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@needs_onednn
 def test_fast_paths_keep_the_parameters_and_state_dict():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=500, n_layer=2, n_head=2, n_embd=32))
@@ -81,3 +89,48 @@ def test_fast_paths_keep_the_parameters_and_state_dict():
     assert sum(type(m) is ShortSequenceAttention for m in model.modules()) == 2
     assert not any(type(m) in (torch.nn.Linear, CausalSelfAttention) for m in model.modules())
     assert model.transformer.wte.sparse and model.transformer.wte.weight is model.lm_head.weight
+
+
+def _tiny_gpt() -> GPT:
+    return GPT(GPTConfig(block_size=32, vocab_size=500, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.fixture
+def fresh_probe():
+    cpu.onednn_linear.cache_clear()  # the op is looked up once per process: look again under this test's torch
+    yield
+    cpu.onednn_linear.cache_clear()
+
+
+def _dropped_op(name: str):
+    raise AttributeError(f"'_OpNamespace' 'mkldnn' object has no attribute '{name}'")  # what torch.ops raises
+
+
+def _changed_op(name: str):
+    return lambda x, w, b, *rest: torch.zeros(x.size(0), w.size(0))
+
+
+@pytest.mark.parametrize("broken, why", [(_dropped_op, "has no usable torch.ops.mkldnn._linear_pointwise ('_OpNamespace"),
+                                         (_changed_op, "does not compute F.linear")])
+def test_a_torch_without_the_onednn_op_falls_back_with_one_warning(monkeypatch, caplog, fresh_probe, broken, why):
+    monkeypatch.setattr(cpu, "_lookup_op", broken)
+    with caplog.at_level(logging.WARNING, logger="gpt_exp.cpu"):
+        first, second = _tiny_gpt(), _tiny_gpt()
+        assert apply_cpu_fast_paths(first) == ["sparse embedding gradient"]
+        assert apply_cpu_fast_paths(second) == ["sparse embedding gradient"]
+    assert not any(type(m) is OneDNNLinear for m in [*first.modules(), *second.modules()])
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]  # one, for two models
+    assert warning.startswith("device.cpu_matmul=onednn: ") and why in warning and torch.__version__ in warning
+    assert "device.cpu_matmul=blas" in warning
+    x = torch.randint(0, 500, (2, 8))
+    logits, loss = first(x, x)
+    assert logits.shape == (2, 8, 500) and torch.isfinite(loss)  # and the model trains in torch's own path
+    loss.backward()
+
+
+@needs_onednn
+def test_the_probe_accepts_this_torchs_op_and_names_what_is_missing():
+    op, why = cpu.probe_onednn_linear()
+    assert op is not None and why == ""
+    op, why = cpu.probe_onednn_linear("_no_such_op")
+    assert op is None and f"torch {torch.__version__} has no usable torch.ops.mkldnn._no_such_op" in why
