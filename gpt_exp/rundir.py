@@ -41,6 +41,7 @@ class _Claim:
 
     created: bool
     before: frozenset[str] = frozenset()
+    new_parents: tuple[str, ...] = ()  # the folders above it that claim_dir made too (outputs/, its date), deepest first
     started: bool = False  # the run has begun writing results: from now on nothing in it is removed
 
 
@@ -61,14 +62,24 @@ def claim_dir(path: str) -> str:
     """
     candidate, n = path, 0
     while True:
+        new_parents = _missing_parents(candidate)
         try:
             os.makedirs(candidate)
-            _claims[_key(candidate)] = _Claim(created=True)
+            _claims[_key(candidate)] = _Claim(created=True, new_parents=new_parents)
             _fresh.add(_key(candidate))
             return candidate
         except FileExistsError:
             n += 1
             candidate = f"{path}_{n}"
+
+
+def _missing_parents(path: str) -> tuple[str, ...]:
+    parents = []
+    for parent in Path(_key(path)).parents:
+        if parent.exists():
+            break
+        parents.append(str(parent))
+    return tuple(parents)
 
 
 def register_resolvers() -> None:
@@ -141,10 +152,17 @@ def discard(path: str | Path) -> None:
     if claim is None or claim.started or not run_dir.exists():
         return
     if claim.created:
-        # a sweep dir whose jobs have run keeps them: a job's results are never collateral of a later mistake
-        jobs_ran = any(run_dir.glob("*/summary.json")) or any(run_dir.glob("*/metrics.jsonl"))
-        if not (jobs_ran or (run_dir / "multirun.yaml").exists() or (run_dir / "metrics.jsonl").exists()):
+        # a sweep dir whose jobs have started keeps them: a job's results are never collateral of a later mistake.
+        # One whose sweeper refused its overrides before any job (Hydra composes them all first) holds only the
+        # launcher's multirun.yaml, and goes.
+        jobs_started = any(any(run_dir.glob(f"*/{name}")) for name in (".hydra", "summary.json", "metrics.jsonl"))
+        if not (jobs_started or (run_dir / "metrics.jsonl").exists()):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in claim.new_parents:  # rmdir: a folder another run has put something into stays
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
         return
     for name in set(os.listdir(run_dir)) - claim.before:
         entry = run_dir / name

@@ -191,9 +191,7 @@ def _assert_nothing_lost_or_left(workdir: Path, before: set, user_files: dict, c
     after = set(workdir.rglob("*"))
     assert before <= after, f"removed: {sorted(before - after)}"
     assert _user_files(workdir) == user_files
-    # nothing new that a later run could take for one: at most the empty date folder outputs/YYYY-MM-DD
-    left = [p for p in after - before if not (p.parent == workdir / "outputs" and p.is_dir() and not any(p.iterdir()))]
-    assert not left, f"left behind: {sorted(left)}"
+    assert not after - before, f"left behind: {sorted(after - before)}"  # not even the empty outputs/YYYY-MM-DD
     assert not list(cache_dir.glob("*.tmp")) and not list(cache_dir.glob(".*.tmp"))
 
 

@@ -48,6 +48,22 @@ def one_error_line(result, code=2):
     return line
 
 
+@pytest.mark.parametrize("args", [["B=0"], ["-m", "optim.lr=1e-3,abc"]], ids=["run", "sweep refused before any job"])
+def test_user_error_in_a_fresh_folder_leaves_it_as_it_was(tmp_path, cache_dir, args):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    result = run_cli("run", *args[:-1], *TINY, f"data.cache_dir={cache_dir}", args[-1], cwd=tmp_path)
+    one_error_line(result)
+    assert snapshot(tmp_path) == {"notes.txt": b"my notes\n"}  # not even an empty outputs/ or outputs/YYYY-MM-DD
+
+
+def test_a_failed_start_keeps_the_date_folder_another_run_has_written_into(tmp_path, cache_dir):
+    first = run_cli("run", *TINY, f"data.cache_dir={cache_dir}", "train.max_steps=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path)
+    one_error_line(run_cli("run", *TINY, f"data.cache_dir={cache_dir}", "B=0", cwd=tmp_path))
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("args", [["B=0", "hydra.run.dir=."], ["T=2048", "hydra.run.dir=outputs"],
                                   ["data=text", "data.path=missing.txt", "hydra.run.dir=outputs/2026-01-01"]])
 def test_user_error_in_an_existing_dir_removes_nothing(tmp_path, cache_dir, args):
