@@ -29,13 +29,16 @@ from gpt_exp.errors import EXIT_USER_ERROR, UserError
 from gpt_exp.launch import launch_env
 
 _PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
-_WRITE_ELSEWHERE = "write elsewhere (hydra.run.dir=DIR, data.cache_dir=DIR)"
+# Where each command can be told to write instead (the run's dirs unless named here).
+_WRITE_ELSEWHERE = {"compare": "--out DIR", "coord_check": "--out DIR", "scaling": "--out DIR",
+                    "export": "another OUT dir", "prepare": "data.cache_dir=DIR"}
+_RUN_WRITES = "hydra.run.dir=DIR, data.cache_dir=DIR"
 # A write that fails for want of room, whatever file it was: the fix is the user's, not a bug.
 _WRITE_FIXES = {
-    errno.ENOSPC: f"free disk space, or {_WRITE_ELSEWHERE}",
-    errno.EDQUOT: f"free space within your disk quota, or {_WRITE_ELSEWHERE}",
-    errno.EFBIG: f"free disk space or raise the file-size limit (ulimit -f), or {_WRITE_ELSEWHERE}",
-    errno.EROFS: _WRITE_ELSEWHERE,
+    errno.ENOSPC: "free disk space, or write elsewhere ({where})",
+    errno.EDQUOT: "free space within your disk quota, or write elsewhere ({where})",
+    errno.EFBIG: "free disk space or raise the file-size limit (ulimit -f), or write elsewhere ({where})",
+    errno.EROFS: "write elsewhere ({where})",
 }
 
 
@@ -71,9 +74,10 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, hydra_or_ours) or _os_error(e) is not None or _null_group(e) is not None
 
 
-def _io_error(e: OSError) -> str:
+def _io_error(e: OSError, command: str) -> str:
     what = f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
-    fix = _WRITE_FIXES.get(e.errno, f"free disk space, fix its permissions, or {_WRITE_ELSEWHERE}")
+    fix = _WRITE_FIXES.get(e.errno, "free disk space, fix its permissions, or write elsewhere ({where})")
+    fix = fix.format(where=_WRITE_ELSEWHERE.get(command, _RUN_WRITES))
     return f"cannot write {e.filename} ({e.strerror}); {fix}" if e.filename else f"cannot write: {what}; {fix}"
 
 
@@ -115,13 +119,14 @@ def _missing_option(e: MissingConfigException) -> str:
     return f"cannot find config '{what}'; `python -m gpt_exp.run --help` lists the groups and their options"
 
 
-def user_error_line(e: BaseException) -> str:
+def user_error_line(e: BaseException, command: str = "run") -> str:
+    """The one line a user's mistake ends with (`command`: whose options the fix may name, e.g. "scaling")."""
     if isinstance(e, UserError):
         return str(e)
     if isinstance(e, MissingConfigException):
         return _missing_option(e)
     if (os_error := _os_error(e)) is not None:
-        return _io_error(os_error)
+        return _io_error(os_error, command)
     if (null_group := _null_group(e)) is not None:
         return null_group
     if isinstance(e, OverrideParseException):
@@ -180,10 +185,16 @@ def command(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
             if not is_user_error(e):
                 raise
             if is_main_process():
-                print(f"error: {user_error_line(e)}", file=sys.stderr)
+                print(f"error: {user_error_line(e, _command_name(main))}", file=sys.stderr)
             return getattr(e, "exit_code", EXIT_USER_ERROR)
 
     return bounded
+
+
+def _command_name(main: Callable) -> str:
+    """"scaling" for gpt_exp/scaling.py's main, also under `python -m`, where its module is called __main__."""
+    spec = main.__globals__.get("__spec__")
+    return (spec.name if spec is not None else main.__module__).rsplit(".", 1)[-1]
 
 
 class ArgumentParser(argparse.ArgumentParser):

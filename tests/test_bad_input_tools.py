@@ -4,12 +4,15 @@ folder exactly as it was (nothing deleted or overwritten, nothing half-written l
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import yaml
 from gpt_exp import compare, export, hf
 from gpt_exp import eval as evals
 from gpt_exp import sample
+from gpt_exp.cli import _command_name, command, user_error_line
 from gpt_exp.checkpoint import load_model, save_checkpoint
 from gpt_exp.hf import SAFETENSORS, load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig
@@ -415,3 +419,25 @@ def test_export_into_an_empty_dir_replaces_it_whole(tmp, tmp_path, capsys):
     exported, original = load_hf_gpt2(tmp_path / "out"), tiny_model()
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), original.state_dict().values()))
     capsys.readouterr()
+
+
+def _write_first_arg(argv):
+    open(argv[0], "w")
+
+
+@pytest.mark.parametrize("name, where", [("run", "hydra.run.dir=DIR, data.cache_dir=DIR"), ("prepare", "data.cache_dir=DIR"),
+                                         ("compare", "--out DIR"), ("scaling", "--out DIR"),
+                                         ("coord_check", "--out DIR"), ("export", "another OUT dir")])
+def test_a_failed_write_names_the_option_of_the_command_that_failed(capsys, name, where):
+    # each command as `python -m gpt_exp.NAME` runs it: its module is __main__, its spec names it
+    globals_ = {"__name__": "__main__", "__spec__": importlib.util.find_spec(f"gpt_exp.{name}")}
+    main = command(types.FunctionType(_write_first_arg.__code__, globals_))
+    assert _command_name(main.__wrapped__) == name
+    with pytest.raises(OSError) as raised:
+        main.__wrapped__(["/proc/no/such/dir/file"])
+    line = user_error_line(raised.value, name)
+    assert line == f"cannot write /proc/no/such/dir/file (No such file or directory); free disk space, fix its " \
+                   f"permissions, or write elsewhere ({where})"
+    assert main(["/proc/no/such/dir/file"]) == 2 and capsys.readouterr().err == f"error: {line}\n"
+    full = user_error_line(OSError(errno.ENOSPC, "No space left on device", "/x"), name)
+    assert full == f"cannot write /x (No space left on device); free disk space, or write elsewhere ({where})"
