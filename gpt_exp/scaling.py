@@ -227,7 +227,7 @@ class Law:
     @property
     def constants(self) -> dict[str, float]:
         a, b, e, alpha, beta = (float(v) for v in self.theta)
-        return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+        return {"E": _exp(e), "A": _exp(a), "B": _exp(b), "alpha": alpha, "beta": beta}
 
     def log_loss(self, ln_n: np.ndarray, ln_d: np.ndarray) -> np.ndarray:
         a, b, e, alpha, beta = self.theta
@@ -251,7 +251,14 @@ class Law:
         if not (alpha > 0 and beta > 0 and f1 > 0):
             return None
         ln_n = (math.log(alpha) + a - math.log(beta * f1) - b + beta * (math.log(flops) - f0)) / (alpha + beta * f1)
-        return math.exp(ln_n), flops / math.exp(f0 + f1 * ln_n)
+        n, d = _exp(ln_n), flops / _exp(f0 + f1 * ln_n)
+        return (n, d) if math.isfinite(n) and d > 0 else None
+
+
+def _exp(x: float) -> float:
+    """exp that gives inf past float's range: a bootstrap resample can drive a constant there (its interval then
+    leaves it out), and that is not an error."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 def huber_objective(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_loss: np.ndarray):

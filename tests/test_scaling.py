@@ -308,3 +308,15 @@ def test_real_tiny_grid_on_the_cpu(tmp_path, cache_dir):
         assert math.isfinite(result["isoflop"]["a"]["value"]) and "IsoFLOP power laws: N = " in proc.stdout
     assert all(os.path.getsize(tmp_path / "grid" / f) > 10_000 for f in ("isoflop.png", "frontier.png",
                                                                          "residuals.png"))
+
+
+def test_a_constant_beyond_floats_range_is_inf_not_a_crash():
+    """A bootstrap resample of a grid far from the irreducible loss can drive ln A past 709 (a real 8-run CPU grid
+    did): the constant is inf, which its interval leaves out, and the optimum it implies is None."""
+    wild = Law(np.array([3000.0, 5.0, -50.0, 2.5, 0.3]))
+    assert wild.constants["A"] == math.inf and wild.constants["B"] == pytest.approx(math.exp(5.0))
+    assert wild.constants["E"] == pytest.approx(math.exp(-50.0))
+    assert wild.optimum(1e12, (math.log(6), 1.0)) is None  # ln N ~ 1,070: past float's range, no size to report
+    tame = Law(np.array([math.log(400), math.log(410), math.log(1.7), 0.34, 0.28]))
+    n, d = tame.optimum(1e21, (math.log(6), 1.0))
+    assert 6 * n * d == pytest.approx(1e21)
