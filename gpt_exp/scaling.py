@@ -175,9 +175,17 @@ class Profile:
 
     @property
     def extrapolated(self) -> bool:
-        """The minimum lies outside the shapes run: the grid did not bracket it."""
-        return self.n_opt is not None and not min(p.params for p in self.runs) <= self.n_opt <= max(
-            p.params for p in self.runs)
+        """The parabola's lowest point lies outside the shapes run: the grid did not bracket it, and a vertex far
+        outside is the curvature of noise (a real grid put one at N = 1e-6), so the power laws leave it out."""
+        return self.n_opt is not None and not inside(self.n_opt, self.runs)
+
+    @property
+    def bracketed(self) -> bool:
+        return self.n_opt is not None and not self.extrapolated
+
+
+def inside(n: float, runs: list[Point]) -> bool:
+    return min(p.params for p in runs) <= n <= max(p.params for p in runs)
 
 
 def vertices(runs: list[Point]) -> tuple[float, float, float] | None:
@@ -206,11 +214,12 @@ def frontier(flops: np.ndarray, n_opt: np.ndarray, d_opt: np.ndarray) -> dict[st
 
 def frontier_bootstrap(profiles: list[Profile], resamples: int, rng: np.random.Generator) -> list[dict[str, float]]:
     """frontier() of resampled grids: each budget's runs drawn with replacement. A resample in which a budget
-    has fewer than 3 distinct shapes or no minimum is left out (how many were is reported)."""
+    has fewer than 3 distinct shapes or no minimum inside its shapes is left out (how many were is reported)."""
     fits = []
     for _ in range(resamples):
-        found = [vertices([p.runs[i] for i in rng.integers(0, len(p.runs), len(p.runs))]) for p in profiles]
-        if all(found):
+        drawn = [[p.runs[i] for i in rng.integers(0, len(p.runs), len(p.runs))] for p in profiles]
+        found = [vertices(runs) for runs in drawn]
+        if all(v is not None and inside(v[0], runs) for v, runs in zip(found, drawn)):
             n_opt, d_opt, _ = np.array(found).T
             fits.append(frontier(np.array([p.flops for p in profiles]), n_opt, d_opt))
     return fits
@@ -337,7 +346,7 @@ def analyse(points: list[Point], budget: float | None, resamples: int, seed: int
                            f"shapes each: add budgets or shapes (python bench/isoflop_grid.py --budgets ... --shapes "
                            f"...); runs count as one budget when their C are within {BUDGET_SPREAD}x")
     rng = np.random.default_rng(seed)
-    fitted = [p for p in profiles if p.n_opt is not None]
+    fitted = [p for p in profiles if p.bracketed]
     front, front_samples = None, []
     if len(fitted) >= MIN_BUDGETS:
         front = frontier(np.array([p.flops for p in fitted]), np.array([p.n_opt for p in fitted]),
@@ -406,7 +415,8 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
     for p, entry in zip(result["profiles"], iso["budgets"]):
         n_range = f"{_num(min(r.params for r in p.runs))}-{_num(max(r.params for r in p.runs))}"
         rows.append([f"{p.flops:.3g}", str(len(p.runs)), n_range,
-                     _num(p.n_opt) + (" (outside)" if entry["extrapolated"] else ""), _num(p.d_opt),
+                     _num(p.n_opt) + (" (outside the shapes: not used)" if entry["extrapolated"] else ""),
+                     _num(p.d_opt),
                      _num(p.loss_opt) if p.n_opt is not None else
                      "no minimum" + (f": lowest at the {p.lowest_at} N" if p.lowest_at else "")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -414,13 +424,13 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
     if iso["a"]["value"] is not None:
         lines += [f"  N_opt = {_num(iso['k_n']['value'])} C^a, a = {_with_ci(iso['a'])}",
                   f"  D_opt = {_num(iso['k_d']['value'])} C^b, b = {_with_ci(iso['b'])}"
-                  f"   ({iso['bootstrap_fitted']} of {resamples} resamples had a minimum in every budget)"]
+                  f"   ({iso['bootstrap_fitted']} of {resamples} resamples had a minimum inside every budget's shapes)"]
     else:
         sides = {p.lowest_at for p in result["profiles"] if p.n_opt is None} - {None}
         fix = " or ".join(f"{'smaller' if side == 'smallest' else 'larger'} shapes"
                           for side in sorted(sides, reverse=True))
-        lines.append(f"  no power laws: they need a minimum in >= {MIN_BUDGETS} budgets; the grid does not bracket "
-                     f"the compute-optimal N{f' (add {fix})' if fix else ''}")
+        lines.append(f"  no power laws: they need a minimum inside the shapes run in >= {MIN_BUDGETS} budgets; the "
+                     f"grid does not bracket the compute-optimal N{f' (add {fix})' if fix else ''}")
     lines += ["", f"Parametric fit L(N, D) = E + A/N^alpha + B/D^beta (Huber delta {HUBER_DELTA:g} on ln L, BFGS "
               f"from {law['starts']} starts, {len(points)} runs):"]
     lines += [f"  {key:<5} = {_with_ci(law[key])}" for key in ("E", "A", "B", "alpha", "beta")]

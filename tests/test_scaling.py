@@ -190,7 +190,7 @@ def test_profiles_without_a_minimum_are_reported_and_the_law_still_fitted(tmp_pa
     code, out, err = scaling(grid, "--bootstrap", 0, capsys=capsys)
     assert code == 0, err
     assert out.count("no minimum: lowest at the largest N") == 2
-    assert ("  no power laws: they need a minimum in >= 2 budgets; the grid does not bracket the compute-optimal N "
+    assert ("  no power laws: they need a minimum inside the shapes run in >= 2 budgets; the grid does not bracket the compute-optimal N "
             "(add larger shapes)") in out.splitlines()
     assert "  IsoFLOP power laws: N = -, D = -" in out.splitlines()
     result = json.loads((grid / "scaling.json").read_text())
@@ -303,7 +303,7 @@ def test_real_tiny_grid_on_the_cpu(tmp_path, cache_dir):
     n, d = (result["compute_optimal"]["parametric"][k]["value"] for k in ("n", "d"))
     assert n > 0 and d > 0 and math.isfinite(n * d)
     if result["isoflop"]["a"]["value"] is None:
-        assert "no power laws: they need a minimum in >= 2 budgets" in proc.stdout
+        assert "no power laws: they need a minimum inside the shapes run in >= 2 budgets" in proc.stdout
     else:
         assert math.isfinite(result["isoflop"]["a"]["value"]) and "IsoFLOP power laws: N = " in proc.stdout
     assert all(os.path.getsize(tmp_path / "grid" / f) > 10_000 for f in ("isoflop.png", "frontier.png",
@@ -320,3 +320,19 @@ def test_a_constant_beyond_floats_range_is_inf_not_a_crash():
     tame = Law(np.array([math.log(400), math.log(410), math.log(1.7), 0.34, 0.28]))
     n, d = tame.optimum(1e21, (math.log(6), 1.0))
     assert 6 * n * d == pytest.approx(1e21)
+
+
+def test_a_minimum_outside_the_shapes_run_is_reported_but_left_out_of_the_power_laws(tmp_path, capsys):
+    """A parabola that turns far beyond the shapes run (on a real CPU grid, one put N_opt at 1e-6 parameters) is not
+    a minimum the grid measured: the power laws are those of the bracketed budgets alone."""
+    grid = synthetic_grid(tmp_path / "grid", budgets=BUDGETS[:3], noise=0)
+    assert scaling(grid, "--bootstrap", 0, capsys=capsys)[0] == 0
+    bracketed = json.loads((grid / "scaling.json").read_text())["isoflop"]
+    synthetic_grid(grid, budgets=BUDGETS[3:], noise=0, loss=lambda n, d: 3 + 1e-3 * (math.log(n) - math.log(1e13))**2)
+    code, out, err = scaling(grid, "--bootstrap", 0, capsys=capsys)
+    assert code == 0, err
+    iso = json.loads((grid / "scaling.json").read_text())["isoflop"]
+    assert [b["extrapolated"] for b in iso["budgets"]] == [False, False, False, True]
+    assert iso["budgets"][3]["n_opt"] == pytest.approx(1e13, rel=1e-3)  # reported as found
+    assert iso["a"]["value"] == pytest.approx(bracketed["a"]["value"]) and iso["b"] == bracketed["b"]
+    assert "(outside the shapes: not used)" in out
