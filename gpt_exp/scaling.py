@@ -447,16 +447,17 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
 
 
 def plot_isoflop(ax, result: dict, colors, n_label: str) -> None:
-    """Each budget's runs, its parabola and minimum, and (dashed) the parametric law along the same budget."""
+    """Each budget's runs, its parabola and minimum (only where the shapes bracket it: one far outside would
+    stretch the axis over decades nobody ran), and (dashed) the parametric law along the same budget."""
     f0, f1 = result["fpt"]
     for p, color in zip(result["profiles"], colors):
         n = np.array([r.params for r in p.runs])
         ax.scatter(n, [r.loss for r in p.runs], color=color, s=18, label=f"C={p.flops:.3g}")
         lo, hi = np.log(n).min(), np.log(n).max()
         if p.parabola is not None:
-            lo, hi = min(lo, math.log(p.n_opt)), max(hi, math.log(p.n_opt))
             x = np.linspace(lo - 0.1, hi + 0.1, 100)
             ax.plot(np.exp(x), np.polyval(p.parabola, x), color=color, lw=1)
+        if p.bracketed:
             ax.scatter([p.n_opt], [p.loss_opt], color=color, marker="*", s=120, edgecolor="black", zorder=3)
         x = np.linspace(lo - 0.1, hi + 0.1, 100)
         ax.plot(np.exp(x), np.exp(result["law"].log_loss(x, math.log(p.flops) - f0 - f1 * x)), color=color, lw=0.8,
@@ -469,7 +470,7 @@ def plot_isoflop(ax, result: dict, colors, n_label: str) -> None:
 
 
 def plot_frontier(axes, result: dict) -> None:
-    profiles = [p for p in result["profiles"] if p.n_opt is not None]
+    profiles = [p for p in result["profiles"] if p.bracketed]
     iso, budget = result["isoflop"], result["compute_optimal"]["flops"]
     flops = np.array([p.flops for p in result["profiles"]] + [budget])
     grid = np.geomspace(flops.min() / 2, flops.max() * 2, 50)
