@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+
+@functools.cache
+def cpp_compiler_works() -> bool:
+    """torch.compile on a CPU builds C++ with the system's compiler: is there one that compiles?"""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return False
+    probe = subprocess.run([compiler, "-x", "c++", "-fsyntax-only", "-"], input="int main() { return 0; }\n",
+                           capture_output=True, text=True)
+    return probe.returncode == 0
 
 
 def cli_env(cwd: Path, env: dict | None = None) -> dict:
@@ -48,8 +61,9 @@ def run_in_process(module: str, args: list[str], cwd: Path, env: dict | None = N
 
     out, err = io.StringIO(), io.StringIO()
     saved_cwd, saved_argv, saved_env = os.getcwd(), sys.argv, dict(os.environ)
+    fresh_env = cli_env(cwd, env)  # read before the clear: it starts from this process's environment
     os.environ.clear()
-    os.environ.update(cli_env(cwd, env))
+    os.environ.update(fresh_env)
     os.chdir(cwd)
     sys.argv = [f"gpt_exp.{module}", *args]
     root = logging.getLogger()

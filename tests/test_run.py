@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 
@@ -213,3 +214,19 @@ def test_a_token_budget_gives_runs_of_other_batch_shapes_the_same_data(cache_dir
         assert trainer.fit(tracker) == "completed"
         ends[B] = (trainer.max_steps, tracker.steps[-1].tokens)
     assert ends == {4: (16, 2048), 16: (4, 2048)}  # ceil(2000 / 128) and ceil(2000 / 512) steps, equal tokens
+
+
+def test_an_in_process_run_sees_the_environment_a_fresh_process_would(tmp_path, cache_dir, monkeypatch):
+    """The helper that runs the CLI in the test process keeps PATH and the rest (a compiler run by torch.compile
+    needs them), drops W&B credentials and sets HOME, as `cli_env` does for a subprocess."""
+    from tests.helpers import cli_env, run_in_process
+
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    seen = {}
+    monkeypatch.setattr("gpt_exp.run.run", lambda cfg: seen.update(os.environ) or 0.0)
+    result = run_in_process("run", [*TINY_RUN, "train.max_steps=1", f"data.cache_dir={cache_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = cli_env(tmp_path)
+    assert seen["PATH"] == os.environ["PATH"] and seen["HOME"] == str(tmp_path) and "WANDB_API_KEY" not in seen
+    assert {k: seen.get(k) for k in expected} == expected
+    assert os.environ["WANDB_API_KEY"] == "f" * 40  # and the test process gets its own back

@@ -9,7 +9,7 @@ from gpt_exp import eval as evals
 from gpt_exp import export, sample
 from gpt_exp.config import Schedule
 from gpt_exp.trainer import LRSchedule
-from tests.helpers import only_run_dir, read_metrics, run_cli
+from tests.helpers import cpp_compiler_works, only_run_dir, read_metrics, run_cli
 
 
 def test_wsd_warms_up_holds_then_decays_over_its_last_fraction():
@@ -57,7 +57,8 @@ def test_the_main_job_leaves_weights_that_sample_export_and_eval_read(tmp_path, 
     assert saved["examples"] == 1 and saved["acc_norm"] in (0.0, 1.0) and saved["step"] == 3
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compile: ~40 s on 2 cores
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=[  # compile: ~40 s on 2 cores
+    pytest.mark.slow, pytest.mark.skipif(not cpp_compiler_works(), reason="torch.compile on a CPU needs a C++ compiler")])])
 def test_samples_and_hellaswag_during_training(tmp_path, cache_dir, compiled):
     from tests.helpers import wandb_records
 
