@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import huber
+from tqdm import tqdm
 
 from gpt_exp.atomic import atomic_path
 from gpt_exp.cli import ArgumentParser, command
@@ -301,7 +302,10 @@ def law_bootstrap(points: list[Point], law: Law, resamples: int, rng: np.random.
     """The law refitted to runs drawn with replacement, each from the fit to all runs and a few grid starts."""
     ln_n, ln_d, ln_loss = logs(points)
     fits = []
-    for _ in range(resamples):
+    # ~50 ms a refit: 200 take ~10 s, so a bar on a terminal, a line every 5 s in a log
+    tty = sys.stderr.isatty()
+    for _ in tqdm(range(resamples), desc="bootstrap refits of L(N, D)", unit="fit", file=sys.stderr, leave=False,
+                  mininterval=0.5 if tty else 5, disable=resamples < 20):
         i = rng.integers(0, len(points), len(points))
         starts = np.vstack([law.theta, STARTS[rng.choice(len(STARTS), BOOTSTRAP_STARTS, replace=False)]])
         fits.append(fit_law(ln_n[i], ln_d[i], ln_loss[i], starts)[0])
