@@ -71,6 +71,7 @@ class RunRecord:
     tokens: int | None
     median_tok_per_s: float | None
     wall_s: float | None
+    train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -142,7 +143,7 @@ def load_run(run_dir: Path) -> RunRecord:
     }
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        stats_.update(read_summary(summary_path, [*stats_, "flops_per_token"]))
+        stats_.update(read_summary(summary_path, [*stats_, "flops_per_token", "train_split_tokens"]))
     flops_per_token = stats_.pop("flops_per_token", None)
     tokens = _column(train, "tokens")
     flops = _column(train, "flops")

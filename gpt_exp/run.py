@@ -213,7 +213,8 @@ def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_di
         run_dir, cfg.logger, launch.name, launch.group, {**config, "overrides": list(launch.overrides)},
         trainer.max_steps, cfg.train.log_every, started_at=started_at,
         previous_rows=resumed.metrics_before() if resumed else [], wandb_id=resumed.wandb_id if resumed else None,
-        summary_extra=resumed.summary() if resumed else {}, flops_per_token=trainer.model.flops_per_token(cfg.T),
+        summary_extra={**(resumed.summary() if resumed else {}), "train_split_tokens": len(trainer.loader.source)},
+        flops_per_token=trainer.model.flops_per_token(cfg.T),
         peak_flops=runtime.peak_flops * d.world_size if runtime.peak_flops else None, runtime=trainer.what_runs(),
     ) if d.is_main else RankTracker()
 

@@ -76,6 +76,7 @@ class Point:
     flops_per_token: float
     flops: float  # C = D x flops_per_token
     loss: float
+    epochs: float | None = None  # D / the training split's tokens: > 1 means D counts repeated tokens
 
 
 SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")
@@ -102,7 +103,8 @@ def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
         flops = float(run.tokens * flops_per_token(L, C, V, block, T))
     return Point(path=run.path, n_layer=L, n_embd=C, non_embedding=non_embedding, total=total,
                  params=non_embedding if params == "non_embedding" else total, tokens=int(run.tokens),
-                 flops_per_token=flops / run.tokens, flops=flops, loss=float(loss))
+                 flops_per_token=flops / run.tokens, flops=flops, loss=float(loss),
+                 epochs=run.tokens / run.train_split_tokens if run.train_split_tokens else None)
 
 
 def split_points(runs: list[RunRecord], metric: str, params: str) -> tuple[list[Point], list[tuple[Path, str]]]:
@@ -414,6 +416,10 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
     if skipped:
         lines.append(f"skipped {len(skipped)}: " + ", ".join(f"{os.path.relpath(path, out_dir)} ({why})"
                                                               for path, why in skipped))
+    if repeated := [p.epochs for p in points if p.epochs is not None and p.epochs > 1]:
+        lines.append(f"data repeated: {len(repeated)} of {len(points)} runs trained more than one epoch of their "
+                     f"training split (up to {max(repeated):.1f}); D counts repeated tokens as new ones, which they "
+                     f"are not (Muennighoff et al. 2023): a larger corpus gives a law of compute alone")
     lines += ["", "IsoFLOP profiles (a parabola of the loss in ln N, and in ln D, per budget):"]
     rows = [["C (FLOPs)", "runs", "N run", "N_opt", "D_opt", "loss at N_opt"]]
     for p, entry in zip(result["profiles"], iso["budgets"]):
@@ -550,7 +556,7 @@ def run_rows(points: list[Point], profiles: list[Profile]) -> list[dict]:
     budget_of = {id(r): p.flops for p in profiles for r in p.runs}
     return [{"run": str(p.path), "n_layer": p.n_layer, "n_embd": p.n_embd, "n_non_embedding": p.non_embedding,
              "n_total": p.total, "tokens": p.tokens, "flops_per_token": p.flops_per_token, "flops": p.flops,
-             "loss": p.loss, "budget": budget_of[id(p)]} for p in points]
+             "loss": p.loss, "epochs": p.epochs, "budget": budget_of[id(p)]} for p in points]
 
 
 def positive_flops(text: str) -> float:

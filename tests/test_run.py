@@ -52,6 +52,7 @@ def test_metrics_rows(offline_run):
     assert all(r["tok_per_s"] == pytest.approx(128 / (r["dt_ms"] / 1000), rel=1e-6) for r in rows)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 12 and summary["tokens"] == 1536
+    assert summary["train_split_tokens"] == 338_025  # tiny shakespeare, no val split: epochs = tokens / this
     assert summary["final_loss"] == rows[-1]["loss"] and summary["best_loss"] == min(r["loss"] for r in rows)
 
 
@@ -174,6 +175,8 @@ def test_validation_loss_rows(tmp_path, cache_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_loss"] == val[-1]["val_loss"] and summary["steps"] == 7
     assert summary["best_val_loss"] == min(r["val_loss"] for r in val)
+    train_split = int(re.search(r"\(train ([\d,]+), val", (run_dir / "run.log").read_text()).group(1).replace(",", ""))
+    assert summary["train_split_tokens"] == train_split
     [offline] = list((run_dir / "wandb").glob("offline-run-*"))
     history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
     assert [h["val_loss"] for h in history if "val_loss" in h] == [r["val_loss"] for r in val]

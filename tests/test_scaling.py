@@ -336,3 +336,30 @@ def test_a_minimum_outside_the_shapes_run_is_reported_but_left_out_of_the_power_
     assert iso["budgets"][3]["n_opt"] == pytest.approx(1e13, rel=1e-3)  # reported as found
     assert iso["a"]["value"] == pytest.approx(bracketed["a"]["value"]) and iso["b"] == bracketed["b"]
     assert "(outside the shapes: not used)" in out
+
+
+def test_runs_that_repeat_their_data_are_counted_in_the_report(tmp_path, capsys):
+    """D counts every token trained; a run past one epoch of its training split saw some twice, which the fits
+    cannot tell from fresh data: the report says how many runs did and how far, and scaling.json has each run's
+    epochs. Runs whose summary.json lacks the split's size (older runs) have none."""
+    grid = synthetic_grid(tmp_path / "grid", budgets=BUDGETS[:3], noise=0)
+    split = 2 * 10**9
+    summaries = sorted(grid.glob("*/*/summary.json"))
+    for path in summaries[:-1]:  # the last run is an older one: no train_split_tokens
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "train_split_tokens": split}))
+    code, out, err = scaling(grid, "--bootstrap", 0, capsys=capsys)
+    assert code == 0, err
+    rows = json.loads((grid / "scaling.json").read_text())["runs"]
+    by_run = {r["run"]: r for r in rows}
+    last = str(summaries[-1].parent)
+    assert by_run[last]["epochs"] is None
+    epochs = [r["tokens"] / split for run, r in by_run.items() if run != last]
+    assert [r["epochs"] for run, r in by_run.items() if run != last] == pytest.approx(epochs)
+    repeated = [e for e in epochs if e > 1]
+    assert 0 < len(repeated) < len(epochs)  # the grid has both
+    assert (f"data repeated: {len(repeated)} of {len(rows)} runs trained more than one epoch of their training split "
+            f"(up to {max(repeated):.1f})") in out
+    for path in summaries[:-1]:  # a corpus big enough for every run: no such line
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_split_tokens": 10**12}))
+    assert "data repeated" not in scaling(grid, "--bootstrap", 0, capsys=capsys)[1]
