@@ -221,6 +221,13 @@ def axis(run: RunRecord, x: str) -> np.ndarray:
     return np.maximum.accumulate(values) if len(values) else values  # interpolation needs it non-decreasing
 
 
+def default_metric(runs: list[RunRecord]) -> str:
+    """final_val_loss when every finished run has one: the last step's training loss is one batch's, and it keeps
+    falling while a model overfits; else final_loss."""
+    finished = [r for r in runs if r.status != RUNNING]
+    return "final_val_loss" if finished and all(r.final_val_loss is not None for r in finished) else "final_loss"
+
+
 def default_x(runs: list[RunRecord]) -> str:
     """tokens when the runs train on different numbers of tokens per step (B, T, gradient accumulation), so that
     equal steps are unequal amounts of training; else step."""
@@ -688,8 +695,9 @@ def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep dirs, run dirs or globs")
-    parser.add_argument("--metric", default="final_loss",
-                        help=f"sort key, ascending, and what --baseline/--target test: {', '.join(METRICS)} or a key")
+    parser.add_argument("--metric", help=f"sort key, ascending, and what --baseline/--target test: "
+                        f"{', '.join(METRICS)} or a key; default: final_val_loss when every run has a val loss, "
+                        f"else final_loss")
     parser.add_argument("--x", choices=AXES, help="the plot's x axis and where loss_at_x compares the runs: step, "
                         "tokens, flops (training FLOPs) or time (wall seconds); default: tokens when the runs differ "
                         "in tokens per step, else step")
@@ -710,16 +718,19 @@ def main(argv: list[str]) -> int:
         raise CompareError(f"--target {args.target} must be a finite loss, e.g. --target 3.5")
     try:
         runs = load_runs(args.paths)
-        x = args.x or default_x(runs)
-        rows = compare_table(runs, args.metric, x, args.smooth, args.baseline or [], args.target)
+        x, metric = args.x or default_x(runs), args.metric or default_metric(runs)
+        rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target)
         out_dir = args.out or default_out_dir(args.paths, runs)
-        curves = loss_curves(runs, args.smooth, x, best=best_run(rows, args.metric))
+        curves = loss_curves(runs, args.smooth, x, best=best_run(rows, metric))
         write_outputs(rows, curves, out_dir, x, args.logx, args.logy)
     except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
         if e.filename is None:
             raise
         raise CompareError(f"cannot read {e.filename} ({e.strerror}); check the path and its permissions") from None
-    print(format_table(rows, out_dir, args.metric))
+    print(format_table(rows, out_dir, metric))
+    if args.metric is None:
+        print(f"sorted by {metric}" + (" (every run has a val loss; --metric final_loss for the last training batch's)"
+                                       if metric == "final_val_loss" else "; --metric KEY sorts by another"))
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
     return 0
 

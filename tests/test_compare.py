@@ -244,3 +244,26 @@ def test_a_dir_that_cannot_be_read_is_named(tmp_path: Path, capsys, monkeypatch)
     monkeypatch.setattr("gpt_exp.compare.os.access", lambda path, mode: Path(path) != run)
     assert main([str(run)]) == 2
     assert capsys.readouterr().err == f"error: cannot read {run} (permission denied); fix its permissions (chmod u+rx)\n"
+
+
+def test_the_default_sort_is_the_val_loss_when_every_run_has_one(tmp_path, capsys):
+    """The last training loss is one batch's and keeps falling while a model overfits: with a val loss in every
+    run, compare ranks by it (the overfit run has the lower training loss and the higher val loss)."""
+    from gpt_exp import compare
+
+    for name, train_loss, val_loss in (("overfit", 3.0, 4.5), ("fits", 3.5, 4.0)):
+        run = tmp_path / "sweep" / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"optim:\n  lr: {0.01 if name == 'overfit' else 0.001}\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": train_loss, "tokens": 128}) + "\n"
+                                           + json.dumps({"step": 0, "val_loss": val_loss, "tokens": 128}) + "\n")
+        (run / "summary.json").write_text(json.dumps({"status": "completed", "final_loss": train_loss,
+                                                      "final_val_loss": val_loss}))
+    assert compare.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["0.001", "0.01"]  # val 4.0 first, though its loss is higher
+    assert lines[3] == "sorted by final_val_loss (every run has a val loss; --metric final_loss for the last " \
+                       "training batch's)"
+    assert compare.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--metric", "final_loss"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["0.01", "0.001"] and not lines[3].startswith("sorted by")
