@@ -125,6 +125,7 @@ class TrainConfig:
     seed: int = 1337
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     total_batch_size: Optional[int] = None  # tokens per optimizer step; None: one micro-batch (B*T)
+    autobatch_probe_s: float = 60.0  # B=auto on a CPU: the probe's time limit (a busy machine may need more)
     overfit_batches: int = 0  # N > 0: cycle the first N batches (the lecture's "overfit one batch")
     log_every: int = 1  # steps between progress updates; metrics.jsonl gets every step
     eval_every: int = 0  # N > 0: the val loss every N steps and at the end (needs data.val_fraction > 0)
@@ -252,7 +253,7 @@ def _added_keys(node: object, prefix: str = "") -> list[str]:
 
 def _require(ok: bool, key: str, value: object, fix: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value} is invalid: {fix}")
+        raise ConfigError(f"{key}={'null' if value is None else value} is invalid: {fix}")  # as the user typed it
 
 
 def validate(cfg: RunConfig) -> None:
@@ -281,8 +282,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.device.threads is None or cfg.device.threads >= 1, "device.threads", cfg.device.threads,
              "it must be >= 1, or null for all cores")
     _require((t.max_steps is None) != (t.max_tokens is None), "train.max_tokens", t.max_tokens,
-             f"give exactly one of train.max_steps (now {t.max_steps}) and train.max_tokens: e.g. "
-             f"train.max_steps=null train.max_tokens=1000000")
+             f"give exactly one of train.max_steps (now {'null' if t.max_steps is None else t.max_steps}) and "
+             f"train.max_tokens: e.g. train.max_steps=null train.max_tokens=1000000")
     if t.max_steps is not None:
         _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "it must be >= 1")
     if t.max_tokens is not None:
@@ -300,6 +301,8 @@ def validate(cfg: RunConfig) -> None:
              f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "it must be >= 0 (0: no checkpoints)")
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", t.keep_ckpts, "keep at least 1 checkpoint")
+    _require(t.autobatch_probe_s > 0, "train.autobatch_probe_s", t.autobatch_probe_s,
+             "it must be > 0 seconds, e.g. 120 on a busy machine")
     if auto_B:
         _require(t.total_batch_size is not None and t.total_batch_size >= cfg.T and t.total_batch_size % cfg.T == 0,
                  "train.total_batch_size", t.total_batch_size, f"B=auto keeps the tokens per step: give them as a "

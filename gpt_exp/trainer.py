@@ -192,7 +192,7 @@ class Trainer:
                                 clip=lambda: clip_gradients(self.model, cfg.train.grad_clip, device.type == "cpu"))
         with preserve_state(self.model, self.optimizer):
             choice = choose_micro_batch(step, Bs, device, total_batch_size=cfg.train.total_batch_size, T=cfg.T,
-                                        world_size=self.d.world_size)
+                                        world_size=self.d.world_size, max_probe_s=cfg.train.autobatch_probe_s)
         agreed = int(all_reduce_min(torch.tensor(choice.B, device=device), self.d).item())
         if agreed != choice.B:
             choice = AutoBatch(agreed, cfg.train.total_batch_size // (agreed * cfg.T * self.d.world_size),

@@ -34,7 +34,8 @@ def _xfail(reason: str, case: str, args: list[str], expected: str):
 # (case, extra arguments, the line's expected text); {tmp} is the test's own folder
 CLI_CASES = [
     ("wrong type", ["B=abc"], "error: B=abc is invalid: the batch size must be an integer >= 1, e.g. B=4, or B=auto"),
-    ("auto without a step size", ["B=auto"], "error: train.total_batch_size=None is invalid: B=auto keeps the tokens per step: give them as a multiple of T=32, e.g. train.total_batch_size=2048"),
+    ("auto probe without time", ["B=auto", "train.total_batch_size=256", "train.autobatch_probe_s=0"], "error: train.autobatch_probe_s=0.0 is invalid: it must be > 0 seconds, e.g. 120 on a busy machine"),
+    ("auto without a step size", ["B=auto"], "error: train.total_batch_size=null is invalid: B=auto keeps the tokens per step: give them as a multiple of T=32, e.g. train.total_batch_size=2048"),
     ("unknown key", ["train.max_step=3"], "error: unknown config key 'train.max_step'; did you mean train.max_steps?"),
     ("added unknown key", ["+train.max_step=5"], "error: unknown config key 'train.max_step'; did you mean train.max_steps?"),
     ("group without +", ["experiment=tiny_smoke"], "error: Could not override 'experiment'. No match in the defaults list. To append to your default list use +experiment=tiny_smoke"),
@@ -76,7 +77,7 @@ CONFIG_CASES = [
     ("negative warmup", ["optim.warmup_steps=-1"], "error: optim.warmup_steps=-1 is invalid: it must be >= 0"),
     ("zero steps", ["train.max_steps=0"], "error: train.max_steps=0 is invalid: it must be >= 1"),
     ("steps and tokens", ["train.max_tokens=1000"], "error: train.max_tokens=1000 is invalid: give exactly one of train.max_steps (now 1) and train.max_tokens: e.g. train.max_steps=null train.max_tokens=1000000"),
-    ("neither steps nor tokens", ["train.max_steps=null"], "error: train.max_tokens=None is invalid: give exactly one of train.max_steps (now None) and train.max_tokens"),
+    ("neither steps nor tokens", ["train.max_steps=null"], "error: train.max_tokens=null is invalid: give exactly one of train.max_steps (now null) and train.max_tokens"),
     ("zero tokens", ["train.max_steps=null", "train.max_tokens=0"], "error: train.max_tokens=0 is invalid: it must be >= 1"),
     ("eval without val split", ["train.eval_every=10"], "error: train.eval_every=10 is invalid: there is no val split (data.val_fraction=0.0); set data.val_fraction=0.1"),
     ("negative ckpt_every", ["train.ckpt_every=-5"], "error: train.ckpt_every=-5 is invalid: it must be >= 0 (0: no checkpoints)"),
@@ -85,7 +86,7 @@ CONFIG_CASES = [
     ("bad cpu matmul", ["device.cpu_matmul=mkl"], "error: device.cpu_matmul=mkl: Invalid value 'mkl', expected one of [onednn, blas]"),
     ("unknown group option", ["model=gpt3"], "error: unknown option model=gpt3; choose one of: gpt2, gpt2-large, gpt2-medium, gpt2-xl, tiny"),
     ("unknown experiment", ["+experiment=nope"], "error: unknown option experiment=nope; choose one of:"),
-    ("text without path", ["data=text"], "error: data.path=None is invalid: data=text needs data.path=FILE_OR_DIR"),
+    ("text without path", ["data=text"], "error: data.path=null is invalid: data=text needs data.path=FILE_OR_DIR"),
     # seeds: numpy takes [0, 2**32); a bad data.shuffle_seed would fail only at the first epoch wrap, hours in
     ("negative seed", ["train.seed=-1"], "error: train.seed=-1 is invalid: it must be in [0, 2**32) = [0, 4294967295], e.g. 1337"),
     ("seed too large", ["train.seed=4294967296"], "error: train.seed=4294967296 is invalid: it must be in [0, 2**32)"),

@@ -31,7 +31,7 @@ CASES = [
     row("path without data=text", ["data.path={tmp}/good.txt"],
         "error: data.path={tmp}/good.txt is invalid: data=shakespeare reads no path; add data=text to train on ..."),
     row("data=text without path", ["data=text"],
-        "error: data.path=None is invalid: data=text needs data.path=FILE_OR_DIR"),
+        "error: data.path=null is invalid: data=text needs data.path=FILE_OR_DIR"),
     row("empty file", [*TEXT, "data.path={tmp}/empty.txt"],
         "error: the corpus at {tmp}/empty.txt is empty; give a file with text"),
     row("only empty records", [*TEXT, "data.path={tmp}/empty_records.jsonl"],

@@ -151,6 +151,18 @@ def test_B_auto_keeps_the_tokens_per_step_and_a_resume_keeps_its_choice(tmp_path
     assert "B=auto:" not in log and f"= {chosen['B']} x 32 x {chosen['grad_accum_steps']} micro-steps" in log
 
 
+def test_B_auto_keeps_to_its_probe_time(cache_dir):
+    """train.autobatch_probe_s bounds the CPU probe: with a millisecond, the first candidate is timed (a choice needs
+    one) and every other is predicted past the limit, so B is the smallest."""
+    from tests.helpers import make_trainer
+
+    trainer = make_trainer(cache_dir, "B=auto", "train.total_batch_size=256", "train.autobatch_probe_s=0.001")
+    measured = trainer.autobatch.measured
+    assert trainer.cfg.B == 1 and measured["1"]["status"] == "timed"
+    assert {b: m["status"] for b, m in measured.items() if b != "1"} == {b: "over the probe's time" for b in ("2", "4", "8")}
+    assert trainer.grad_accum_steps == 256 // 32
+
+
 def test_deferred_reads_change_nothing_but_when_the_host_waits(tmp_path, cache_dir):
     """On a GPU a step's loss is read after the next step is queued; the numbers, rows and checkpoints are the same
     as reading each step at once (checked here on the CPU, where deferring is off by default)."""
