@@ -16,7 +16,7 @@ import yaml
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import flatten
+from gpt_exp.config import MODEL_SHAPE, flatten
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2
 from gpt_exp.metrics import read_metrics
@@ -28,7 +28,7 @@ CKPT_DIR = "checkpoints"
 WEIGHTS_DIR = "model"  # the weights every run leaves (train.save_model), as a Hugging Face GPT-2 dir
 _CKPT_NAME = re.compile(r"step_(\d+)\.pt")
 # Resuming with any of these changed cannot load the saved weights.
-SHAPE_KEYS = ("model.block_size", "model.vocab_size", "model.n_layer", "model.n_head", "model.n_embd")
+SHAPE_KEYS = tuple(f"model.{key}" for key in MODEL_SHAPE)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -210,7 +210,7 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
             raise ConfigError(f"{ckpt} is a model.parametrization={m['parametrization']} model: sample, eval and "
                               f"export read GPT-2 (sp) models only; resume it with python -m gpt_exp.run instead")
         fix = "the checkpoint is damaged: use another one of the run"
-        shape = {key: m.get(key) for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        shape = {key: m.get(key) for key in MODEL_SHAPE}
         # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on
         wte = state["model"].get("transformer.wte.weight") if isinstance(state["model"], dict) else None
         rows = wte.shape[0] if isinstance(wte, torch.Tensor) and wte.dim() == 2 else None

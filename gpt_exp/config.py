@@ -105,6 +105,10 @@ class ModelConfig:
     mup_base_width: int = 64
 
 
+# The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
+MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+
+
 @dataclass
 class DeviceConfig:
     type: DeviceType = DeviceType.auto
@@ -261,7 +265,7 @@ def validate(cfg: RunConfig) -> None:
     if added := _added_keys(cfg):
         raise ConfigError(unknown_key(added[0]))
     m, t, o = cfg.model, cfg.train, cfg.optim
-    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+    for key in MODEL_SHAPE:
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "it must be >= 1")
     _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", m.vocab_size,
              f"the gpt2 tokenizer has {GPT2_VOCAB} tokens; use model.vocab_size>={GPT2_VOCAB} "

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_exp import rundir
 from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resume, remove_stale_temp_files
 from gpt_exp.cli import fail, is_main_process, is_user_error, user_error_line
-from gpt_exp.config import RunConfig, Schedule, register_schema, validate
+from gpt_exp.config import MODEL_SHAPE, RunConfig, Schedule, register_schema, validate
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import broadcast, destroy, init_process_group
 from gpt_exp.launch import Dist, launch_env
@@ -176,13 +176,10 @@ def _dotlist(overrides: tuple[str, ...]) -> DictConfig:
     return OmegaConf.from_dotlist([o.lstrip("+~") for o in overrides if not _override_key(o).startswith("hydra")])
 
 
-SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-
-
 def adopt_shape(dict_cfg: DictConfig, model: torch.nn.Module, init_from: str, overrides: tuple[str, ...]) -> DictConfig:
     """init_from=hf:DIR trains a model of that dir's shape; a model setting on the command line that says otherwise
     is refused in one line rather than silently overruled."""
-    shape = {key: getattr(model.config, key) for key in SHAPE}
+    shape = {key: getattr(model.config, key) for key in MODEL_SHAPE}
     given = {_override_key(o) for o in overrides}
     clash = [k for k, v in shape.items() if dict_cfg.model[k] != v and ("model" in given or f"model.{k}" in given)]
     if clash:
