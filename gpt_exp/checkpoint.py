@@ -189,6 +189,13 @@ def _run_weights_info(run_dir: Path) -> dict:
     return info
 
 
+def embedding_rows(model_state: object) -> int | None:
+    """The token embedding's rows in a checkpoint's weights (more than the vocabulary when it was trained padded,
+    model.pad_vocab); None when they cannot be read there (a damaged file: the weights' check names it)."""
+    wte = model_state.get("transformer.wte.weight") if isinstance(model_state, dict) else None
+    return wte.shape[0] if isinstance(wte, torch.Tensor) and wte.dim() == 2 else None
+
+
 def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
@@ -212,9 +219,7 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
         fix = "the checkpoint is damaged: use another one of the run"
         shape = {key: m.get(key) for key in MODEL_SHAPE}
         # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on
-        wte = state["model"].get("transformer.wte.weight") if isinstance(state["model"], dict) else None
-        rows = wte.shape[0] if isinstance(wte, torch.Tensor) and wte.dim() == 2 else None
-        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=rows))
+        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=embedding_rows(state["model"])))
         load_checked_weights(model, state["model"], f"{ckpt}'s weights do not match its config", fix)
         info = {"name": m.get("name", "?"), "source": str(ckpt), "step": state["step"]}
     return model.eval(), {**info, "params": model.num_params()}

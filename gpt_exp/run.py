@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp import rundir
-from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resume, remove_stale_temp_files
+from gpt_exp.checkpoint import Resume, embedding_rows, init_weights, list_checkpoints, open_resume, remove_stale_temp_files
 from gpt_exp.cli import fail, is_main_process, is_user_error, user_error_line
 from gpt_exp.config import MODEL_SHAPE, RunConfig, Schedule, register_schema, validate
 from gpt_exp.device import resolve_runtime
@@ -191,7 +191,7 @@ def adopt_shape(dict_cfg: DictConfig, model: torch.nn.Module, init_from: str, ov
 
 def train(cfg: RunConfig, config: dict, launch: Launch, d: Dist, runtime, run_dir: Path, started_at: float,
           resumed: Resume | None = None, init: tuple[torch.nn.Module, str] | None = None) -> float:
-    rows = resumed.state["model"]["transformer.wte.weight"].shape[0] if resumed else None
+    rows = embedding_rows(resumed.state["model"]) if resumed else None
     trainer = Trainer(cfg, runtime, d, run_dir, config, overrides=launch.overrides, saved_vocab_rows=rows)
     if resumed:
         trainer.load_state_dict(resumed.state)

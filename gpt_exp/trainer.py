@@ -36,7 +36,7 @@ from gpt_exp.distributed import (all_reduce_mean, all_reduce_min, full_model_sta
                                  load_full_optimizer_state, set_grad_sync, shard_model)
 from gpt_exp.errors import ConfigError, DataError, Diverged
 from gpt_exp.eval import hellaswag_scores, load_hellaswag
-from gpt_exp.hf import save_hf_gpt2
+from gpt_exp.hf import load_checked_weights, save_hf_gpt2
 from gpt_exp.launch import Dist
 from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.optim import build_optimizer
@@ -434,7 +434,11 @@ class Trainer:
             fix = "train.strategy=fsdp under torchrun" if state.get("sharded") else "train.strategy=ddp"
             raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
         self.loader.load_state_dict(state["loader"])  # first: a position past this corpus is refused before all else
-        load_full_model_state(self.model, state["model"], self.sharded)
+        if self.sharded:
+            load_full_model_state(self.model, state["model"], self.sharded)
+        else:  # checked: a damaged checkpoint is one line naming a tensor, not load_state_dict's traceback
+            load_checked_weights(self.model, state["model"], "resume: the checkpoint's weights do not fit this model",
+                                 "the file is damaged: resume from another checkpoint of the run")
         if self.sharded:
             load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:

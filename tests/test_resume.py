@@ -150,3 +150,23 @@ def test_resume_auto_starts_then_continues(tmp_path, cache_dir):
     assert "resumed from" in (tmp_path / "job" / "run.log").read_text()
     assert [r["step"] for r in read_metrics(tmp_path / "job")] == list(range(9))
     assert [p.name for p in list_checkpoints(tmp_path / "job")] == ["step_0000006.pt", "step_0000009.pt"]
+
+
+@pytest.mark.parametrize("damage", ["drop the embedding", "a tensor of another shape"])
+def test_a_damaged_checkpoint_resumes_as_one_line(tmp_path, cache_dir, damage):
+    result = run_cli("run", *RUN[:-1], "logger.mode=disabled", "train.max_steps=2", "train.ckpt_every=1",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(list_checkpoints(only_run_dir(tmp_path))[-1], weights_only=True)
+    if damage == "drop the embedding":
+        del state["model"]["transformer.wte.weight"]
+    else:
+        state["model"]["transformer.h.0.attn.c_attn.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "damaged.pt")
+    result = run_cli("run", f"resume={tmp_path / 'damaged.pt'}", "logger.mode=disabled", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: resume: the checkpoint's weights do not fit this model (")
+    assert line.endswith("the file is damaged: resume from another checkpoint of the run")
+    assert ("e.g. transformer.wte.weight" if damage == "drop the embedding" else "1 of another shape") in line
+    assert len(list((tmp_path / "outputs").glob("*/*/.hydra"))) == 1  # the failed resume left no run dir
