@@ -26,7 +26,7 @@ from omegaconf.errors import (InterpolationKeyError, InterpolationResolutionErro
 
 from gpt_exp.config import ConfigError, RunConfig, register_schema, schema_keys, unknown_key, validate
 from gpt_exp.errors import EXIT_USER_ERROR, UserError
-from gpt_exp.launch import launch_env
+from gpt_exp.launch import is_main_process
 
 _PLUGIN_HINT = " (joblib and optuna come with pip install -e '.[sweeps]', submitit with '.[slurm]')"
 # Where each command can be told to write instead (the run's dirs unless named here).
@@ -145,11 +145,6 @@ def user_error_line(e: BaseException, command: str = "run") -> str:
     if isinstance(e, ConfigCompositionException) and cause is e:
         return _all_lines(e)
     return f"{key + ': ' if key else ''}{msg}"
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun or srun job, or a plain process: the one that speaks for the job."""
-    return launch_env().is_main
 
 
 def fail(e: BaseException) -> NoReturn:

@@ -31,3 +31,8 @@ def launch_env() -> Dist:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun started one process per task
         return Dist(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return Dist()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun or srun job, or a plain process: the one that speaks for the job."""
+    return launch_env().is_main

@@ -1,29 +1,38 @@
-"""The run and sweep dirs under outputs/: who creates them, what a run may remove, and the names W&B shows for them.
+"""The run and sweep dirs under outputs/: who creates them, who owns one, what a run may remove, and the names W&B
+shows for them.
 
-This module is the one owner of a run dir's life. A run never removes a dir or file that existed before it started:
-on a mistake found before training it removes only the entries it created itself; it refuses to start in a dir that
-already holds another run (unless it resumes that run into its own dir); under torchrun only rank 0 writes there.
-Dirs are named by time to the second; a second run in the same second gets a suffix (`_1`) instead of sharing.
+This module is the one owner of a run dir's life. One process at a time owns a run dir: it holds the dir's lock from
+before Hydra writes there until the run ends, and a second process (a requeue while the job still runs) is refused
+in one line naming the holder. A run never removes what it did not create: a start that fails removes only the
+entries it recorded as it made them. It refuses a dir that holds another run or files a run would replace, unless
+it resumes that very run in place. Under torchrun only rank 0 writes there. Dirs are named by time to the second; a
+second run in the same second gets a suffix (`_1`) instead of sharing.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_exp.cli import is_main_process
+from gpt_exp.atomic import atomic_write_bytes
 from gpt_exp.errors import ConfigError
+from gpt_exp.launch import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +42,24 @@ _NOT_IN_NAMES = ("hydra.", "hydra/", "logger.", "data.cache_dir", "+experiment",
 # would overwrite or replace (a project's own model/ or loss.png), so the guard refuses it.
 _RUN_OUTPUTS = (".hydra", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "multirun.yaml", "loss.png",
                 "model", "model_best", "samples.jsonl", "eval.json", "wandb")
+RECORD = Path(".hydra") / "config.yaml"  # the config a run trained with: what every reader of a run dir reads
+LOCK = ".gpt_exp.lock"  # held (flock) by the one process that owns a run dir, for the run's whole life
+_JOB_LOG = "run.log"  # Hydra's job log, ${hydra.job.name}.log
 
 
 @dataclass
 class _Claim:
-    """What this process knows of a dir it runs in: whether it created it, and what was there before."""
+    """What this process knows of a dir it runs in: whether it created it and which entries it created there."""
 
     created: bool
-    before: frozenset[str] = frozenset()
+    created_entries: list[str] = field(default_factory=list)  # names this process put into the dir, in order
     new_parents: tuple[str, ...] = ()  # the folders above it that claim_dir made too (outputs/, its date), deepest first
     started: bool = False  # the run has begun writing results: from now on nothing in it is removed
 
 
 _claims: dict[str, _Claim] = {}
 _fresh: set[str] = set()  # dirs claim_dir has just made, not yet checked by a guard
+_locks: dict[str, int] = {}  # run dir -> the open file descriptor holding its lock
 sweep_failures: list[str] = []  # "3 jobs: 2 completed, 1 diverged" when a sweep of this process had a failed job
 
 
@@ -92,6 +105,11 @@ def holds_run(path: Path) -> list[str]:
     return sorted(name for name in _RUN_OUTPUTS if (path / name).exists()) if path.is_dir() else []
 
 
+def is_run_dir(path: Path) -> bool:
+    """A dir a gpt_exp run wrote: its recorded config beside its metrics, summary or checkpoints."""
+    return (path / RECORD).is_file() and any((path / n).exists() for n in ("metrics.jsonl", "summary.json", "checkpoints"))
+
+
 def _resume_dir(resume: str | None) -> Path | None:
     """The run dir a `resume=` target belongs to (RUN_DIR, or RUN_DIR/checkpoints/step_N.pt)."""
     if not resume:
@@ -101,42 +119,125 @@ def _resume_dir(resume: str | None) -> Path | None:
 
 
 def guard(path: str | Path, resume: str | None = None) -> None:
-    """Before Hydra writes anything into the run dir `path`: refuse a dir that holds another run (unless this run
-    resumes that very run into it) and remember what the dir held, so that a failed start removes only its own."""
+    """Before Hydra writes anything into the run dir `path`: take its lock (one process per run dir), and refuse a
+    dir that holds another run or files a run would replace, unless this run resumes that very run into it."""
     key = _key(path)
-    if key in _fresh:  # claim_dir created it just now, empty
-        _fresh.discard(key)
-        return
     existing = Path(key)
     if existing.exists() and not existing.is_dir():
         raise ConfigError(f"hydra.run.dir={path} is a file, not a dir; give a new dir or leave hydra.run.dir unset")
-    markers = holds_run(existing)
-    resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
-    if markers and not (resume_dir is not None and _key(resume_dir) == key):
-        raise ConfigError(f"hydra.run.dir={path} already holds another run or the files one writes "
-                          f"({', '.join(markers)}); continue that run with resume={path} hydra.run.dir={path}, or give "
-                          f"a new dir (or leave hydra.run.dir unset)")
-    _remember(key, existing)
+    if key in _fresh:  # claim_dir created it just now, empty
+        _fresh.discard(key)
+    else:
+        markers = holds_run(existing)
+        resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
+        in_place = resume_dir is not None and _key(resume_dir) == key
+        if markers and in_place and not is_run_dir(existing):
+            raise ConfigError(f"hydra.run.dir={path} holds files a run writes ({', '.join(markers)}) but no gpt_exp run "
+                              f"to continue (no {RECORD} beside metrics, summary or checkpoints); give a new dir")
+        if markers and not in_place:
+            raise ConfigError(f"hydra.run.dir={path} already holds another run or the files one writes "
+                              f"({', '.join(markers)}); continue that run with resume={path} hydra.run.dir={path}, or "
+                              f"give a new dir (or leave hydra.run.dir unset)")
+        _claims[key] = _Claim(created=not existing.exists(), new_parents=_missing_parents(key))  # this start's own
+        existing.mkdir(parents=True, exist_ok=True)
+    lock(existing)
+    if not (existing / _JOB_LOG).exists():
+        created(existing, _JOB_LOG)  # Hydra opens it next
 
 
 def guard_sweep(path: str | Path) -> None:
     """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into."""
     key = _key(path)
+    existing = Path(key)
     if key in _fresh:
         _fresh.discard(key)
+        created(existing, "multirun.yaml")  # the launcher writes it next
         return
-    existing = Path(key)
     jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []
     if holds_run(existing) or jobs:
         raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run ({', '.join(holds_run(existing) + jobs)}); "
                           f"give a new dir (or leave hydra.sweep.dir unset)")
-    _remember(key, existing)
+    _claims[key] = _Claim(created=not existing.exists())
+    if not (existing / "multirun.yaml").exists():
+        created(existing, "multirun.yaml")  # the launcher writes it next
 
 
-def _remember(key: str, existing: Path) -> None:
-    """What a dir this run did not create held before it, so that a failed start removes only its own entries."""
-    _claims[key] = _Claim(created=not existing.exists(),
-                          before=frozenset(os.listdir(existing)) if existing.exists() else frozenset())
+def created(path: str | Path, name: str) -> None:
+    """Record that this process put entry `name` into dir `path`: a failed start removes exactly these."""
+    claim = _claims.setdefault(_key(path), _Claim(created=False))
+    if name not in claim.created_entries:
+        claim.created_entries.append(name)
+
+
+def lock(run_dir: Path) -> None:
+    """Hold `run_dir`'s lock for this process's run, or refuse in one line naming the holder (host, pid, start).
+
+    The lock is an flock, so a holder that dies (kill -9, a lost node) releases it; the file says who holds it.
+    """
+    key = _key(run_dir)
+    if key in _locks:
+        return
+    path = Path(key) / LOCK
+    while True:
+        is_new = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise ConfigError(f"{run_dir} is in use by another gpt_exp process ({_holder(path)}); wait for it to end "
+                              f"or stop it, or give a new dir") from None
+        if os.path.exists(path) and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            break
+        os.close(fd)  # the holder removed the file as we opened it: try the new one
+    previous = _holder(path)
+    if previous != "unknown":
+        log.warning("%s: took over the lock of a process that is gone (%s)", run_dir, previous)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    _locks[key] = fd
+    if is_new:
+        created(run_dir, LOCK)
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def unlock(run_dir: str | Path) -> None:
+    """Give up `run_dir`'s lock (the file goes first, so a waiting process finds the next one's)."""
+    fd = _locks.pop(_key(run_dir), None)
+    if fd is None:
+        return
+    try:
+        os.unlink(Path(_key(run_dir)) / LOCK)
+    except OSError:
+        pass  # a dir that is gone or read-only: the flock still ends with the descriptor
+    os.close(fd)
+
+
+def unlock_all() -> None:
+    for key in list(_locks):
+        unlock(key)
+
+
+def record(run_dir: Path, config: dict, overrides: tuple[str, ...] | list[str]) -> None:
+    """Write what the run trains with, `config` (resolved: no interpolation left), and this command's overrides into
+    RUN_DIR/.hydra, where every reader of a run dir looks; written atomically once the run is about to train, so
+    that a start that failed never replaces the record of the run it meant to continue."""
+    folder = run_dir / RECORD.parent
+    if not folder.exists():
+        folder.mkdir()
+        created(run_dir, RECORD.parent.name)
+    atomic_write_bytes(run_dir / RECORD, yaml.safe_dump(config, sort_keys=False).encode())
+    atomic_write_bytes(folder / "overrides.yaml", yaml.safe_dump(list(overrides)).encode())
 
 
 def mark_started(path: str | Path) -> None:
@@ -145,28 +246,29 @@ def mark_started(path: str | Path) -> None:
 
 
 def discard(path: str | Path) -> None:
-    """Remove what this run created in `path`, after a mistake found before training: the whole dir if this process
-    created it, else only the entries that were not there before. Nothing once the run has started."""
+    """Remove what this run created in `path`, after a mistake found before training: the entries it recorded as it
+    created them, then the dir and its new parents when it created them and they are empty. Nothing once the run
+    has started, and nothing another process or the user put there meanwhile."""
     claim = _claims.get(_key(path))
     run_dir = Path(_key(path))
+    unlock(run_dir)
     if claim is None or claim.started or not run_dir.exists():
         return
-    if claim.created:
-        # a sweep dir whose jobs have started keeps them: a job's results are never collateral of a later mistake.
-        # One whose sweeper refused its overrides before any job (Hydra composes them all first) holds only the
-        # launcher's multirun.yaml, and goes.
-        jobs_started = any(any(run_dir.glob(f"*/{name}")) for name in (".hydra", "summary.json", "metrics.jsonl"))
-        if not (jobs_started or (run_dir / "metrics.jsonl").exists()):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for parent in claim.new_parents:  # rmdir: a folder another run has put something into stays
-                try:
-                    os.rmdir(parent)
-                except OSError:
-                    break
-        return
-    for name in set(os.listdir(run_dir)) - claim.before:
+    is_sweep = "multirun.yaml" in claim.created_entries
+    if is_sweep and any(any(run_dir.glob(f"*/{name}")) for name in (".hydra", "summary.json", "metrics.jsonl")):
+        return  # a sweep whose jobs have started keeps its multirun.yaml beside their results
+    for name in reversed(claim.created_entries):
         entry = run_dir / name
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    if claim.created:
+        for folder in (str(run_dir), *claim.new_parents):  # rmdir: a folder someone has put something into stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 def discard_all() -> None:
@@ -186,7 +288,8 @@ def scratch_argv(argv: list[str]) -> tuple[list[str], str]:
 def sweep_tally(sweep_dir: Path) -> tuple[str, bool]:
     """('4 jobs: 3 completed, 1 diverged', any failed) from the summary.json of each job dir of a sweep."""
     counts: dict[str, int] = {}
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name)
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir() or (p / "summary.json").is_file()),
+                  key=lambda p: p.name)
     for job in jobs:
         try:
             status = json.loads((job / "summary.json").read_text()).get("status", "unknown")

@@ -13,7 +13,7 @@ import torch
 from gpt_exp.atomic import atomic_write_bytes, remove_stale_temp_files
 from gpt_exp.checkpoint import list_checkpoints
 from gpt_exp.compare import compare_table, load_runs
-from gpt_exp.rundir import claim_dir, discard, guard, sweep_tally
+from gpt_exp.rundir import LOCK, claim_dir, discard, guard, record, sweep_tally
 from tests.helpers import cli_env, read_metrics, run_cli
 
 TINY = ["model=tiny", "logger.mode=disabled", "optim.warmup_steps=1", "optim.schedule=constant"]
@@ -121,19 +121,29 @@ def test_resume_into_its_own_dir_continues_without_duplicate_rows(tmp_path, cach
     assert "would mix two histories: step_0000006.pt is newer" in line
 
 
-def test_guard_and_discard_remove_only_new_entries(tmp_path):
+def test_discard_removes_only_what_this_process_created(tmp_path):
+    """A failed start removes the entries it recorded as it made them, not whatever a listing taken at its start
+    lacks: a file the user (or another job) saved into the dir meanwhile stays."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "keep.txt").write_text("x")
     guard(work)
-    (work / ".hydra").mkdir()
-    (work / "run.log").write_text("log")
+    assert (work / LOCK).is_file()  # held while the start runs
+    (work / "run.log").write_text("log")  # Hydra's job log, which the guard expects
+    (work / "paper.tex").write_text("saved during the start")
+    record(work, {"B": 4}, ["B=4"])
     discard(work)
-    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt", "paper.tex"]
     fresh = claim_dir(str(tmp_path / "fresh"))
+    guard(fresh)
     (tmp_path / "fresh" / "run.log").write_text("log")
     discard(fresh)
     assert not (tmp_path / "fresh").exists()
+    again = claim_dir(str(tmp_path / "again"))
+    guard(again)
+    (tmp_path / "again" / "notes.md").write_text("mine")
+    discard(again)
+    assert [p.name for p in (tmp_path / "again").iterdir()] == ["notes.md"]  # the dir it made stays for the note
 
 
 def test_sweep_tally_counts_statuses(tmp_path):
