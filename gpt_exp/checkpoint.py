@@ -16,7 +16,7 @@ import yaml
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import MODEL_SHAPE, flatten
+from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, flatten
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2
 from gpt_exp.metrics import read_metrics
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 WEIGHTS_DIR = "model"  # the weights every run leaves (train.save_model), as a Hugging Face GPT-2 dir
 _CKPT_NAME = re.compile(r"step_(\d+)\.pt")
-# Resuming with any of these changed cannot load the saved weights.
-SHAPE_KEYS = tuple(f"model.{key}" for key in MODEL_SHAPE)
+# Resuming with any of these changed cannot load the saved weights, or loads them as another model.
+FIXED_KEYS = tuple(f"model.{key}" for key in MODEL_FIXED)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -57,9 +57,19 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
         previous = list_checkpoints(run_dir)
         raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix permissions, then "
                         f"resume from {previous[-1] if previous else 'the start (no earlier checkpoint)'}") from None
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(run_dir, keep)
     return path
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints: only regular files inside the run dir. A checkpoints/ that is a
+    link (to scratch storage, say) is written through, but nothing is deleted there."""
+    folder = run_dir / CKPT_DIR
+    if folder.is_symlink() or folder.resolve().parent != run_dir.resolve():
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old.is_file() and not old.is_symlink():
+            old.unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:
@@ -69,26 +79,26 @@ def remove_stale_temp_files(run_dir: Path) -> None:
             log.info("removed %s, left by a write that was killed", path)
 
 
-def find_checkpoint(target: str) -> Path:
-    """The checkpoint `resume=` names: a checkpoint file, or the newest complete checkpoint of a run dir."""
+def find_checkpoint(target: str, key: str = "resume") -> Path:
+    """The checkpoint `key=` (resume or init_from) names: a checkpoint file, or the newest complete one of a run dir."""
     path = Path(target).expanduser()
     if path.is_file():
         return path
     if not path.exists():
-        raise ConfigError(f"resume={target} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
+        raise ConfigError(f"{key}={target} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
     found = list_checkpoints(path)
     if not found:
-        raise ConfigError(f"resume={target} holds no checkpoint ({CKPT_DIR}/step_*.pt); "
+        raise ConfigError(f"{key}={target} holds no checkpoint ({CKPT_DIR}/step_*.pt); "
                           f"runs write them with train.ckpt_every=N")
     return found[-1]
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, key: str = "resume") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: whatever torch raises, it is the user's file
-        raise ConfigError(f"resume: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); "
-                          f"resume from another one in {path.parent}") from None
+        raise ConfigError(f"{key}: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); "
+                          f"use another one in {path.parent}") from None
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -96,10 +106,11 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     old, new = flatten(saved), flatten(current)
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
                if k not in ("resume", "init_from") and old.get(k) != new.get(k)]
-    shape = [c for c in changes if c.split(":")[0] in SHAPE_KEYS]
-    if shape:
-        raise ConfigError(f"resume: the checkpoint's model has another shape ({'; '.join(shape)}); "
-                          f"resume with the original model settings")
+    fixed = [c for c in changes if c.split(":")[0] in FIXED_KEYS]
+    if fixed:
+        raise ConfigError(f"resume: the checkpoint's model has another shape or parametrization ({'; '.join(fixed)}); "
+                          f"resume with the original model settings, or start a new run from its weights with "
+                          f"init_from=")
     if old.get("optim.name", "adamw") != new.get("optim.name", "adamw"):  # its state is another optimizer's
         raise ConfigError(f"resume: the checkpoint was trained with optim={old.get('optim.name', 'adamw')}; resume "
                           f"with it, or start a new run from its weights with init_from=")
@@ -119,19 +130,6 @@ class Resume:
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
 
-    def overrides(self) -> list[str] | None:
-        """The command-line overrides the run was started with (a checkpoint of an older version: its run dir's
-        .hydra/overrides.yaml; None when neither says)."""
-        if "overrides" in self.state:
-            return list(self.state["overrides"])
-        saved = self.source_run_dir / ".hydra" / "overrides.yaml" if self.source_run_dir else None
-        if saved is None or not saved.is_file():
-            return None
-        try:
-            return [str(o) for o in yaml.safe_load(saved.read_text()) or []]
-        except (OSError, yaml.YAMLError):
-            return None
-
     def check(self, current_config: dict) -> None:
         """What this run changes against the checkpoint's settings; a change the weights cannot take is refused."""
         self.changes = config_changes(self.config, current_config)
@@ -147,7 +145,40 @@ class Resume:
         return {"resumed_from": str(self.path), "resumed_at_step": self.step}
 
 
-_RESUME_KEYS = {"step", "tokens", "model", "optimizer", "loader", "rng", "config"}
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# What each field of a training checkpoint must be, so that a damaged or foreign one is refused in one line before
+# any of it is used (the tensors themselves are checked against the model as they load).
+_FIELDS = {
+    "step": (_is_count, "a whole number >= 0"),
+    "tokens": (_is_count, "a whole number >= 0"),
+    "config": (lambda v: isinstance(v, dict) and isinstance(v.get("model"), dict), "the run's settings (a mapping)"),
+    "model": (lambda v: isinstance(v, dict) and len(v) > 0, "the model's tensors"),
+    "optimizer": (lambda v: isinstance(v, dict) and len(v) > 0 and (
+        "param_groups" not in v or isinstance(v["param_groups"], list) and len(v["param_groups"]) > 0),
+        "an optimizer state with its param groups"),
+    "loader": (lambda v: isinstance(v, dict) and all(_is_count(x) for x in v.values() if isinstance(x, (int, float))),
+               "the loader's position (whole numbers >= 0)"),
+    "rng": (lambda v: isinstance(v, dict) and {"python", "numpy", "torch"} <= v.keys(), "the python, numpy and torch "
+            "generator states"),
+}
+
+
+def check_fields(state: dict, path: Path) -> None:
+    for key, (ok, what) in _FIELDS.items():
+        if not ok(state.get(key)):
+            raise ConfigError(f"resume: {path} is damaged: its {key} is {_short(state.get(key))}, where {what} belongs; "
+                              f"resume from another checkpoint of the run")
+
+
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__} of {len(value)}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_RESUME_KEYS = set(_FIELDS)
 
 
 def open_resume(target: str, run_dir: Path) -> Resume:
@@ -158,6 +189,7 @@ def open_resume(target: str, run_dir: Path) -> Resume:
     if not isinstance(state, dict) or not _RESUME_KEYS <= state.keys():
         raise ConfigError(f"resume: {path} is not a gpt_exp training checkpoint (it lacks step, model, optimizer, "
                           f"loader, rng and config); give a run dir or a checkpoints/step_*.pt file of one")
+    check_fields(state, path)
     if path.parent.name == CKPT_DIR:
         remove_stale_temp_files(path.parent.parent)
     if path.parent.name == CKPT_DIR and path.parent.parent.resolve() == run_dir.resolve():

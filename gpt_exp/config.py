@@ -15,10 +15,11 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from gpt_exp.errors import ConfigError
-from gpt_exp.tokenizer import EOT_TOKEN
+from gpt_exp.tokenizer import EOT_TOKEN, encode_text
 
 GPT2_VOCAB = EOT_TOKEN + 1  # the gpt2 encoding's ids are 0..EOT_TOKEN: a smaller embedding cannot look them up
 SEED_END = 2**32  # numpy seeds in [0, 2**32) (torch and random take more): the one range every seed must fit
+MIN_TEMPERATURE = 1e-4  # logits / temperature stay finite in float32 (a temperature of 1e-45 makes them inf)
 FP32_TINY = 1.1754944e-38  # the smallest normal float32: a smaller optim.eps rounds to 0 and divides 0 by 0
 _LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
@@ -107,6 +108,9 @@ class ModelConfig:
 
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
 MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+# Settings a resume cannot change: the weights' shape, and what their values mean (muP's scales are set by its
+# parametrization and base width; another would silently rescale the logits and every lr).
+MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width")
 
 
 @dataclass
@@ -138,6 +142,11 @@ class TrainConfig:
     hellaswag_every: int = 0  # N > 0: HellaSwag acc every N steps and at the end (needs eval.hellaswag_path)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
     save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
+
+    def steps(self, tokens_per_step: int) -> int:
+        """The optimizer steps of the run: train.max_steps, or the steps that reach train.max_tokens at this batch
+        shape (the last step may pass it)."""
+        return self.max_steps or math.ceil(self.max_tokens / tokens_per_step)
 
 
 class OptimizerName(str, Enum):
@@ -330,8 +339,15 @@ def validate(cfg: RunConfig) -> None:
     _require(len(sp.prompts) >= 1, "sample.prompts", list(sp.prompts), "give at least one, e.g. 'sample.prompts=[ROMEO:]'")
     for key in ("max_new_tokens", "num_samples", "top_k"):
         _require(getattr(sp, key) >= 1, f"sample.{key}", getattr(sp, key), "it must be >= 1")
-    _require(math.isfinite(sp.temperature) and sp.temperature > 0, "sample.temperature", sp.temperature,
-             "it must be > 0 and finite, e.g. 1.0")
+    _require(math.isfinite(sp.temperature) and sp.temperature >= MIN_TEMPERATURE, "sample.temperature",
+             sp.temperature, f"it must be >= {MIN_TEMPERATURE} and finite, e.g. 1.0 (for the likeliest tokens: "
+             f"sample.top_k=1)")
+    _require(0 <= sp.seed < SEED_END, "sample.seed", sp.seed, f"it must be in [0, 2**32) = [0, {SEED_END - 1}]")
+    if t.sample_every:
+        for prompt in sp.prompts:  # a prompt must leave room for new tokens in the model's context
+            n = len(encode_text(prompt)) if len(prompt.encode()) >= m.block_size else 0  # tokens <= bytes
+            _require(n < m.block_size, "sample.prompts", f"[{prompt[:20]}...]", f"a prompt of {n} tokens fills "
+                     f"model.block_size={m.block_size}; give a shorter one")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "it must be in (0, 1], e.g. 0.2")
     _require(t.save_model != SaveModel.best or t.eval_every > 0, "train.save_model", t.save_model.value,
              "best needs a val loss: set train.eval_every=N (and data.val_fraction), or train.save_model=final")

@@ -288,6 +288,9 @@ class Tracker:
         metrics_path = run_dir / "metrics.jsonl"
         try:
             atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+            # until it ends, the run's summary says it is running: a resumed run killed mid-way leaves no stale
+            # `completed` beside its longer history
+            write_summary(run_dir, {"status": "running", **self.summary_extra})
             self.metrics_file = open(metrics_path, "a", buffering=1)  # line-buffered: a crash loses no row
         except OSError as e:
             raise UserError(f"cannot write {metrics_path} ({e.strerror}); free disk space or fix permissions of "
@@ -296,6 +299,11 @@ class Tracker:
         self.progress = ProgressBar(total_steps, start_step)
         self.total_steps = total_steps
         self.wandb = WandbRun(cfg, run_dir, name, group, {**config, "runtime": self.runtime}, resume_id=wandb_id)
+
+    @property
+    def elapsed_s(self) -> float:
+        """The run's wall time so far, over all its segments (a resume's clock goes on from its history's)."""
+        return self.elapsed_before + time.perf_counter() - self.t0
 
     @property
     def tokens_seen(self) -> int:
@@ -308,7 +316,7 @@ class Tracker:
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
         # the axes runs are compared on: wall time since the run started, and the training FLOPs so far
-        row["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t0, 3)
+        row["elapsed_s"] = round(self.elapsed_s, 3)
         row["flops"] = m.tokens * self.flops_per_token
         if self.peak_flops:  # model FLOPs utilization: achieved FLOP/s over the devices' dense peak
             row["mfu"] = m.tok_per_s * self.flops_per_token / self.peak_flops
@@ -377,7 +385,9 @@ class Tracker:
         self.progress.close()
         attempt(self.metrics_file.name, self.metrics_file.close)
         wall = time.perf_counter() - self.t0
-        summary: dict = {"status": status, "steps": 0, "wall_s": round(wall, 3), **self.summary_extra}
+        # wall_s: the whole run over its segments; segment_wall_s: this process's part of it
+        summary: dict = {"status": status, "steps": 0, "wall_s": round(self.elapsed_before + wall, 3),
+                         "segment_wall_s": round(wall, 3), **self.summary_extra}
         if reason:
             summary["error"] = reason
         train_rows = [r for r in self.rows if "loss" in r]
@@ -420,6 +430,7 @@ class RankTracker:
     """The tracker of a rank other than 0 under DDP: it writes nothing, since rank 0 alone owns the run's outputs."""
 
     wandb_id = None
+    elapsed_s = 0.0
 
     def __init__(self) -> None:
         self.tokens_seen = 0

@@ -7,6 +7,8 @@ and a resume is `load_state_dict()`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import math
@@ -27,7 +29,7 @@ from gpt_exp.atomic import replace_dir
 from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
                                training_step_fn)
 from gpt_exp.checkpoint import save_checkpoint
-from gpt_exp.config import CpuMatmul, DType, RunConfig, SaveModel, Schedule, Strategy
+from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
@@ -62,6 +64,10 @@ class LRSchedule:
 
     decay_fraction: float = 0.2  # wsd only
 
+    @classmethod
+    def of(cls, o: OptimConfig, max_steps: int) -> "LRSchedule":
+        return cls(o.lr, o.warmup_steps, max_steps, o.min_lr_ratio, o.schedule, o.decay_fraction)
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
@@ -71,7 +77,8 @@ class LRSchedule:
         if step >= self.max_steps:
             return min_lr
         if self.kind == Schedule.wsd:  # stable until the decay starts: a longer run shares the shorter one's steps
-            decay_start = max(self.warmup_steps, self.max_steps - round(self.decay_fraction * self.max_steps))
+            decay_steps = max(1, round(self.decay_fraction * self.max_steps))  # a tiny fraction still decays
+            decay_start = max(self.warmup_steps, self.max_steps - decay_steps)
             if step < decay_start:
                 return self.lr
             return self.lr - (self.lr - min_lr) * (step - decay_start + 1) / max(1, self.max_steps - decay_start)
@@ -80,10 +87,11 @@ class LRSchedule:
 
 
 class StopOnSignal:
-    """Turns SIGINT (Ctrl-C) and SIGTERM (SLURM before preemption) into a request to stop after the current step,
-    so the run can write its checkpoint; a second Ctrl-C interrupts at once."""
+    """Turns SIGINT (Ctrl-C), SIGTERM (SLURM before preemption) and SIGHUP (a closed terminal or ssh session) into a
+    request to stop after the current step, so the run can write its checkpoint, weights and summary; a second
+    signal interrupts at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.requested: int | None = None
@@ -99,7 +107,7 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+        if self.requested is not None:  # asked twice: stop now, whatever is being written (writes are atomic)
             raise KeyboardInterrupt
         self.requested = signum
 
@@ -108,6 +116,7 @@ class Tracking(Protocol):
     """Where the loop reports (tracking.Tracker on rank 0, RankTracker elsewhere)."""
 
     wandb_id: str | None
+    elapsed_s: float  # the run's wall time so far, over all its segments
 
     def log_step(self, m: StepMetrics) -> None: ...
     def log_eval(self, step: int, val_loss: float) -> None: ...
@@ -139,32 +148,30 @@ class Trainer:
     """Data, model, optimizer, schedule and wrappers for one run, built from its validated config."""
 
     def __init__(self, cfg: RunConfig, runtime: Runtime, d: Dist = Dist(), run_dir: Path | None = None,
-                 config: dict | None = None, overrides: tuple[str, ...] = (), saved_vocab_rows: int | None = None):
-        """run_dir: where checkpoints and weights go (None: a Trainer of a test or benchmark writes nothing); config and overrides: the resolved config and the command line they record
-        (a resume takes both, so nothing needs retyping); saved_vocab_rows: a resumed checkpoint's embedding rows, so
-        that a run padded on a GPU (model.pad_vocab) resumes padded anywhere."""
+                 config: dict | None = None, saved_vocab_rows: int | None = None, autobatch: AutoBatch | None = None):
+        """run_dir: where checkpoints and weights go (None: a Trainer of a test or benchmark writes nothing); config:
+        the resolved config as the checkpoints record it; saved_vocab_rows: a resumed checkpoint's embedding rows, so
+        that a run padded on a GPU (model.pad_vocab) resumes padded anywhere; autobatch: how B=auto chose `cfg.B`
+        (a config still at B=auto is resolved here, by the same probe)."""
+        if cfg.B == "auto":
+            autobatch = probe_B(cfg, runtime, d)
+            cfg = dataclasses.replace(cfg, B=autobatch.B)
         self.cfg, self.runtime, self.d, self.run_dir, self.config = cfg, runtime, d, run_dir, config or {}
-        self.overrides = list(overrides)
+        self.autobatch = autobatch
         seed_everything(cfg.train.seed)
-        if cfg.B == "auto" and d.enabled and cfg.train.strategy == Strategy.fsdp:
-            raise ConfigError("B=auto probes one rank's whole model: not with train.strategy=fsdp; give B=N")
-        m = cfg.model
-        self.model = GPT(GPTConfig.from_model_config(m, runtime.device_type, saved_rows=saved_vocab_rows)).to(runtime.device)
-        self.fast_paths = []
-        if runtime.device_type == "cpu":
-            self.fast_paths = apply_cpu_fast_paths(self.model, onednn=cfg.device.cpu_matmul == CpuMatmul.onednn,
-                                                   sparse_embedding=not d.enabled)
+        self.model, self.fast_paths = build_model(cfg, runtime, d, saved_vocab_rows)
         self.sharded = d.enabled and cfg.train.strategy == Strategy.fsdp
         if self.sharded:
             shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o, runtime.device_type, self.sharded)
-        self.autobatch = self.choose_B() if cfg.B == "auto" else None  # before the loaders: they take B
         self.loader, self.val_loader = build_loaders(cfg, d)
         self.grad_accum_steps = grad_accum_steps(cfg, d)
-        # a budget in tokens becomes the steps that reach it at this batch shape (the last step may pass it)
-        self.max_steps = cfg.train.max_steps or math.ceil(cfg.train.max_tokens / self.tokens_per_step)
-        self.schedule = LRSchedule(o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule, o.decay_fraction)
+        self.max_steps = cfg.train.steps(self.tokens_per_step)
+        self.cadence = Cadence(self.max_steps, {"eval": cfg.train.eval_every if self.val_loader else 0,
+                                                "sample": cfg.train.sample_every,
+                                                "hellaswag": cfg.train.hellaswag_every, "ckpt": cfg.train.ckpt_every})
+        self.schedule = LRSchedule.of(o, self.max_steps)
         self.step_model = torch.compile(self.model) if runtime.compile else self.model
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
@@ -179,31 +186,13 @@ class Trainer:
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
         # on a GPU a step's loss is read after the next step is queued, so the host never waits on the hot path
         self.defer = runtime.device_type == "cuda"
-        self.best_val_loss = math.inf
+        self.best_val_loss = math.inf  # what model_best/ (or model/ under save_model=best) holds: a checkpoint keeps it
+        self.weights_at: dict[str, int] = {}  # the step of the weights in model/ and model_best/
         log.info("%s", self.describe())
-
-    def choose_B(self) -> AutoBatch:
-        """B=auto: probe real steps of this model and optimizer (put back bitwise after), choose B, and keep
-        train.total_batch_size by gradient accumulation; every rank takes the smallest choice of all ranks."""
-        cfg, device = self.cfg, self.runtime.device
-        Bs = candidates(cfg.train.total_batch_size, cfg.T, self.d.world_size,
-                        max_B=CPU_MAX_B if device.type == "cpu" else 1024)
-        step = training_step_fn(self.model, self.optimizer, cfg.T, cfg.model.vocab_size, device, self.runtime.autocast,
-                                clip=lambda: clip_gradients(self.model, cfg.train.grad_clip, device.type == "cpu"))
-        with preserve_state(self.model, self.optimizer):
-            choice = choose_micro_batch(step, Bs, device, total_batch_size=cfg.train.total_batch_size, T=cfg.T,
-                                        world_size=self.d.world_size, max_probe_s=cfg.train.autobatch_probe_s)
-        agreed = int(all_reduce_min(torch.tensor(choice.B, device=device), self.d).item())
-        if agreed != choice.B:
-            choice = AutoBatch(agreed, cfg.train.total_batch_size // (agreed * cfg.T * self.d.world_size),
-                               f"the smallest choice of the ranks (this one: B={choice.B})", choice.measured)
-        cfg.B = choice.B
-        log.info("%s", choice.line())
-        return choice
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.B * self.cfg.T * self.grad_accum_steps * self.d.world_size
+        return tokens_per_step(self.cfg, self.d.world_size)
 
     def describe(self) -> str:
         precision = self.runtime.dtype.value
@@ -225,29 +214,37 @@ class Trainer:
                 "cpu_fast_paths": self.fast_paths, "threads": torch.get_num_threads(),
                 "autobatch": self.autobatch.as_dict() if self.autobatch else None, **code_version()}
 
-    def fit(self, tracker: Tracking) -> str:
-        """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C or
-        SIGTERM asked to stop (after the step in flight, with a checkpoint when checkpoints are on)."""
+    def fit(self, tracker: Tracking, stop: StopOnSignal | None = None) -> str:
+        """Train to train.max_steps (or the steps of train.max_tokens): 'completed', or 'interrupted' when Ctrl-C,
+        SIGTERM or SIGHUP asked to stop (after the step in flight, with a checkpoint when checkpoints are on). `stop`:
+        the caller's handler, when it must also cover what the caller writes after the loop."""
         t, max_steps = self.cfg.train, self.max_steps
-        with StopOnSignal() as stop:
+        with contextlib.nullcontext(stop) if stop is not None else StopOnSignal() as stop:
             pending = None  # on a GPU: a queued step whose numbers are read once the next one is queued
             while self.step < max_steps:
                 queued = self.queue_step()
                 if pending is not None:  # the last step's loss and norm, read while this one runs on the device
                     self.report(self.read_step(pending), tracker)
                 pending = queued
-                if self.defer and not (self.due(self.step) or stop.requested):
+                if self.defer and not (self.cadence.any_due(self.step) or stop.requested):
                     continue
                 self.report(self.read_step(pending), tracker)
                 pending = None
                 if stop.requested:
                     self.stop_signal = stop.requested
                     break
-        if t.ckpt_every and self.step > self.start_step:
-            self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
-        if t.save_model == SaveModel.final and self.step > self.start_step and self.run_dir is not None:
-            self.save_weights("model")
+            if self.keeps_checkpoints and self.step > self.start_step:
+                self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
+            if t.save_model == SaveModel.final and self.step > self.start_step and self.run_dir is not None:
+                self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
+
+    @property
+    def keeps_checkpoints(self) -> bool:
+        """Checkpoints on (train.ckpt_every), or a muP run that keeps its weights: it has no Hugging Face dir, so
+        its final checkpoint is where they stay (train.save_model=none opts out)."""
+        mup_weights = self.cfg.model.parametrization != "sp" and self.cfg.train.save_model != SaveModel.none
+        return bool(self.cfg.train.ckpt_every) or (mup_weights and self.run_dir is not None)
 
     def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
         """What happens after a step, as the lecture's loop does it: log it, then evaluate, sample, score HellaSwag
@@ -257,26 +254,19 @@ class Trainer:
             tracker.log_skip(result.step, result.reason)
             return
         tracker.log_step(result)
-        done = result.step + 1
-        if self.val_loader and (done % t.eval_every == 0 or done == self.max_steps):
+        done, due = result.step + 1, self.cadence.due
+        if due("eval", done):
             val_loss = self.evaluate()
             tracker.log_eval(result.step, val_loss)
             if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
                 self.best_val_loss = val_loss
                 self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
-        if t.sample_every and (done % t.sample_every == 0 or done == self.max_steps):
+        if due("sample", done):
             tracker.log_samples(result.step, self.samples())
-        if t.hellaswag_every and (done % t.hellaswag_every == 0 or done == self.max_steps):
+        if due("hellaswag", done):
             tracker.log_hellaswag(result.step, self.hellaswag_scores())
-        if t.ckpt_every and done % t.ckpt_every == 0 and done < self.max_steps:
+        if due("ckpt", done) and done < self.max_steps:  # the last checkpoint is fit()'s, after the loop
             self.save_checkpoint(tracker)
-
-    def due(self, done: int) -> bool:
-        """Whether anything happens after step `done` (evaluation, samples, HellaSwag, a checkpoint, the end): the
-        one place where a step's numbers must be read before the next step is queued."""
-        t = self.cfg.train
-        return done == self.max_steps or any(every and done % every == 0 for every in (
-            t.eval_every if self.val_loader else 0, t.sample_every, t.hellaswag_every, t.ckpt_every))
 
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
     stop_signal: int | None = None  # the signal that stopped the run early
@@ -393,6 +383,7 @@ class Trainer:
         target = self.run_dir / name
         new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}")
         replace_dir(new, target)
+        self.weights_at[name] = self.step
         log.info("weights: %s (step %d)", target, self.step)
 
     def _require_finite_weights(self) -> None:
@@ -406,7 +397,7 @@ class Trainer:
         self._require_finite_weights()
         state = self.state_dict()
         if self.d.is_main:
-            state.update(config=self.config, overrides=self.overrides, wandb_id=tracker.wandb_id)
+            state.update(config=self.config, wandb_id=tracker.wandb_id, elapsed_s=tracker.elapsed_s)
             log.info("checkpoint: %s", save_checkpoint(self.run_dir, state, self.cfg.train.keep_ckpts))
 
     def state_dict(self) -> dict:
@@ -415,7 +406,7 @@ class Trainer:
         model_state, optimizer_state = full_state(self.model, self.optimizer, self.sharded)
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "B": self.cfg.B, "model": model_state,
                 "optimizer": optimizer_state, "sharded": self.sharded, "loader": self.loader.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "best_val_loss": self.best_val_loss, "weights_at": dict(self.weights_at)}
 
     def load_weights(self, weights: dict, source: str) -> None:
         """Weights only (init_from): the model's tensors, shape for shape, or one line naming the first that differs."""
@@ -442,10 +433,67 @@ class Trainer:
         if self.sharded:
             load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ConfigError(f"resume: the checkpoint's optimizer state does not fit this model's ({e}); the file "
+                                  f"is damaged: resume from another checkpoint of the run") from None
         set_rng_state(state["rng"])
         self.step = self.start_step = state["step"]
         self.tokens, self.skipped = state["tokens"], state.get("skipped", 0)
+        # what model/ and model_best/ hold, so that a resumed run replaces them only with better weights
+        self.best_val_loss = state.get("best_val_loss", math.inf)
+        self.weights_at = dict(state.get("weights_at", {}))
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When each periodic event (eval, sample, hellaswag, ckpt) happens: after step `done` (counted from 1) when its
+    every-N divides it, and after the last step. The loop and the deferred read on a GPU both ask here."""
+
+    max_steps: int
+    every: dict[str, int]  # event -> N (0: never)
+
+    def due(self, event: str, done: int) -> bool:
+        n = self.every.get(event, 0)
+        return bool(n) and (done % n == 0 or done == self.max_steps)
+
+    def any_due(self, done: int) -> bool:
+        """Whether anything happens after step `done`: where a step's numbers must be read before the next is queued."""
+        return done == self.max_steps or any(self.due(event, done) for event in self.every)
+
+
+def build_model(cfg: RunConfig, runtime: Runtime, d: Dist, saved_vocab_rows: int | None = None) -> tuple[GPT, list]:
+    """The run's GPT on its device, with the CPU's fast paths applied (and which ones)."""
+    model = GPT(GPTConfig.from_model_config(cfg.model, runtime.device_type, saved_rows=saved_vocab_rows))
+    model = model.to(runtime.device)
+    fast_paths = []
+    if runtime.device_type == "cpu":
+        fast_paths = apply_cpu_fast_paths(model, onednn=cfg.device.cpu_matmul == CpuMatmul.onednn,
+                                          sparse_embedding=not d.enabled)
+    return model, fast_paths
+
+
+def probe_B(cfg: RunConfig, runtime: Runtime, d: Dist) -> AutoBatch:
+    """B=auto: probe real steps of a throwaway copy of this model and optimizer, choose B, and keep
+    train.total_batch_size by gradient accumulation; every rank takes the smallest choice of all ranks."""
+    if d.enabled and cfg.train.strategy == Strategy.fsdp:
+        raise ConfigError("B=auto probes one rank's whole model: not with train.strategy=fsdp; give B=N")
+    device = runtime.device
+    model, _ = build_model(cfg, runtime, d)
+    optimizer = build_optimizer(model, cfg.optim, runtime.device_type, sharded=False)
+    Bs = candidates(cfg.train.total_batch_size, cfg.T, d.world_size, max_B=CPU_MAX_B if device.type == "cpu" else 1024)
+    step = training_step_fn(model, optimizer, cfg.T, cfg.model.vocab_size, device, runtime.autocast,
+                            clip=lambda: clip_gradients(model, cfg.train.grad_clip, device.type == "cpu"))
+    with preserve_state(model, optimizer):
+        choice = choose_micro_batch(step, Bs, device, total_batch_size=cfg.train.total_batch_size, T=cfg.T,
+                                    world_size=d.world_size, max_probe_s=cfg.train.autobatch_probe_s)
+    agreed = int(all_reduce_min(torch.tensor(choice.B, device=device), d).item())
+    if agreed != choice.B:
+        choice = AutoBatch(agreed, cfg.train.total_batch_size // (agreed * cfg.T * d.world_size),
+                           f"the smallest choice of the ranks (this one: B={choice.B})", choice.measured)
+    log.info("%s", choice.line())
+    return choice
 
 
 def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | None]:
@@ -463,6 +511,11 @@ def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | N
         raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T*world_size+1 = "
                         f"{needed:,}; raise data.val_fraction or lower B or T")
     return loader, BatchLoader(val_tokens, cfg.B, cfg.T, d.rank, d.world_size)
+
+
+def tokens_per_step(cfg: RunConfig, world_size: int) -> int:
+    """Tokens per optimizer step over all ranks: train.total_batch_size, or one micro-batch on each rank."""
+    return cfg.train.total_batch_size or cfg.B * cfg.T * world_size
 
 
 def grad_accum_steps(cfg: RunConfig, d: Dist) -> int:

@@ -127,6 +127,7 @@ class Collect:
     """A tracker that keeps what the loop reports, for Trainer.fit in a test."""
 
     wandb_id = None
+    elapsed_s = 0.0
 
     def __init__(self):
         self.steps, self.evals, self.skips, self.samples, self.hellaswag = [], [], [], [], []

@@ -2,6 +2,7 @@
 run that never stopped; a shared token cache survives parallel first runs; a diverged run stops cleanly."""
 
 import json
+import re
 import signal
 import time
 
@@ -99,7 +100,7 @@ def test_resume_refuses_another_model_shape(tmp_path, cache_dir):
     run_dir = only_run_dir(tmp_path)
     result = run_cli("run", *RUN, "model.n_layer=3", f"resume={run_dir}", f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "error: resume: the checkpoint's model has another shape (model.n_layer: 2 -> 3)" in result.stderr
+    assert "error: resume: the checkpoint's model has another shape or parametrization (model.n_layer: 2 -> 3)" in result.stderr
 
 
 def test_keep_last_k_checkpoints(tmp_path, cache_dir):
@@ -115,7 +116,7 @@ def test_diverged_run_stops_with_one_line_and_keeps_its_checkpoint(tmp_path, cac
     assert result.returncode == 3
     [line] = result.stderr.strip().splitlines()
     # a NaN/inf loss or gradient norm is caught before the update: the step is never applied
-    assert line.startswith(("error: the loss is nan at step ", "error: the grad norm is nan at step "))
+    assert re.match(r"error: the (loss|grad norm) is (nan|inf) at step ", line)
     assert "(lr " in line and "the step was not applied" in line
     run_dir = only_run_dir(tmp_path)
     bad_step = int(line.split("at step ")[1].split()[0])
