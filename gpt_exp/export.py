@@ -14,8 +14,8 @@ from pathlib import Path
 from gpt_exp.checkpoint import load_model
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import ConfigError
+from gpt_exp.generation import describe
 from gpt_exp.hf import check_out_dir, save_hf_gpt2
-from gpt_exp.sample import describe
 
 
 def export(source: str, out_dir: str) -> tuple[Path, dict]:

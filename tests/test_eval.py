@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gpt_exp import eval as evals
-from gpt_exp.eval import ending_losses, hellaswag_scores, load_hellaswag, main, render_example
+from gpt_exp import hellaswag
+from gpt_exp.eval import main
+from gpt_exp.hellaswag import ending_losses, hellaswag_scores, load_hellaswag, render_example
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -97,8 +98,8 @@ def test_limit_takes_the_first_examples(model, dataset):
 
 
 def test_progress_line_with_a_rate(model, dataset, monkeypatch, caplog):
-    monkeypatch.setattr(evals, "PROGRESS_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="gpt_exp.eval"):
+    monkeypatch.setattr(hellaswag, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="gpt_exp.hellaswag"):
         hellaswag_scores(model, load_hellaswag(dataset[0]), "cpu")
     assert "hellaswag: 6/6 examples, acc_norm 0.6667" in caplog.text and "examples/s" in caplog.text
 

@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from gpt_exp.checkpoint import load_model
 from gpt_exp.errors import ConfigError
-from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.export import export
+from gpt_exp.generation import generate
+from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig, fit_padding
-from gpt_exp.sample import generate
 from gpt_exp.tokenizer import encode_text, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 

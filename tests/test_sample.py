@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gpt_exp.checkpoint import load_model
+from gpt_exp.generation import encode_prompt, generate
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig, fit_padding
-from gpt_exp.sample import encode_prompt, generate, main
+from gpt_exp.sample import main
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 from tests.test_model import force_padded_logits
