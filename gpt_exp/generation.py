@@ -64,9 +64,10 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50
     """`idx` (B, T) with `max_new_tokens` sampled tokens appended to each row: softmax over the `top_k` most
     likely next tokens, the context cropped to the model's block_size (no KV cache: each step reruns it)."""
     block_size = model.config.block_size
+    vocab = gpt2_encoding().n_vocab  # a HF dir padded to 50304 rows has logits for ids the tokenizer cannot decode
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:])
-        logits = logits[:, -1, :] / temperature
+        logits = logits[:, -1, :vocab] / temperature
         top_logits, top_indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
         choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)
         idx = torch.cat((idx, torch.gather(top_indices, -1, choice)), dim=1)

@@ -173,3 +173,24 @@ def test_padded_checkpoint_samples_as_the_unpadded_one(run_dir, tmp_path, capsys
         assert main([f"resume={source}", "seed=5", "max_new_tokens=8", "num_samples=3", "prompt=To be"]) == 0
         texts.append(samples(capsys.readouterr().out))
     assert texts[0] == texts[1] and len(texts[0]) == 3
+
+
+def test_a_hf_dir_padded_to_50304_tokens_samples_only_real_ones(tmp_path, capsys):
+    """A GPT-2 dir from elsewhere whose config.json says vocab_size 50304 (nanoGPT's padding): its 47 extra rows,
+    made huge here, would win top_k and give ids the tokenizer cannot decode. Only the 50257 real ones are drawn,
+    exactly as from the same model without those rows."""
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)).eval()
+    with torch.no_grad():
+        padded.transformer.wte.weight[50257:] = 1000 * torch.randn(47, 8)
+    real = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)).eval()
+    real.load_state_dict({k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                          for k, v in padded.state_dict().items()})
+    idx = torch.zeros((16, 1), dtype=torch.long)
+    got = generate(padded, idx, 8, top_k=50, generator=torch.Generator().manual_seed(3))
+    assert got.max().item() < 50257
+    assert torch.equal(got, generate(real, idx, 8, top_k=50, generator=torch.Generator().manual_seed(3)))
+    save_hf_gpt2(padded, tmp_path / "hf")
+    assert main([f"hf={tmp_path / 'hf'}", "prompt=To be", "max_new_tokens=8", "num_samples=4"]) == 0
+    texts = samples(capsys.readouterr().out)
+    assert len(texts) == 4 and all(t.startswith("To be") and len(t) > len("To be") for t in texts)
