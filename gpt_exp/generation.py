@@ -18,6 +18,10 @@ from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT
 from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
 
+# A temperature below this samples the most likely token, as vLLM does: the distribution is greedy to float
+# precision there, and logits / temperature would overflow to inf (softmax: NaN).
+GREEDY_TEMPERATURE = 1e-5
+
 
 
 @dataclass
@@ -37,7 +41,7 @@ class SampleArgs:
                 raise ConfigError(f"{key}={getattr(self, key)} is invalid: it must be >= 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature={self.temperature} is invalid: it must be > 0 and finite, e.g. 1.0 "
-                              f"(lower: safer text)")
+                              f"(lower: safer text; below {GREEDY_TEMPERATURE:g}: always the most likely token)")
 
 
 def inference_device(device: DeviceType) -> torch.device:
@@ -67,10 +71,14 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50
     vocab = gpt2_encoding().n_vocab  # a HF dir padded to 50304 rows has logits for ids the tokenizer cannot decode
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:])
-        logits = logits[:, -1, :vocab] / temperature
-        top_logits, top_indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)
-        idx = torch.cat((idx, torch.gather(top_indices, -1, choice)), dim=1)
+        logits = logits[:, -1, :vocab]
+        if temperature < GREEDY_TEMPERATURE:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            top_logits, top_indices = torch.topk(logits / temperature, min(top_k, logits.size(-1)), dim=-1)
+            choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)
+            next_token = torch.gather(top_indices, -1, choice)
+        idx = torch.cat((idx, next_token), dim=1)
     return idx
 
 

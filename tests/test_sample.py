@@ -194,3 +194,14 @@ def test_a_hf_dir_padded_to_50304_tokens_samples_only_real_ones(tmp_path, capsys
     assert main([f"hf={tmp_path / 'hf'}", "prompt=To be", "max_new_tokens=8", "num_samples=4"]) == 0
     texts = samples(capsys.readouterr().out)
     assert len(texts) == 4 and all(t.startswith("To be") and len(t) > len("To be") for t in texts)
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "1e-300", "9e-6"])
+def test_a_tiny_temperature_is_greedy(run_dir, capsys, temperature):
+    """Below 1e-5 every draw is the most likely token (logits / 1e-45 would overflow to inf and softmax to NaN):
+    the text top_k=1 gives, whatever the seed."""
+    common = [f"resume={run_dir}", "prompt=To be", "max_new_tokens=6", "num_samples=2"]
+    assert main([*common, "top_k=1"]) == 0
+    greedy = samples(capsys.readouterr().out)
+    assert main([*common, f"temperature={temperature}", "seed=9"]) == 0
+    assert samples(capsys.readouterr().out) == greedy and greedy[0] == greedy[1]
