@@ -21,6 +21,7 @@ from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
 # A temperature below this samples the most likely token, as vLLM does: the distribution is greedy to float
 # precision there, and logits / temperature would overflow to inf (softmax: NaN).
 GREEDY_TEMPERATURE = 1e-5
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 
@@ -42,6 +43,8 @@ class SampleArgs:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature={self.temperature} is invalid: it must be > 0 and finite, e.g. 1.0 "
                               f"(lower: safer text; below {GREEDY_TEMPERATURE:g}: always the most likely token)")
+        if not SEEDS[0] <= self.seed <= SEEDS[1]:
+            raise ConfigError(f"seed={self.seed} is invalid: it must fit in 64 bits, e.g. 0 to {SEEDS[1]}")
 
 
 def inference_device(device: DeviceType) -> torch.device:

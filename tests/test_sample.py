@@ -129,10 +129,19 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     ("temperature=inf", "temperature=inf is invalid: it must be > 0 and finite"),
     ("device=tpu", "device=tpu is invalid: it must be one of auto, cpu, cuda, mps"),
     ("prompt", "cannot parse 'prompt'; write key=value"),
+    (f"seed={2**64}", f"seed={2**64} is invalid: it must fit in 64 bits, e.g. 0 to {2**64 - 1}"),
+    (f"seed={-2**63 - 1}", f"seed={-2**63 - 1} is invalid: it must fit in 64 bits"),
 ])
 def test_bad_values_are_one_line(run_dir, capsys, arg, message):
     assert main([f"resume={run_dir}", arg]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {message}")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 0])
+def test_every_64_bit_seed_samples(run_dir, capsys, seed):
+    assert main([f"resume={run_dir}", f"seed={seed}", "max_new_tokens=2", "num_samples=1"]) == 0
+    assert len(samples(capsys.readouterr().out)) == 1
 
 
 def padded_copy(model: GPT) -> GPT:
