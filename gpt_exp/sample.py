@@ -9,8 +9,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from gpt_exp.cli import command, parse_options
 from gpt_exp.config import DeviceType
+from gpt_exp.errors import UserError, first_line
 from gpt_exp.generation import SampleArgs, describe, encode_prompt, inference_device, model_source, sample_texts
 
 
@@ -23,6 +26,11 @@ class SampleOptions(SampleArgs):
     device: DeviceType = DeviceType.auto  # a GPU where there is one, as `run` does
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError on a GPU, the CPU allocator's plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 @command
 def main(argv: list[str]) -> int:
     args = parse_options("sample", argv, SampleOptions)
@@ -30,9 +38,17 @@ def main(argv: list[str]) -> int:
         return 0
     device = inference_device(args.device)
     model, info = model_source(args.resume, args.hf)
-    encode_prompt(args.prompt, model.config.block_size)
+    encode_prompt(args.prompt, model.config.block_size)  # a prompt too long is refused before any sampling
     print(f"{describe(info)}, on {device}", file=sys.stderr)
-    texts = sample_texts(model.to(device), args, device)
+    try:
+        texts = sample_texts(model.to(device), args, device)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        elsewhere = "" if device.type == "cpu" else " or sample with device=cpu"
+        raise UserError(f"out of memory on {device} sampling num_samples={args.num_samples} x "
+                        f"max_new_tokens={args.max_new_tokens} ({first_line(e, 120)}); lower num_samples or "
+                        f"max_new_tokens{elsewhere}") from None
     for i, text in enumerate(texts, 1):
         print(f"--- sample {i}/{len(texts)} ---\n{text}\n")
     return 0

@@ -11,6 +11,7 @@ from gpt_exp.checkpoint import load_model
 from gpt_exp.generation import encode_prompt, generate
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig, fit_padding
+from gpt_exp import sample
 from gpt_exp.sample import main
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
@@ -214,3 +215,27 @@ def test_a_tiny_temperature_is_greedy(run_dir, capsys, temperature):
     greedy = samples(capsys.readouterr().out)
     assert main([*common, f"temperature={temperature}", "seed=9"]) == 0
     assert samples(capsys.readouterr().out) == greedy and greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                  "allocate 81604378624 bytes. Error code 12")])
+def test_an_allocation_failure_is_one_line_naming_the_knobs(run_dir, capsys, monkeypatch, failure):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(sample, "sample_texts", fail)
+    assert main([f"resume={run_dir}", "num_samples=5000", "max_new_tokens=900", "device=cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: out of memory on cpu sampling num_samples=5000 x max_new_tokens=900 (")
+    assert err[-1].endswith("); lower num_samples or max_new_tokens")
+    assert err[0].startswith("model tiny") and len(err) == 2  # the model's line, then the error
+
+
+def test_other_runtime_errors_keep_their_traceback(run_dir, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sample, "sample_texts", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([f"resume={run_dir}", "device=cpu"])
