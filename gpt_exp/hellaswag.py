@@ -28,6 +28,8 @@ def _example(line: str, where: str) -> dict:
         example = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not JSON ({e.msg}); {OFFICIAL}") from None
+    except RecursionError:  # '[[[[...' nested deeper than Python's JSON parser goes
+        raise DataError(f"{where}: JSON nested too deeply to read; {OFFICIAL}") from None
     ok = (isinstance(example, dict) and isinstance(example.get("ctx"), str)
           and isinstance(example.get("endings"), list) and len(example["endings"]) == 4
           and all(isinstance(e, str) for e in example["endings"])

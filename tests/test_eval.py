@@ -147,6 +147,8 @@ def test_cli_limit(model, dataset, tmp_path, capsys):
     ([official_line(0, 1), '{"ctx": "A man", "endings": ["a", "b"], "label": 0}'],
      "{path}:2: not a HellaSwag example (a ctx string, 4 endings and a label 0-3)"),
     ([], "{path} holds no examples"),
+    ([official_line(0, 1), "[" * 100_000], "{path}:2: JSON nested too deeply to read; use the official"),
+    ([official_line(0, 1), '{"ctx": ' * 50_000], "{path}:2: JSON nested too deeply to read"),
 ])
 def test_file_mistakes_are_one_line_and_exit_2(tmp_path, lines, message):
     path = tmp_path / "hellaswag_val.jsonl"
