@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_exp.atomic import atomic_write_bytes
+from gpt_exp.checkpoint import CKPT_DIR
 from gpt_exp.cli import command, parse_options
 from gpt_exp.config import DeviceType
 from gpt_exp.errors import ConfigError, UserError
@@ -22,6 +23,9 @@ from gpt_exp.hellaswag import OFFICIAL, hellaswag_scores, load_hellaswag
 log = logging.getLogger(__name__)
 
 TASKS = ("hellaswag",)
+RESULTS = "eval.json"  # in the run dir, every eval's scores
+RESULTS_ELSEWHERE = "eval.gpt_exp.json"  # where they go when the run dir's eval.json is the user's own file
+MARKER = "gpt_exp_eval"  # in every file this command writes: a file without it is not ours to replace
 
 
 @dataclass
@@ -60,30 +64,46 @@ def main(argv: list[str]) -> int:
     log.info("%s, on %s: %d examples", describe(info), device, len(examples))
     scores = hellaswag_scores(model.to(device), examples, device)
     print(f"hellaswag: {scores['examples']} examples, acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f}")
-    if args.resume and (saved := save_result(Path(args.resume).expanduser(), info, args, scores)) is not None:
-        print(f"saved in {saved}")
+    if args.resume:
+        print(save_result(Path(args.resume).expanduser(), info, args, scores))
     return 0
 
 
-def save_result(target: Path, info: dict, args: EvalArgs, scores: dict) -> Path | None:
-    """The scores into the run's eval.json (beside what other evals saved there) when `resume=` names a run dir or
-    one of its checkpoints; None for a lone checkpoint file."""
-    run_dir = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else None
-    if run_dir is None:
-        return None
-    path = run_dir / "eval.json"
+def _read_ours(path: Path) -> dict | None:
+    """What an earlier eval saved in `path`: {} when there is no file, None when the file is not one this command
+    wrote (the user's own eval.json, a list, a CSV, a damaged file): it is never replaced."""
+    if not path.exists() and not path.is_symlink():
+        return {}
     try:
-        saved = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        saved = {}  # a damaged eval.json is replaced whole: it holds only results this command can make again
-    saved = saved if isinstance(saved, dict) else {}
+        saved = json.loads(path.read_bytes()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get(MARKER) == 1 else None
+
+
+def save_result(target: Path, info: dict, args: EvalArgs, scores: dict) -> str:
+    """The scores into the run dir `resume=` names (or holds the checkpoint it names): its eval.json, beside what
+    other evals saved there, or RESULTS_ELSEWHERE when eval.json is not one this command wrote. The line to print."""
+    run_dir = target if target.is_dir() else target.parent.parent if target.parent.name == CKPT_DIR else None
+    if run_dir is None or not (run_dir / ".hydra" / "config.yaml").is_file():  # what every run dir holds
+        return f"not saved: {target} is not in a gpt_exp run dir (no .hydra/config.yaml beside its {CKPT_DIR}/)"
+    for name in (RESULTS, RESULTS_ELSEWHERE):
+        path = run_dir / name
+        saved = _read_ours(path)
+        if saved is not None:
+            break
+    else:
+        return f"not saved: {run_dir / RESULTS} and {RESULTS_ELSEWHERE} are not files gpt_exp's eval wrote"
+    saved[MARKER] = 1
     saved["hellaswag"] = {**scores, "path": str(Path(args.path).expanduser()), "limit": args.limit,
                           "model": info["source"], "step": info["step"]}
     try:
         atomic_write_bytes(path, json.dumps(saved, indent=1).encode())
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}); the scores are printed above") from None
-    return path
+    if name == RESULTS:
+        return f"saved in {path}"
+    return f"saved in {path} ({run_dir / RESULTS} is not one gpt_exp's eval wrote: left as it is)"
 
 
 if __name__ == "__main__":

@@ -179,3 +179,68 @@ def test_a_padded_model_scores_as_the_unpadded_one(model, dataset):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     examples = load_hellaswag(dataset[0])
     assert hellaswag_scores(padded, examples, "cpu") == hellaswag_scores(model, examples, "cpu")
+
+
+def run_dir_with_weights(path, model):
+    """A run dir as far as eval reads one: .hydra/config.yaml and the model/ weights a run leaves."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text("model:\n  name: tiny\n")
+    save_hf_gpt2(model, path / "model")
+    return path
+
+
+def test_scores_are_saved_in_the_run_dirs_eval_json_beside_other_evals(model, dataset, tmp_path, capsys):
+    run = run_dir_with_weights(tmp_path / "run", model)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}", "limit=4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"saved in {run / 'eval.json'}"
+    saved = json.loads((run / "eval.json").read_text())
+    saved["other_eval"] = {"acc": 0.5}  # what another eval of gpt_exp saved
+    (run / "eval.json").write_text(json.dumps(saved))
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["gpt_exp_eval"] == 1 and saved["other_eval"] == {"acc": 0.5}
+    assert saved["hellaswag"]["examples"] == 6 and saved["hellaswag"]["acc_norm"] == pytest.approx(4 / 6)
+    assert saved["hellaswag"]["model"] == str(run / "model") and saved["hellaswag"]["limit"] == 0
+
+
+@pytest.mark.parametrize("theirs", [b"[1, 2, 3]\n", b"task,acc\nhellaswag,0.29\n", b'{"hellaswag": "mine"}\n',
+                                    b"[" * 100_000, b"\xff\xfe"])
+def test_a_users_eval_json_is_never_replaced(model, dataset, tmp_path, capsys, theirs):
+    """An eval.json gpt_exp did not write (no gpt_exp_eval key) stays byte for byte; the scores go beside it."""
+    run = run_dir_with_weights(tmp_path / "run", model)
+    (run / "eval.json").write_bytes(theirs)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"saved in {run / 'eval.gpt_exp.json'} ({run / 'eval.json'} is not one gpt_exp's eval wrote: left as it is)")
+    assert (run / "eval.json").read_bytes() == theirs
+    assert json.loads((run / "eval.gpt_exp.json").read_text())["hellaswag"]["acc_norm"] == pytest.approx(4 / 6)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}", "limit=2"]) == 0  # again: into its own file
+    assert json.loads((run / "eval.gpt_exp.json").read_text())["hellaswag"]["examples"] == 2
+    assert (run / "eval.json").read_bytes() == theirs
+
+
+def test_when_both_files_are_the_users_nothing_is_written(model, dataset, tmp_path, capsys):
+    run = run_dir_with_weights(tmp_path / "run", model)
+    (run / "eval.json").write_text("[]")
+    (run / "eval.gpt_exp.json").write_text("notes")
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"not saved: {run / 'eval.json'} and eval.gpt_exp.json are not files gpt_exp's eval wrote")
+    assert (run / "eval.json").read_text() == "[]" and (run / "eval.gpt_exp.json").read_text() == "notes"
+
+
+def test_a_checkpoint_outside_a_run_dir_writes_nothing_above_it(model, dataset, tmp_path, capsys):
+    """checkpoints/ in a folder of the user's (no .hydra/config.yaml): eval reads the checkpoint, writes nothing."""
+    state = {"step": 7, "model": model.state_dict(),
+             "config": {"model": {"name": "tiny", "block_size": 128, "vocab_size": 50257, "n_layer": 2,
+                                  "n_head": 2, "n_embd": 32}}}
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "mine" / "checkpoints" / "step_0000007.pt"
+    torch.save(state, ckpt)
+    (tmp_path / "mine" / "eval.json").write_text("[1]")
+    for target in (ckpt, tmp_path / "mine"):
+        assert main(["hellaswag", f"path={dataset[0]}", f"resume={target}"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"not saved: {target} is not in a gpt_exp run dir (no .hydra/config.yaml beside its checkpoints/)")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "eval.json"]
+    assert (tmp_path / "mine" / "eval.json").read_text() == "[1]"
