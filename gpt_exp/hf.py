@@ -227,7 +227,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; give a new dir to write config.json and {SAFETENSORS} into")
-    above = next(parent for parent in out_dir.absolute().parents if parent.exists())
+    above = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())  # "/": itself
     if not above.is_dir():
         raise ConfigError(f"{above} is a file, so {out_dir} cannot be created; give a new dir to export into")
     if out_dir.is_dir() and (held := sorted(p.name for p in out_dir.iterdir())):

@@ -157,6 +157,8 @@ CASES = [
      "error: {tmp}/notes.txt is a file; give a new dir", "main"),
     ("export under a file", "export", ["{tmp}/run", "{tmp}/notes.txt/hf"],
      "error: {tmp}/notes.txt is a file, so {tmp}/notes.txt/hf cannot be created", "main"),
+    ("export into the root dir", "export", ["{tmp}/run", "/"],
+     "error: / already holds files (", "main"),
     ("export without arguments", "export", [],
      "error: the following arguments are required: RUN_DIR_OR_CKPT, OUT_DIR", "main"),
     ("export CLI into a dir with files", "export", ["{tmp}/run", "{tmp}/out_notes"],
