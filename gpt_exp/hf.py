@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gpt_exp.atomic import atomic_path, atomic_write_bytes
+from gpt_exp.atomic import atomic_path, atomic_write_bytes, make_temp_dir, remove_stale_temp_files
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.model import GPT, GPTConfig, fit_padding, padded_vocab
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_bpe_files
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for a sharded (large) model
@@ -251,8 +253,9 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
     tmp = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        tmp.mkdir()  # an ordinary dir (the user's umask), unlike mkdtemp's private one
+        for stale in remove_stale_temp_files(out_dir.parent):  # a killed export's dir holds a whole model
+            log.info("removed %s, left by an export that was killed", stale)
+        tmp = make_temp_dir(out_dir)
         write_safetensors(tensors, tmp / SAFETENSORS)
         for name, data in hf_files(model.config).items():
             atomic_write_bytes(tmp / name, data)

@@ -405,7 +405,7 @@ def test_export_past_a_file_size_limit_is_one_line(tmp, tmp_path):
                             timeout=300)
     assert_one_error_line(result.returncode, result.stdout, result.stderr,
                           f"/{SAFETENSORS} (File too large); free disk space, fix its permissions, or export elsewhere")
-    assert result.stderr.startswith("error: cannot write area/.out.export-")  # the temp dir, removed since
+    assert result.stderr.startswith("error: cannot write area/.out.")  # the temp dir, removed since
     assert list((tmp_path / "area").iterdir()) == []
 
 
