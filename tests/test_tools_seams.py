@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from gpt_exp import atomic, export
+from gpt_exp import atomic, coord_check, export
+from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT, GPTConfig
 
 
@@ -61,3 +63,15 @@ def _ckpt(tmp_path: Path, model: GPT) -> Path:
                 "config": {"model": {"name": "t", "block_size": c.block_size, "vocab_size": c.vocab_size,
                                      "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd}}}, path)
     return path
+
+
+def test_coord_check_refuses_a_width_past_the_machines_memory_before_allocating():
+    """The widest model's weights, gradients and Adam moments (16 bytes a parameter), counted on the meta device,
+    against the memory given: width 512 (32.1M parameters, 0.48 GiB) fits 1 GiB; 1024 (76.7M, 1.14 GiB) does not."""
+    setup = coord_check.Setup()
+    with torch.device("meta"):
+        assert GPT(coord_check.model_config(512, "sp", setup)).num_params() == 32_070_144
+    coord_check.check_fits([64, 512], setup, memory=2**30)
+    with pytest.raises(ConfigError, match=r"^--widths: width 1024 is 77M parameters, ~1.1 GiB to train .* more than "
+                                          r"this machine's 1.0 GiB of memory; give smaller widths"):
+        coord_check.check_fits([1024, 64], setup, memory=2**30)
