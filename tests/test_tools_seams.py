@@ -1,6 +1,8 @@
 """The seams of the tools that do not train (sample, eval, export, coord_check): the library below them never
 imports a command, and what the commands read and write at those seams."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +12,9 @@ import pytest
 import torch
 
 from gpt_exp import atomic, coord_check, export
+from gpt_exp.checkpoint import load_model, save_checkpoint
 from gpt_exp.errors import ConfigError
+from gpt_exp.hf import load_hf_gpt2, recorded_step, save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 
 
@@ -75,3 +79,64 @@ def test_coord_check_refuses_a_width_past_the_machines_memory_before_allocating(
     with pytest.raises(ConfigError, match=r"^--widths: width 1024 is 77M parameters, ~1.1 GiB to train .* more than "
                                           r"this machine's 1.0 GiB of memory; give smaller widths"):
         coord_check.check_fits([1024, 64], setup, memory=2**30)
+
+
+TINY = dict(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)
+
+
+def tiny(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+def same_weights(a: GPT, b: GPT) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def run_with(tmp_path: Path, model_step: int | None, ckpt_step: int) -> tuple[Path, GPT, GPT]:
+    """A run dir whose model/ (weights A, recording `model_step`) and newest checkpoint (weights B at `ckpt_step`)
+    disagree, and whose summary.json says 300 steps (the count of another part of its history)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model:\n  name: tiny\n")
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "steps": 300}))
+    a, b = tiny(1), tiny(2)
+    save_checkpoint(run, {"step": ckpt_step, "model": b.state_dict(), "config": {"model": {"name": "tiny", **TINY}}},
+                    keep=2)
+    save_hf_gpt2(a, run / "model", step=model_step)
+    return run, a, b
+
+
+def test_the_step_save_hf_gpt2_is_given_is_recorded_in_config_json(tmp_path):
+    save_hf_gpt2(tiny(1), tmp_path / "with", step=7)
+    save_hf_gpt2(tiny(1), tmp_path / "without")
+    assert json.loads((tmp_path / "with" / "config.json").read_text())["gpt_exp_step"] == 7
+    assert "gpt_exp_step" not in json.loads((tmp_path / "without" / "config.json").read_text())
+    assert (recorded_step(tmp_path / "with"), recorded_step(tmp_path / "without")) == (7, None)
+    assert load_model(str(tmp_path / "with"), hf=True)[1]["step"] == 7
+
+
+def test_a_newer_checkpoint_wins_over_a_stale_model_dir_and_is_labelled_with_its_step(tmp_path, capsys):
+    run, _, b = run_with(tmp_path, model_step=100, ckpt_step=200)
+    model, info = load_model(str(run))
+    assert same_weights(model, b) and info["step"] == 200 and info["source"].endswith("checkpoints/step_0000200.pt")
+    assert export.main([str(run), str(tmp_path / "out")]) == 0
+    assert "(0.40M params, step 200) from " in capsys.readouterr().out
+    assert recorded_step(tmp_path / "out") == 200 and same_weights(load_hf_gpt2(tmp_path / "out"), b)
+
+
+def test_a_model_dir_newer_than_every_checkpoint_wins_with_its_own_step(tmp_path):
+    run, a, _ = run_with(tmp_path, model_step=250, ckpt_step=200)
+    model, info = load_model(str(run))
+    assert same_weights(model, a) and (info["step"], info["source"]) == (250, str(run / "model"))  # not summary's 300
+
+
+@pytest.mark.parametrize("model_written_last", [False, True])
+def test_a_model_dir_that_records_no_step_is_compared_by_when_it_was_written(tmp_path, model_written_last):
+    run, a, b = run_with(tmp_path, model_step=None, ckpt_step=200)
+    ckpt, weights = run / "checkpoints" / "step_0000200.pt", run / "model" / "config.json"
+    os.utime(ckpt, (1_000_000, 1_000_000) if model_written_last else (3_000_000, 3_000_000))
+    os.utime(weights, (2_000_000, 2_000_000))
+    model, info = load_model(str(run))
+    assert same_weights(model, a if model_written_last else b)
+    assert info["step"] == (300 if model_written_last else 200)  # model/ written last: the run's end, in its summary
