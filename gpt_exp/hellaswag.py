@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from gpt_exp.errors import DataError
 from gpt_exp.model import GPT
-from gpt_exp.tokenizer import encode_text
+from gpt_exp.tokenizer import encode_text, gpt2_encoding
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def render_example(example: dict, block_size: int) -> tuple[torch.Tensor, torch.
 def ending_losses(model: GPT, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed and the mean cross-entropy of the tokens where `mask` is 1."""
     logits, _ = model(tokens)
+    logits = logits[..., : gpt2_encoding().n_vocab]  # a HF dir padded to 50304 rows: its extra ids are no tokens
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
     scored = mask[:, 1:].float()  # logits at position t predict token t + 1
     sum_loss = (losses.view_as(scored) * scored).sum(dim=1)

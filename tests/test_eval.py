@@ -1,6 +1,7 @@
 """HellaSwag: scores match a hand computation (each ending scored alone, unpadded), `limit=` takes the first N,
 the CLI prints the one result line, and a missing file or a malformed line is one line with exit code 2."""
 
+import dataclasses
 import json
 import logging
 
@@ -244,3 +245,18 @@ def test_a_checkpoint_outside_a_run_dir_writes_nothing_above_it(model, dataset, 
             f"not saved: {target} is not in a gpt_exp run dir (no .hydra/config.yaml beside its checkpoints/)")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "eval.json"]
     assert (tmp_path / "mine" / "eval.json").read_text() == "[1]"
+
+
+def test_a_hf_dir_padded_to_50304_tokens_scores_as_its_real_vocabulary(model, dataset):
+    """A GPT-2 dir from elsewhere whose config.json says vocab_size 50304: its 47 extra rows (huge here) are no
+    tokens, so they take no probability from the endings: the same losses as the model without them."""
+    padded = GPT(dataclasses.replace(model.config, vocab_size=50304, padded_vocab_size=None)).eval()
+    state = model.state_dict()
+    extra = 1000 * torch.randn(47, model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state[key] = torch.cat([state[key], extra])
+    padded.load_state_dict(state)
+    tokens, mask = render_example(load_hellaswag(dataset[0])[0], block_size=128)
+    with torch.no_grad():
+        got, want = ending_losses(padded, tokens, mask), ending_losses(model, tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
