@@ -55,7 +55,7 @@ def inference_device(device: DeviceType) -> torch.device:
 
 def model_source(resume: str | None, hf: str | None) -> tuple[GPT, dict]:
     """The model `resume=` or `hf=` names (exactly one of them), on the CPU in eval mode."""
-    if (resume is None) == (hf is None):
+    if bool(resume) == bool(hf):  # `resume=` with nothing after it names no model either
         raise ConfigError("name one model: resume=RUN_DIR (or a checkpoint .pt file) or hf=HF_GPT2_DIR")
     return load_model(resume, hf=False) if resume else load_model(hf, hf=True)
 

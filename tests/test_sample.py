@@ -116,6 +116,8 @@ def test_top_k_limits_the_choice():
     (["hf=no/such/dir"], "error: no/such/dir does not exist; give a Hugging Face GPT-2 dir"),
     (["resume=x", "tempreature=0.5"], "error: unknown key 'tempreature'; did you mean temperature?"),
     ([], "error: name one model: resume=RUN_DIR"),
+    (["resume="], "error: name one model: resume=RUN_DIR"),
+    (["resume=x", "hf=y"], "error: name one model: resume=RUN_DIR"),
 ])
 def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli("sample", *args, cwd=tmp_path)
