@@ -1,6 +1,6 @@
-"""Every bad or damaged input to the tools that do not train (compare, sample, eval, export, and the Hugging Face
-loader behind `hf=`): one `error:` line naming the problem and the fix, exit code 2, no traceback, and the user's
-folder exactly as it was (nothing deleted or overwritten, nothing half-written left behind)."""
+"""Every bad or damaged input to the tools that do not train (compare, sample, eval, export, coord_check, and the
+Hugging Face loader behind `hf=`): one `error:` line naming the problem and the fix, exit code 2, no traceback,
+and the user's folder exactly as it was (nothing deleted or overwritten, nothing half-written left behind)."""
 
 from __future__ import annotations
 
