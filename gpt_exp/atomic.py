@@ -1,7 +1,7 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never a half-written one.
 
-The temp file beside the target is named `.NAME.<host>.<pid>.<random>.tmp`, so that a later start can tell a temp file
-left by a killed writer (its process is gone) from one a live writer is still filling.
+The temp file (or dir) beside the target is named `.NAME.<host>.<pid>.<random>.tmp`, so that a later start can tell
+one left by a killed writer (its process is gone) from one a live writer is still filling.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +29,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; once the block succeeds, fsync it and rename it onto `path`, with the
     permissions of any file the user creates (mkstemp's 0600 would hide a shared cache from a labmate)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -39,6 +40,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}.{os.getpid()}."
+
+
+def make_temp_dir(path: Path) -> Path:
+    """A new empty dir beside `path` to fill and then rename onto it, named as atomic_path's temp files are (so that
+    remove_stale_temp_files takes it once its writer is killed), with the user's umask (mkdtemp's is 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -72,8 +86,20 @@ def _writer_gone(tmp: Path) -> bool:
 
 
 def remove_stale_temp_files(folder: Path, name_glob: str = "*") -> list[Path]:
-    """Remove the temp files of atomic writes into `folder` whose writer was killed; returns them."""
-    stale = [p for p in folder.glob(f".{name_glob}.*.tmp") if _writer_gone(p)] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """Remove the temp files and dirs of atomic writes into `folder` whose writer was killed; returns them. Only
+    what our naming made: a regular file or dir, never a symlink (nor what it points to)."""
+    removed = []
+    for p in folder.glob(f".{name_glob}.*.tmp") if folder.is_dir() else []:
+        try:
+            mode = p.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or not _writer_gone(p):
+            continue  # not ours (we make no links, fifos or sockets), or a live writer's
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(p, ignore_errors=True)  # never follows a symlink inside it; what cannot go stays
+        else:
+            p.unlink(missing_ok=True)
+        if not p.exists():
+            removed.append(p)
+    return removed

@@ -18,7 +18,7 @@ from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
 from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, flatten
 from gpt_exp.errors import ConfigError, UserError
-from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2
+from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2, recorded_step
 from gpt_exp.metrics import read_metrics
 from gpt_exp.model import GPT
 
@@ -210,12 +210,13 @@ def init_weights(target: str) -> tuple[GPT, str]:
 
 
 def _run_weights_info(run_dir: Path) -> dict:
-    """{name, source, step} of a run dir's weights: the model's name from its config, the steps it trained
-    from its summary (unknown while it runs)."""
-    info = {"name": "?", "source": str(run_dir / WEIGHTS_DIR), "step": None}
+    """{name, source, step} of a run dir's model/ weights: the model's name from its config, the step they are from
+    as their config.json records it (an older gpt_exp recorded none: its summary's steps, unknown while it runs)."""
+    info = {"name": "?", "source": str(run_dir / WEIGHTS_DIR), "step": recorded_step(run_dir / WEIGHTS_DIR)}
     try:
         info["name"] = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]["name"]
-        info["step"] = json.loads((run_dir / "summary.json").read_text())["steps"]
+        if info["step"] is None:
+            info["step"] = json.loads((run_dir / "summary.json").read_text())["steps"]
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         pass  # a description only: the weights themselves are checked by the loader
     return info
@@ -232,11 +233,19 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
     path = Path(target).expanduser()
-    if not hf and (path / WEIGHTS_DIR / "config.json").is_file():  # a run dir's final weights (train.save_model)
-        model = load_hf_gpt2(path / WEIGHTS_DIR)
-        return model.eval(), {**_run_weights_info(path), "params": model.num_params()}
+    weights = path / WEIGHTS_DIR / "config.json"
+    if not hf and weights.is_file():  # a run dir's weights (train.save_model), unless a checkpoint is newer
+        # a run resumed into its own dir and stopped early keeps the model/ of its first end: older weights
+        step, checkpoints = recorded_step(path / WEIGHTS_DIR), list_checkpoints(path)
+        if checkpoints and step is not None:
+            newer = int(_CKPT_NAME.fullmatch(checkpoints[-1].name).group(1)) > step
+        else:  # model/ of an older gpt_exp records no step: whichever was written last
+            newer = bool(checkpoints) and checkpoints[-1].stat().st_mtime > weights.stat().st_mtime
+        if not newer:
+            model = load_hf_gpt2(path / WEIGHTS_DIR)
+            return model.eval(), {**_run_weights_info(path), "params": model.num_params()}
     if hf or (path / "config.json").is_file():
-        model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": None}
+        model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": recorded_step(path)}
     else:
         ckpt = find_checkpoint(target)
         state = load_checkpoint(ckpt)

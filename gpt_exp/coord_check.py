@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from gpt_exp.optim import build_optimizer
 
 LAYERS = ("embedding", "attention", "mlp", "logits")  # token embedding output, each block's attn / mlp output
 N_HEAD = 4  # fixed: d_head grows with the width, where 1/d_head and 1/sqrt(d_head) differ
+BYTES_PER_PARAM = 16  # fp32 weights, their gradients and AdamW's two moments: the least a width's training holds
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,15 @@ def batches(tokens: np.ndarray, steps: int, B: int, T: int, seed: int) -> list[t
     return out
 
 
+def model_config(width: int, parametrization: str, setup: Setup, vocab_size: int = 50257) -> GPTConfig:
+    return GPTConfig(block_size=setup.T, vocab_size=vocab_size, n_layer=setup.n_layer, n_head=N_HEAD, n_embd=width,
+                     parametrization=parametrization, mup_base_width=setup.base_width)
+
+
 def build(width: int, parametrization: str, setup: Setup, lr: float, vocab_size: int = 50257):
     """A depth-`setup.n_layer` GPT of `width` and its AdamW (muP's lr groups under mup), seeded by setup.seed."""
     torch.manual_seed(setup.seed)
-    model = GPT(GPTConfig(block_size=setup.T, vocab_size=vocab_size, n_layer=setup.n_layer, n_head=N_HEAD,
-                          n_embd=width, parametrization=parametrization, mup_base_width=setup.base_width))
+    model = GPT(model_config(width, parametrization, setup, vocab_size))
     optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0), "cpu", sharded=False)
     return model, optimizer
 
@@ -147,6 +154,20 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
+def check_fits(widths: list[int], setup: Setup, memory: int | None = None) -> None:
+    """Refuse, before anything is allocated, a width whose weights, gradients and Adam state alone exceed this
+    machine's memory (`memory` bytes; default: all of its RAM): it would swap or be killed, not run."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if memory is None else memory
+    width = max(widths)
+    with torch.device("meta"):  # the shapes only: no memory behind them
+        params = GPT(model_config(width, "sp", setup)).num_params()
+    need = params * BYTES_PER_PARAM
+    if need > memory:
+        raise ConfigError(f"--widths: width {width} is {params / 1e6:,.0f}M parameters, ~{need / 2**30:,.1f} GiB to "
+                          f"train (weights, gradients, Adam's state), more than this machine's {memory / 2**30:,.1f} "
+                          f"GiB of memory; give smaller widths, e.g. 64,128,256,512")
+
+
 @command
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.coord_check", description=__doc__.split("\n")[0])
@@ -161,7 +182,13 @@ def main(argv: list[str]) -> int:
     widths = _widths(args.widths)
     if args.steps < 1:
         raise ConfigError(f"--steps={args.steps} is invalid: it must be >= 1, e.g. --steps 5")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr {args.lr} is invalid: it must be a positive number, e.g. --lr {Setup.lr}")
+    if args.base_width < 1:
+        raise ConfigError(f"--base-width {args.base_width} is invalid: it must be >= 1, e.g. --base-width "
+                          f"{Setup.base_width} (muP's base width)")
     setup = Setup(lr=args.lr, base_width=args.base_width)
+    check_fits(widths, setup)
     tokens = load_tokens(args.cache_dir)
     params = ["sp", "mup"] if args.parametrization == "both" else [args.parametrization]
     rows = [r for par in params for r in coord_rows(widths, args.steps, par, tokens, setup)]

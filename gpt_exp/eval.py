@@ -1,6 +1,7 @@
-"""Evaluations of a model: HellaSwag, scored the lecture's way (the ending the model finds least surprising wins).
+"""Evaluations of a model: `python -m gpt_exp.eval hellaswag path=hellaswag_val.jsonl resume=RUN_DIR`.
 
-`python -m gpt_exp.eval hellaswag path=hellaswag_val.jsonl resume=RUN_DIR`; training can call `hellaswag_scores`.
+The scoring is gpt_exp/hellaswag.py's; this command parses the options, prints and saves the scores, and turns
+failures into one line.
 """
 
 from __future__ import annotations
@@ -8,26 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
 from gpt_exp.atomic import atomic_write_bytes
+from gpt_exp.checkpoint import CKPT_DIR
 from gpt_exp.cli import command, parse_options
 from gpt_exp.config import DeviceType
-from gpt_exp.errors import ConfigError, DataError, UserError
-from gpt_exp.model import GPT
-from gpt_exp.sample import describe, inference_device, model_source
-from gpt_exp.tokenizer import encode_text
+from gpt_exp.errors import ConfigError, UserError
+from gpt_exp.generation import describe, inference_device, model_source
+from gpt_exp.hellaswag import OFFICIAL, hellaswag_scores, load_hellaswag
 
 log = logging.getLogger(__name__)
 
 TASKS = ("hellaswag",)
-PROGRESS_EVERY_S = 5.0
-_OFFICIAL = "use the official hellaswag_val.jsonl (github.com/rowanz/hellaswag, data/)"
+RESULTS = "eval.json"  # in the run dir, every eval's scores
+RESULTS_ELSEWHERE = "eval.gpt_exp.json"  # where they go when the run dir's eval.json is the user's own file
+MARKER = "gpt_exp_eval"  # in every file this command writes: a file without it is not ours to replace
 
 
 @dataclass
@@ -37,83 +35,6 @@ class EvalArgs:
     hf: str | None = None  # or a Hugging Face GPT-2 dir
     limit: int = 0  # score only the first N examples; 0: all
     device: DeviceType = DeviceType.auto  # a GPU where there is one, as `run` does
-
-
-def _example(line: str, where: str) -> dict:
-    try:
-        example = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not JSON ({e.msg}); {_OFFICIAL}") from None
-    ok = (isinstance(example, dict) and isinstance(example.get("ctx"), str)
-          and isinstance(example.get("endings"), list) and len(example["endings"]) == 4
-          and all(isinstance(e, str) for e in example["endings"])
-          and type(example.get("label")) is int and 0 <= example["label"] < 4)
-    if not ok:
-        raise DataError(f"{where}: not a HellaSwag example (a ctx string, 4 endings and a label 0-3); {_OFFICIAL}")
-    return example
-
-
-def load_hellaswag(path: Path, limit: int = 0) -> list[dict]:
-    """The examples of a HellaSwag .jsonl file (the first `limit` of them, if > 0), each checked."""
-    if not path.is_file():
-        raise DataError(f"path={path} does not exist; {_OFFICIAL}")
-    examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    examples.append(_example(line, f"{path}:{lineno}"))
-                if limit and len(examples) == limit:
-                    break
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; {_OFFICIAL}") from None
-    if not examples:
-        raise DataError(f"{path} holds no examples; {_OFFICIAL}")
-    return examples
-
-
-def render_example(example: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, mask), each (4, L): the context followed by " " + each ending, right-padded; the mask is 1 on
-    the ending's tokens, the only ones scored. `<|endoftext|>` in the text is the end-of-text token."""
-    ctx = encode_text(example["ctx"])
-    rows = [ctx + encode_text(" " + ending) for ending in example["endings"]]
-    # a row too long for the model loses its start, as generation crops it (endings are a sentence long)
-    cut = [max(len(row) - block_size, 0) for row in rows]
-    length = max(len(row) - c for row, c in zip(rows, cut))
-    tokens = torch.zeros((4, length), dtype=torch.long)
-    mask = torch.zeros((4, length), dtype=torch.long)
-    for i, (row, c) in enumerate(zip(rows, cut)):
-        tokens[i, : len(row) - c] = torch.tensor(row[c:])
-        mask[i, max(len(ctx) - c, 0) : len(row) - c] = 1
-    return tokens, mask
-
-
-def ending_losses(model: GPT, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed and the mean cross-entropy of the tokens where `mask` is 1."""
-    logits, _ = model(tokens)
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    scored = mask[:, 1:].float()  # logits at position t predict token t + 1
-    sum_loss = (losses.view_as(scored) * scored).sum(dim=1)
-    return sum_loss, sum_loss / scored.sum(dim=1)
-
-
-@torch.no_grad()
-def hellaswag_scores(model: GPT, examples: list[dict], device: torch.device | str) -> dict:
-    """{examples, acc, acc_norm} of `model` (already on `device`): acc picks the ending with the lowest summed
-    loss, acc_norm the lowest loss per token (the number the lecture reports)."""
-    block_size = model.config.block_size
-    correct = correct_norm = 0
-    started = last_report = time.perf_counter()
-    for done, example in enumerate(examples, 1):
-        tokens, mask = render_example(example, block_size)
-        sum_loss, avg_loss = ending_losses(model, tokens.to(device), mask.to(device))
-        correct += int(sum_loss.argmin()) == example["label"]
-        correct_norm += int(avg_loss.argmin()) == example["label"]
-        if time.perf_counter() - last_report > PROGRESS_EVERY_S:
-            last_report = time.perf_counter()
-            log.info("hellaswag: %d/%d examples, acc_norm %.4f, %.1f examples/s", done, len(examples),
-                     correct_norm / done, done / (last_report - started))
-    return {"examples": len(examples), "acc": correct / len(examples), "acc_norm": correct_norm / len(examples)}
 
 
 def _check_task(argv: list[str]) -> None:
@@ -134,7 +55,7 @@ def main(argv: list[str]) -> int:
     if args is None:
         return 0
     if args.path is None:
-        raise ConfigError(f"hellaswag needs path=FILE; {_OFFICIAL}")
+        raise ConfigError(f"hellaswag needs path=FILE; {OFFICIAL}")
     if args.limit < 0:
         raise ConfigError(f"limit={args.limit} is invalid: it must be >= 0 (0: every example)")
     device = inference_device(args.device)
@@ -143,30 +64,46 @@ def main(argv: list[str]) -> int:
     log.info("%s, on %s: %d examples", describe(info), device, len(examples))
     scores = hellaswag_scores(model.to(device), examples, device)
     print(f"hellaswag: {scores['examples']} examples, acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f}")
-    if args.resume and (saved := save_result(Path(args.resume).expanduser(), info, args, scores)) is not None:
-        print(f"saved in {saved}")
+    if args.resume:
+        print(save_result(Path(args.resume).expanduser(), info, args, scores))
     return 0
 
 
-def save_result(target: Path, info: dict, args: EvalArgs, scores: dict) -> Path | None:
-    """The scores into the run's eval.json (beside what other evals saved there) when `resume=` names a run dir or
-    one of its checkpoints; None for a lone checkpoint file."""
-    run_dir = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else None
-    if run_dir is None:
-        return None
-    path = run_dir / "eval.json"
+def _read_ours(path: Path) -> dict | None:
+    """What an earlier eval saved in `path`: {} when there is no file, None when the file is not one this command
+    wrote (the user's own eval.json, a list, a CSV, a damaged file): it is never replaced."""
+    if not path.exists() and not path.is_symlink():
+        return {}
     try:
-        saved = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        saved = {}  # a damaged eval.json is replaced whole: it holds only results this command can make again
-    saved = saved if isinstance(saved, dict) else {}
+        saved = json.loads(path.read_bytes()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get(MARKER) == 1 else None
+
+
+def save_result(target: Path, info: dict, args: EvalArgs, scores: dict) -> str:
+    """The scores into the run dir `resume=` names (or holds the checkpoint it names): its eval.json, beside what
+    other evals saved there, or RESULTS_ELSEWHERE when eval.json is not one this command wrote. The line to print."""
+    run_dir = target if target.is_dir() else target.parent.parent if target.parent.name == CKPT_DIR else None
+    if run_dir is None or not (run_dir / ".hydra" / "config.yaml").is_file():  # what every run dir holds
+        return f"not saved: {target} is not in a gpt_exp run dir (no .hydra/config.yaml beside its {CKPT_DIR}/)"
+    for name in (RESULTS, RESULTS_ELSEWHERE):
+        path = run_dir / name
+        saved = _read_ours(path)
+        if saved is not None:
+            break
+    else:
+        return f"not saved: {run_dir / RESULTS} and {RESULTS_ELSEWHERE} are not files gpt_exp's eval wrote"
+    saved[MARKER] = 1
     saved["hellaswag"] = {**scores, "path": str(Path(args.path).expanduser()), "limit": args.limit,
                           "model": info["source"], "step": info["step"]}
     try:
         atomic_write_bytes(path, json.dumps(saved, indent=1).encode())
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}); the scores are printed above") from None
-    return path
+    if name == RESULTS:
+        return f"saved in {path}"
+    return f"saved in {path} ({run_dir / RESULTS} is not one gpt_exp's eval wrote: left as it is)"
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
@@ -19,14 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gpt_exp.atomic import atomic_path, atomic_write_bytes
+from gpt_exp.atomic import atomic_path, atomic_write_bytes, make_temp_dir, remove_stale_temp_files
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.model import GPT, GPTConfig, fit_padding, padded_vocab
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_bpe_files
 
+log = logging.getLogger(__name__)
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for a sharded (large) model
 PYTORCH_BIN = "pytorch_model.bin"
+STEP_KEY = "gpt_exp_step"  # in config.json: the training step a run's weights are from (transformers ignores it)
 _FIX = "give a Hugging Face GPT-2 dir (config.json + model.safetensors), e.g. one `python -m gpt_exp.export` writes"
 # HF's GPT-2 uses Conv1D, which stores these weights as (in, out): nn.Linear's transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -129,6 +132,16 @@ def _read_config(path: Path) -> GPTConfig:
     return gpt
 
 
+def recorded_step(path: Path) -> int | None:
+    """The training step save_hf_gpt2 recorded in `path`/config.json; None when it recorded none (an older gpt_exp,
+    another tool's dir) or the file cannot say (the loader names what is wrong with it)."""
+    try:
+        step = json.loads((path / "config.json").read_bytes()).get(STEP_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if type(step) is int and step >= 0 else None
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / SAFETENSORS).is_file():
         return read_safetensors(path / SAFETENSORS)
@@ -202,7 +215,7 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
-def hf_files(config: GPTConfig) -> dict[str, bytes]:
+def hf_files(config: GPTConfig, step: int | None = None) -> dict[str, bytes]:
     """Every file of an export but the weights: the model's config, its generation defaults, and GPT-2's tokenizer
     (gpt_exp's own BPE files), so that `AutoTokenizer` and `pipeline("text-generation", model=DIR)` work on the
     dir. transformers 5 given a dir without them builds an empty tokenizer and generates nothing, without error."""
@@ -212,7 +225,8 @@ def hf_files(config: GPTConfig) -> dict[str, bytes]:
                  "add_prefix_space": False}
     generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
     bpe = gpt2_bpe_files()
-    return {"config.json": _json_bytes(hf_config(config)), "generation_config.json": _json_bytes(generation),
+    model_config = hf_config(config) if step is None else {**hf_config(config), STEP_KEY: step}
+    return {"config.json": _json_bytes(model_config), "generation_config.json": _json_bytes(generation),
             "vocab.json": bpe["encoder.json"], "merges.txt": bpe["vocab.bpe"],
             "tokenizer_config.json": _json_bytes(tokenizer), "special_tokens_map.json": _json_bytes(special)}
 
@@ -227,7 +241,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; give a new dir to write config.json and {SAFETENSORS} into")
-    above = next(parent for parent in out_dir.absolute().parents if parent.exists())
+    above = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())  # "/": itself
     if not above.is_dir():
         raise ConfigError(f"{above} is a file, so {out_dir} cannot be created; give a new dir to export into")
     if out_dir.is_dir() and (held := sorted(p.name for p in out_dir.iterdir())):
@@ -237,12 +251,13 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
+def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Path:
     """Write `model` as a Hugging Face GPT-2 dir (model.safetensors, config.json, generation_config.json and the
     tokenizer's vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) that
     `GPT2LMHeadModel.from_pretrained(out_dir)`, `AutoTokenizer` and `pipeline` load; returns the dir. `out_dir` must
     be new or empty; the files are written into a hidden temp dir beside it, renamed into place once all are whole,
-    so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete."""
+    so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete. `step`: the training step
+    the weights are from, recorded in config.json (recorded_step reads it back)."""
     out_dir = check_out_dir(out_dir)
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
@@ -251,10 +266,11 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
     tmp = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        tmp.mkdir()  # an ordinary dir (the user's umask), unlike mkdtemp's private one
+        for stale in remove_stale_temp_files(out_dir.parent):  # a killed export's dir holds a whole model
+            log.info("removed %s, left by an export that was killed", stale)
+        tmp = make_temp_dir(out_dir)
         write_safetensors(tensors, tmp / SAFETENSORS)
-        for name, data in hf_files(model.config).items():
+        for name, data in hf_files(model.config, step).items():
             atomic_write_bytes(tmp / name, data)
         os.replace(tmp, out_dir)  # onto a missing or empty dir only: check_out_dir refused any other
         tmp = None

@@ -1,113 +1,54 @@
 """Text from a trained model: the lecture's top-k sampling, from a run's checkpoint or a Hugging Face GPT-2 dir.
 
-`python -m gpt_exp.sample resume=RUN_DIR prompt="ROMEO:"` (`--help` lists the options).
+`python -m gpt_exp.sample resume=RUN_DIR prompt="ROMEO:"` (`--help` lists the options). The sampling itself is
+gpt_exp/generation.py's; this command parses the options, prints the texts and turns failures into one line.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
-from gpt_exp.checkpoint import load_model
 from gpt_exp.cli import command, parse_options
-from gpt_exp.config import DeviceConfig, DeviceType, DType
-from gpt_exp.device import resolve_runtime
-from gpt_exp.errors import ConfigError
-from gpt_exp.model import GPT
-from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
+from gpt_exp.config import DeviceType
+from gpt_exp.errors import UserError, first_line
+from gpt_exp.generation import SampleArgs, describe, encode_prompt, inference_device, model_source, sample_texts
 
 
 @dataclass
-class SampleArgs:
-    resume: str | None = None  # a run dir (its newest checkpoint) or a checkpoint file
+class SampleOptions(SampleArgs):
+    """The command's options: how to sample (SampleArgs), which model, and where."""
+
+    resume: str | None = None  # a run dir (its newest weights) or a checkpoint file
     hf: str | None = None  # or a Hugging Face GPT-2 dir
-    prompt: str = "Hello, I'm a language model,"  # the lecture's; "" starts from <|endoftext|>, token 50256
-    max_new_tokens: int = 100
-    num_samples: int = 3
-    top_k: int = 50
-    temperature: float = 1.0
-    seed: int = 1337
     device: DeviceType = DeviceType.auto  # a GPU where there is one, as `run` does
 
 
-def inference_device(device: DeviceType) -> torch.device:
-    """The device to run on (auto: CUDA, else MPS, else the CPU), fp32 and uncompiled (a one-line error for
-    device=cuda without a GPU)."""
-    return resolve_runtime(DeviceConfig(type=device, dtype=DType.fp32, compile=False)).device
-
-
-def model_source(resume: str | None, hf: str | None) -> tuple[GPT, dict]:
-    """The model `resume=` or `hf=` names (exactly one of them), on the CPU in eval mode."""
-    if (resume is None) == (hf is None):
-        raise ConfigError("name one model: resume=RUN_DIR (or a checkpoint .pt file) or hf=HF_GPT2_DIR")
-    return load_model(resume, hf=False) if resume else load_model(hf, hf=True)
-
-
-def describe(info: dict) -> str:
-    step = f", step {info['step']}" if info["step"] is not None else ""
-    return f"model {info['name']} ({info['params'] / 1e6:.2f}M params{step}) from {info['source']}"
-
-
-@torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """`idx` (B, T) with `max_new_tokens` sampled tokens appended to each row: softmax over the `top_k` most
-    likely next tokens, the context cropped to the model's block_size (no KV cache: each step reruns it)."""
-    block_size = model.config.block_size
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block_size:])
-        logits = logits[:, -1, :] / temperature
-        top_logits, top_indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)
-        idx = torch.cat((idx, torch.gather(top_indices, -1, choice)), dim=1)
-    return idx
-
-
-def _check(args: SampleArgs) -> None:
-    for key in ("max_new_tokens", "num_samples", "top_k"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"{key}={getattr(args, key)} is invalid: it must be >= 1")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ConfigError(f"temperature={args.temperature} is invalid: it must be > 0 and finite, e.g. 1.0 "
-                          f"(lower: safer text)")
-
-
-def encode_prompt(prompt: str, block_size: int) -> list[int]:
-    """The prompt's tokens (an empty prompt: <|endoftext|>, where a document starts); a prompt longer than the model
-    can see is refused, since generation would silently drop its start."""
-    tokens = encode_text(prompt) or [EOT_TOKEN]
-    if len(tokens) > block_size:
-        raise ConfigError(f"prompt is {len(tokens)} tokens, more than the model's block_size={block_size} that it "
-                          f"can see; shorten the prompt")
-    return tokens
-
-
-def sample_texts(model: GPT, args: SampleArgs, device: torch.device) -> list[str]:
-    """`args.num_samples` texts, each the prompt followed by `args.max_new_tokens` sampled tokens."""
-    enc = gpt2_encoding()
-    prompt = encode_prompt(args.prompt, model.config.block_size)
-    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    rows = generate(model, idx, args.max_new_tokens, args.top_k, args.temperature, generator).tolist()
-    skip = 0 if args.prompt else 1  # the <|endoftext|> start is not part of the text
-    return [enc.decode(row[skip:]) for row in rows]
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError on a GPU, the CPU allocator's plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 @command
 def main(argv: list[str]) -> int:
-    args = parse_options("sample", argv, SampleArgs)
+    args = parse_options("sample", argv, SampleOptions)
     if args is None:
         return 0
-    _check(args)
     device = inference_device(args.device)
     model, info = model_source(args.resume, args.hf)
-    encode_prompt(args.prompt, model.config.block_size)
+    encode_prompt(args.prompt, model.config.block_size)  # a prompt too long is refused before any sampling
     print(f"{describe(info)}, on {device}", file=sys.stderr)
-    texts = sample_texts(model.to(device), args, device)
+    try:
+        texts = sample_texts(model.to(device), args, device)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        elsewhere = "" if device.type == "cpu" else " or sample with device=cpu"
+        raise UserError(f"out of memory on {device} sampling num_samples={args.num_samples} x "
+                        f"max_new_tokens={args.max_new_tokens} ({first_line(e, 120)}); lower num_samples or "
+                        f"max_new_tokens{elsewhere}") from None
     for i, text in enumerate(texts, 1):
         print(f"--- sample {i}/{len(texts)} ---\n{text}\n")
     return 0

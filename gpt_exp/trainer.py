@@ -37,13 +37,13 @@ from gpt_exp.device import Runtime, device_name
 from gpt_exp.distributed import (all_reduce_mean, all_reduce_min, full_model_state, full_state, load_full_model_state,
                                  load_full_optimizer_state, set_grad_sync, shard_model)
 from gpt_exp.errors import ConfigError, DataError, Diverged
-from gpt_exp.eval import hellaswag_scores, load_hellaswag
+from gpt_exp.generation import SampleArgs, sample_texts
+from gpt_exp.hellaswag import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import load_checked_weights, save_hf_gpt2
 from gpt_exp.launch import Dist
 from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.optim import build_optimizer
 from gpt_exp.metrics import StepMetrics
-from gpt_exp.sample import SampleArgs, sample_texts
 
 log = logging.getLogger("gpt_exp")
 

@@ -1,6 +1,6 @@
-"""Every bad or damaged input to the tools that do not train (compare, sample, eval, export, and the Hugging Face
-loader behind `hf=`): one `error:` line naming the problem and the fix, exit code 2, no traceback, and the user's
-folder exactly as it was (nothing deleted or overwritten, nothing half-written left behind)."""
+"""Every bad or damaged input to the tools that do not train (compare, sample, eval, export, coord_check, and the
+Hugging Face loader behind `hf=`): one `error:` line naming the problem and the fix, exit code 2, no traceback,
+and the user's folder exactly as it was (nothing deleted or overwritten, nothing half-written left behind)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from gpt_exp import compare, export, hf
+from gpt_exp import compare, coord_check, export, hf
 from gpt_exp import eval as evals
 from gpt_exp import sample
 from gpt_exp.cli import _command_name, command, user_error_line
@@ -28,7 +28,8 @@ from gpt_exp.hf import SAFETENSORS, load_hf_gpt2, read_safetensors, save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from tests.helpers import cli_env, run_cli
 
-MAINS = {"compare": compare.main, "sample": sample.main, "eval": evals.main, "export": export.main}
+MAINS = {"compare": compare.main, "sample": sample.main, "eval": evals.main, "export": export.main,
+         "coord_check": coord_check.main}
 TINY = dict(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)
 EXAMPLE = {"ctx": "A man is sitting on a roof. he", "label": 3,
            "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
@@ -157,6 +158,8 @@ CASES = [
      "error: {tmp}/notes.txt is a file; give a new dir", "main"),
     ("export under a file", "export", ["{tmp}/run", "{tmp}/notes.txt/hf"],
      "error: {tmp}/notes.txt is a file, so {tmp}/notes.txt/hf cannot be created", "main"),
+    ("export into the root dir", "export", ["{tmp}/run", "/"],
+     "error: / already holds files (", "main"),
     ("export without arguments", "export", [],
      "error: the following arguments are required: RUN_DIR_OR_CKPT, OUT_DIR", "main"),
     ("export CLI into a dir with files", "export", ["{tmp}/run", "{tmp}/out_notes"],
@@ -194,6 +197,18 @@ CASES = [
     ("eval without path", "eval", ["hellaswag", "resume={tmp}/run"], "error: hellaswag needs path=FILE", "main"),
     ("eval unknown task", "eval", ["hellaswg", HELLASWAG], "error: unknown eval 'hellaswg'; choose one of: hellaswag",
      "main"),
+    # coord_check's options: refused before any tokens are read or any model is built
+    ("coord_check lr nan", "coord_check", ["--lr", "nan"],
+     "error: --lr nan is invalid: it must be a positive number, e.g. --lr 0.01", "main"),
+    ("coord_check lr negative", "coord_check", ["--lr", "-1"],
+     "error: --lr -1.0 is invalid: it must be a positive", "main"),
+    ("coord_check base width 0", "coord_check", ["--base-width", "0"],
+     "error: --base-width 0 is invalid: it must be >= 1, e.g. --base-width 64 (muP's base width)", "main"),
+    ("coord_check base width negative", "coord_check", ["--base-width", "-8"],
+     "error: --base-width -8 is invalid: it must be >= 1", "main"),
+    ("coord_check huge width", "coord_check", ["--widths", "64,1000000"],
+     "error: --widths: width 1000000 is 24,050,349M parameters, ~358,378.1 GiB to train (weights, gradients, Adam's "
+     "state), more than this machine's", "main"),
     ("eval CLI hellaswag missing keys", "eval", ["hellaswag", "path={tmp}/hs_keys.jsonl", "resume={tmp}/run"],
      "error: {tmp}/hs_keys.jsonl:1: not a HellaSwag example", "cli"),
 ]
@@ -403,7 +418,7 @@ def test_export_past_a_file_size_limit_is_one_line(tmp, tmp_path):
                             timeout=300)
     assert_one_error_line(result.returncode, result.stdout, result.stderr,
                           f"/{SAFETENSORS} (File too large); free disk space, fix its permissions, or export elsewhere")
-    assert result.stderr.startswith("error: cannot write area/.out.export-")  # the temp dir, removed since
+    assert result.stderr.startswith("error: cannot write area/.out.")  # the temp dir, removed since
     assert list((tmp_path / "area").iterdir()) == []
 
 

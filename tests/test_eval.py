@@ -1,6 +1,7 @@
 """HellaSwag: scores match a hand computation (each ending scored alone, unpadded), `limit=` takes the first N,
 the CLI prints the one result line, and a missing file or a malformed line is one line with exit code 2."""
 
+import dataclasses
 import json
 import logging
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gpt_exp import eval as evals
-from gpt_exp.eval import ending_losses, hellaswag_scores, load_hellaswag, main, render_example
+from gpt_exp import hellaswag
+from gpt_exp.eval import main
+from gpt_exp.hellaswag import ending_losses, hellaswag_scores, load_hellaswag, render_example
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -97,8 +99,8 @@ def test_limit_takes_the_first_examples(model, dataset):
 
 
 def test_progress_line_with_a_rate(model, dataset, monkeypatch, caplog):
-    monkeypatch.setattr(evals, "PROGRESS_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="gpt_exp.eval"):
+    monkeypatch.setattr(hellaswag, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="gpt_exp.hellaswag"):
         hellaswag_scores(model, load_hellaswag(dataset[0]), "cpu")
     assert "hellaswag: 6/6 examples, acc_norm 0.6667" in caplog.text and "examples/s" in caplog.text
 
@@ -146,6 +148,8 @@ def test_cli_limit(model, dataset, tmp_path, capsys):
     ([official_line(0, 1), '{"ctx": "A man", "endings": ["a", "b"], "label": 0}'],
      "{path}:2: not a HellaSwag example (a ctx string, 4 endings and a label 0-3)"),
     ([], "{path} holds no examples"),
+    ([official_line(0, 1), "[" * 100_000], "{path}:2: JSON nested too deeply to read; use the official"),
+    ([official_line(0, 1), '{"ctx": ' * 50_000], "{path}:2: JSON nested too deeply to read"),
 ])
 def test_file_mistakes_are_one_line_and_exit_2(tmp_path, lines, message):
     path = tmp_path / "hellaswag_val.jsonl"
@@ -176,3 +180,83 @@ def test_a_padded_model_scores_as_the_unpadded_one(model, dataset):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     examples = load_hellaswag(dataset[0])
     assert hellaswag_scores(padded, examples, "cpu") == hellaswag_scores(model, examples, "cpu")
+
+
+def run_dir_with_weights(path, model):
+    """A run dir as far as eval reads one: .hydra/config.yaml and the model/ weights a run leaves."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text("model:\n  name: tiny\n")
+    save_hf_gpt2(model, path / "model")
+    return path
+
+
+def test_scores_are_saved_in_the_run_dirs_eval_json_beside_other_evals(model, dataset, tmp_path, capsys):
+    run = run_dir_with_weights(tmp_path / "run", model)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}", "limit=4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"saved in {run / 'eval.json'}"
+    saved = json.loads((run / "eval.json").read_text())
+    saved["other_eval"] = {"acc": 0.5}  # what another eval of gpt_exp saved
+    (run / "eval.json").write_text(json.dumps(saved))
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["gpt_exp_eval"] == 1 and saved["other_eval"] == {"acc": 0.5}
+    assert saved["hellaswag"]["examples"] == 6 and saved["hellaswag"]["acc_norm"] == pytest.approx(4 / 6)
+    assert saved["hellaswag"]["model"] == str(run / "model") and saved["hellaswag"]["limit"] == 0
+
+
+@pytest.mark.parametrize("theirs", [b"[1, 2, 3]\n", b"task,acc\nhellaswag,0.29\n", b'{"hellaswag": "mine"}\n',
+                                    b"[" * 100_000, b"\xff\xfe"])
+def test_a_users_eval_json_is_never_replaced(model, dataset, tmp_path, capsys, theirs):
+    """An eval.json gpt_exp did not write (no gpt_exp_eval key) stays byte for byte; the scores go beside it."""
+    run = run_dir_with_weights(tmp_path / "run", model)
+    (run / "eval.json").write_bytes(theirs)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"saved in {run / 'eval.gpt_exp.json'} ({run / 'eval.json'} is not one gpt_exp's eval wrote: left as it is)")
+    assert (run / "eval.json").read_bytes() == theirs
+    assert json.loads((run / "eval.gpt_exp.json").read_text())["hellaswag"]["acc_norm"] == pytest.approx(4 / 6)
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}", "limit=2"]) == 0  # again: into its own file
+    assert json.loads((run / "eval.gpt_exp.json").read_text())["hellaswag"]["examples"] == 2
+    assert (run / "eval.json").read_bytes() == theirs
+
+
+def test_when_both_files_are_the_users_nothing_is_written(model, dataset, tmp_path, capsys):
+    run = run_dir_with_weights(tmp_path / "run", model)
+    (run / "eval.json").write_text("[]")
+    (run / "eval.gpt_exp.json").write_text("notes")
+    assert main(["hellaswag", f"path={dataset[0]}", f"resume={run}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"not saved: {run / 'eval.json'} and eval.gpt_exp.json are not files gpt_exp's eval wrote")
+    assert (run / "eval.json").read_text() == "[]" and (run / "eval.gpt_exp.json").read_text() == "notes"
+
+
+def test_a_checkpoint_outside_a_run_dir_writes_nothing_above_it(model, dataset, tmp_path, capsys):
+    """checkpoints/ in a folder of the user's (no .hydra/config.yaml): eval reads the checkpoint, writes nothing."""
+    state = {"step": 7, "model": model.state_dict(),
+             "config": {"model": {"name": "tiny", "block_size": 128, "vocab_size": 50257, "n_layer": 2,
+                                  "n_head": 2, "n_embd": 32}}}
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "mine" / "checkpoints" / "step_0000007.pt"
+    torch.save(state, ckpt)
+    (tmp_path / "mine" / "eval.json").write_text("[1]")
+    for target in (ckpt, tmp_path / "mine"):
+        assert main(["hellaswag", f"path={dataset[0]}", f"resume={target}"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"not saved: {target} is not in a gpt_exp run dir (no .hydra/config.yaml beside its checkpoints/)")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "eval.json"]
+    assert (tmp_path / "mine" / "eval.json").read_text() == "[1]"
+
+
+def test_a_hf_dir_padded_to_50304_tokens_scores_as_its_real_vocabulary(model, dataset):
+    """A GPT-2 dir from elsewhere whose config.json says vocab_size 50304: its 47 extra rows (huge here) are no
+    tokens, so they take no probability from the endings: the same losses as the model without them."""
+    padded = GPT(dataclasses.replace(model.config, vocab_size=50304, padded_vocab_size=None)).eval()
+    state = model.state_dict()
+    extra = 1000 * torch.randn(47, model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state[key] = torch.cat([state[key], extra])
+    padded.load_state_dict(state)
+    tokens, mask = render_example(load_hellaswag(dataset[0])[0], block_size=128)
+    with torch.no_grad():
+        got, want = ending_losses(padded, tokens, mask), ending_losses(model, tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

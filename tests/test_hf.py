@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from gpt_exp.checkpoint import load_model
 from gpt_exp.errors import ConfigError
-from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.export import export
+from gpt_exp.generation import generate
+from gpt_exp.hf import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig, fit_padding
-from gpt_exp.sample import generate
 from gpt_exp.tokenizer import encode_text, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 
@@ -237,4 +237,7 @@ def test_export_of_a_padded_checkpoint(tmp_path, exported):
     torch.save({"step": 7, "model": padded.state_dict(), "config": {"model": model_config}}, tmp_path / "step.pt")
     written, info = export(str(tmp_path / "step.pt"), str(tmp_path / "hf"))
     assert info["step"] == 7 and info["params"] == ours.num_params()
-    assert all((written / name).read_bytes() == (out / name).read_bytes() for name in EXPORT_FILES)
+    assert all((written / name).read_bytes() == (out / name).read_bytes() for name in EXPORT_FILES
+               if name != "config.json")
+    config = json.loads((written / "config.json").read_text())
+    assert config.pop("gpt_exp_step") == 7 and config == json.loads((out / "config.json").read_text())

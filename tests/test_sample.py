@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from gpt_exp.checkpoint import load_model
+from gpt_exp.generation import encode_prompt, generate
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig, fit_padding
-from gpt_exp.sample import encode_prompt, generate, main
+from gpt_exp import sample
+from gpt_exp.sample import main
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
 from tests.helpers import only_run_dir, run_cli
 from tests.test_model import force_padded_logits
@@ -114,6 +116,8 @@ def test_top_k_limits_the_choice():
     (["hf=no/such/dir"], "error: no/such/dir does not exist; give a Hugging Face GPT-2 dir"),
     (["resume=x", "tempreature=0.5"], "error: unknown key 'tempreature'; did you mean temperature?"),
     ([], "error: name one model: resume=RUN_DIR"),
+    (["resume="], "error: name one model: resume=RUN_DIR"),
+    (["resume=x", "hf=y"], "error: name one model: resume=RUN_DIR"),
 ])
 def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli("sample", *args, cwd=tmp_path)
@@ -128,10 +132,19 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     ("temperature=inf", "temperature=inf is invalid: it must be > 0 and finite"),
     ("device=tpu", "device=tpu is invalid: it must be one of auto, cpu, cuda, mps"),
     ("prompt", "cannot parse 'prompt'; write key=value"),
+    (f"seed={2**64}", f"seed={2**64} is invalid: it must fit in 64 bits, e.g. 0 to {2**64 - 1}"),
+    (f"seed={-2**63 - 1}", f"seed={-2**63 - 1} is invalid: it must fit in 64 bits"),
 ])
 def test_bad_values_are_one_line(run_dir, capsys, arg, message):
     assert main([f"resume={run_dir}", arg]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {message}")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 0])
+def test_every_64_bit_seed_samples(run_dir, capsys, seed):
+    assert main([f"resume={run_dir}", f"seed={seed}", "max_new_tokens=2", "num_samples=1"]) == 0
+    assert len(samples(capsys.readouterr().out)) == 1
 
 
 def padded_copy(model: GPT) -> GPT:
@@ -172,3 +185,59 @@ def test_padded_checkpoint_samples_as_the_unpadded_one(run_dir, tmp_path, capsys
         assert main([f"resume={source}", "seed=5", "max_new_tokens=8", "num_samples=3", "prompt=To be"]) == 0
         texts.append(samples(capsys.readouterr().out))
     assert texts[0] == texts[1] and len(texts[0]) == 3
+
+
+def test_a_hf_dir_padded_to_50304_tokens_samples_only_real_ones(tmp_path, capsys):
+    """A GPT-2 dir from elsewhere whose config.json says vocab_size 50304 (nanoGPT's padding): its 47 extra rows,
+    made huge here, would win top_k and give ids the tokenizer cannot decode. Only the 50257 real ones are drawn,
+    exactly as from the same model without those rows."""
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)).eval()
+    with torch.no_grad():
+        padded.transformer.wte.weight[50257:] = 1000 * torch.randn(47, 8)
+    real = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)).eval()
+    real.load_state_dict({k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                          for k, v in padded.state_dict().items()})
+    idx = torch.zeros((16, 1), dtype=torch.long)
+    got = generate(padded, idx, 8, top_k=50, generator=torch.Generator().manual_seed(3))
+    assert got.max().item() < 50257
+    assert torch.equal(got, generate(real, idx, 8, top_k=50, generator=torch.Generator().manual_seed(3)))
+    save_hf_gpt2(padded, tmp_path / "hf")
+    assert main([f"hf={tmp_path / 'hf'}", "prompt=To be", "max_new_tokens=8", "num_samples=4"]) == 0
+    texts = samples(capsys.readouterr().out)
+    assert len(texts) == 4 and all(t.startswith("To be") and len(t) > len("To be") for t in texts)
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "1e-300", "9e-6"])
+def test_a_tiny_temperature_is_greedy(run_dir, capsys, temperature):
+    """Below 1e-5 every draw is the most likely token (logits / 1e-45 would overflow to inf and softmax to NaN):
+    the text top_k=1 gives, whatever the seed."""
+    common = [f"resume={run_dir}", "prompt=To be", "max_new_tokens=6", "num_samples=2"]
+    assert main([*common, "top_k=1"]) == 0
+    greedy = samples(capsys.readouterr().out)
+    assert main([*common, f"temperature={temperature}", "seed=9"]) == 0
+    assert samples(capsys.readouterr().out) == greedy and greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                  "allocate 81604378624 bytes. Error code 12")])
+def test_an_allocation_failure_is_one_line_naming_the_knobs(run_dir, capsys, monkeypatch, failure):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(sample, "sample_texts", fail)
+    assert main([f"resume={run_dir}", "num_samples=5000", "max_new_tokens=900", "device=cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: out of memory on cpu sampling num_samples=5000 x max_new_tokens=900 (")
+    assert err[-1].endswith("); lower num_samples or max_new_tokens")
+    assert err[0].startswith("model tiny") and len(err) == 2  # the model's line, then the error
+
+
+def test_other_runtime_errors_keep_their_traceback(run_dir, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sample, "sample_texts", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([f"resume={run_dir}", "device=cpu"])
