@@ -166,7 +166,9 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # optim=muon only (conf/optim/muon.yaml says what they mean)
-    muon_lr: Optional[float] = None  # the Muon matrices' peak lr; None: optim.lr (the schedule scales both alike)
+    # the Muon matrices' peak lr (optim.lr is the AdamW part's; the schedule scales both alike). Optional only so that
+    # the config of a run from before, which kept null here, still reads; validate refuses null with optim=muon
+    muon_lr: Optional[float] = 0.01
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.match_rms_adamw
@@ -346,8 +348,11 @@ def validate(cfg: RunConfig) -> None:
         list(o.betas),
         "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
     )
+    if o.name == OptimizerName.muon:
+        _require(o.muon_lr is not None, "optim.muon_lr", o.muon_lr, "give the matrices' own peak lr, e.g. "
+                 "optim.muon_lr=0.01 (optim.lr is the AdamW part's: embeddings, gains, biases)")
     _require(o.muon_lr is None or (math.isfinite(o.muon_lr) and o.muon_lr > 0), "optim.muon_lr", o.muon_lr,
-             "it must be > 0, or null for optim.lr")
+             "it must be > 0, e.g. 0.01")
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "it must be in [0, 1), e.g. 0.95")
     if o.name == OptimizerName.muon and t.strategy == Strategy.fsdp:
         raise ConfigError(MUON_FSDP_ERROR)  # Newton-Schulz needs whole matrices, not FSDP's row shards

@@ -1,7 +1,8 @@
 """The optimizer a run trains with, built from `optim`: AdamW (the lecture's), or Muon for the transformer blocks'
 matrices with AdamW for the rest, as modded-nanogpt and Moonlight split them.
 
-The Trainer sets `group["lr"] = schedule(step) * group.get("lr_scale", 1.0)`: Muon's group carries
+optim.lr is AdamW's peak lr (with optim=muon: the AdamW part's, the embeddings, gains and biases), optim.muon_lr the
+Muon matrices'. The Trainer sets `group["lr"] = schedule(step) * group.get("lr_scale", 1.0)`: Muon's group carries
 optim.muon_lr / optim.lr, so the matrices follow the same warmup and decay to their own peak.
 """
 
@@ -28,6 +29,14 @@ def build_optimizer(model: GPT, cfg: OptimConfig, device_type: str,
     return MuonAdamW(model, cfg)
 
 
+def describe_optimizer(cfg: OptimConfig) -> str:
+    """The optimizer and its peak lrs, for the run's startup line."""
+    if cfg.name == OptimizerName.muon:
+        return (f"optim muon: matrices peak lr {cfg.muon_lr:.3g}, AdamW part (embeddings, gains, biases) peak lr "
+                f"{cfg.lr:.3g}")
+    return f"optim adamw: peak lr {cfg.lr:.3g}"
+
+
 def muon_parameters(model: GPT) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(Muon's, AdamW's): the 2-D weights inside the transformer blocks (attention c_attn and c_proj, MLP c_fc and
     c_proj: 4 per block) are hidden-layer matrices, Muon's; the embeddings (wte, tied to lm_head, and wpe), the
@@ -48,10 +57,9 @@ class MuonAdamW:
 
     def __init__(self, model: GPT, cfg: OptimConfig):
         matrices, others = muon_parameters(model)
-        muon_lr = cfg.muon_lr if cfg.muon_lr is not None else cfg.lr
-        self.muon_lr_scale = muon_lr / cfg.lr  # the schedule gives optim.lr's curve; Muon's peak is muon_lr
+        self.muon_lr_scale = cfg.muon_lr / cfg.lr  # the schedule gives optim.lr's curve; Muon's peak is muon_lr
         self.muon = torch.optim.Muon(
-            [{"params": matrices, "lr_scale": self.muon_lr_scale}], lr=muon_lr, weight_decay=cfg.weight_decay,
+            [{"params": matrices, "lr_scale": self.muon_lr_scale}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
             momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, adjust_lr_fn=cfg.muon_adjust_lr.value)
         self.adamw = torch.optim.AdamW(
             [{"params": [p for p in others if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},

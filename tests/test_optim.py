@@ -17,7 +17,7 @@ from gpt_exp.cli import user_error_line
 from gpt_exp.config import MUON_FSDP_ERROR, MuonAdjustLR, OptimConfig, OptimizerName
 from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.optim import MuonAdamW, build_optimizer, muon_parameters
+from gpt_exp.optim import MuonAdamW, build_optimizer, describe_optimizer, muon_parameters
 from gpt_exp.trainer import LRSchedule, clip_gradients
 from tests.helpers import compose_config, make_trainer
 
@@ -113,12 +113,27 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert not any(g.get("fused") for g in optimizer.param_groups)  # so the Trainer checks non-finite steps on the host
 
 
-def test_muon_lr_defaults_to_optim_lr_and_adjust_lr_is_passed_on():
+def test_optim_lr_is_only_the_adamw_parts_and_muon_lr_the_matrices():
+    """optim.lr once set Muon's matrices too when optim.muon_lr was null: an arm at lr 1e-2 trained the embeddings,
+    gains and biases at 10x AdamW's best. Each part now takes its own lr, whatever the other's."""
     cfg = OptimConfig(name=OptimizerName.muon, lr=2e-3, muon_momentum=0.9, muon_nesterov=False,
                       muon_adjust_lr=MuonAdjustLR.original)
-    group = build_optimizer(tiny_model(), cfg, "cpu", sharded=False).param_groups[0]
-    assert (group["lr"], group["lr_scale"], group["momentum"], group["nesterov"], group["adjust_lr_fn"]) == \
-        (2e-3, 1.0, 0.9, False, "original")
+    muon_group, decay, no_decay = build_optimizer(tiny_model(), cfg, "cpu", sharded=False).param_groups
+    assert (muon_group["lr"], muon_group["lr_scale"]) == (1e-2, pytest.approx(5.0))  # the default muon_lr, 0.01
+    assert (decay["lr"], no_decay["lr"], decay["lr_scale"], no_decay["lr_scale"]) == (2e-3, 2e-3, 1.0, 1.0)
+    assert (muon_group["momentum"], muon_group["nesterov"], muon_group["adjust_lr_fn"]) == (0.9, False, "original")
+    model = tiny_model()
+    optimizer = build_optimizer(model, cfg, "cpu", sharded=False)
+    schedule = LRSchedule(cfg.lr, 2, 5)
+    train(model, optimizer, range(1), schedule)  # step 0 of the warmup: both parts at the same fraction of their peak
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * schedule(0) / 2e-3)
+    assert [g["lr"] for g in optimizer.param_groups[1:]] == [schedule(0)] * 2
+
+
+def test_startup_line_shows_both_muon_lrs():
+    assert describe_optimizer(OptimConfig(name=OptimizerName.muon, lr=1e-3, muon_lr=2e-2)) == (
+        "optim muon: matrices peak lr 0.02, AdamW part (embeddings, gains, biases) peak lr 0.001")
+    assert describe_optimizer(OptimConfig(lr=6e-4)) == "optim adamw: peak lr 0.0006"
 
 
 def test_muon_lowers_the_loss_on_a_fixed_batch():
@@ -184,15 +199,20 @@ def test_config_group_and_defaults():
     o = compose_config("optim=muon", "optim.muon_lr=0.02", "optim.muon_adjust_lr=original").optim
     assert (o.name, o.lr, o.muon_lr, o.muon_momentum, o.muon_nesterov, o.muon_adjust_lr) == \
         (OptimizerName.muon, 6e-4, 0.02, 0.95, True, MuonAdjustLR.original)
+    o = compose_config("optim=muon").optim
+    assert (o.lr, o.muon_lr, o.muon_adjust_lr) == (6e-4, 0.01, MuonAdjustLR.match_rms_adamw)
+    assert compose_config("optim=adamw", "optim.muon_lr=null").optim.muon_lr is None  # read, as an old run's config
 
 
 @pytest.mark.parametrize("overrides, line", [
     (["optim=muon", "optim.muon_momentum=1"], "optim.muon_momentum=1.0 is invalid: it must be in [0, 1), e.g. 0.95"),
     (["optim=muon", "optim.muon_momentum=-0.1"], "optim.muon_momentum=-0.1 is invalid: it must be in [0, 1)"),
     (["optim=muon", "optim.muon_momentum=nan"], "optim.muon_momentum=nan is invalid: it must be in [0, 1)"),
-    (["optim=muon", "optim.muon_lr=0"], "optim.muon_lr=0.0 is invalid: it must be > 0, or null for optim.lr"),
-    (["optim=muon", "optim.muon_lr=-1e-3"], "optim.muon_lr=-0.001 is invalid: it must be > 0, or null for optim.lr"),
-    (["optim=muon", "optim.muon_lr=inf"], "optim.muon_lr=inf is invalid: it must be > 0, or null for optim.lr"),
+    (["optim=muon", "optim.muon_lr=0"], "optim.muon_lr=0.0 is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=-1e-3"], "optim.muon_lr=-0.001 is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=inf"], "optim.muon_lr=inf is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=null"], "optim.muon_lr=null is invalid: give the matrices' own peak lr, e.g. "
+                                           "optim.muon_lr=0.01 (optim.lr is the AdamW part's: embeddings, gains, biases)"),
     (["optim=sgd"], "unknown option optim=sgd; choose one of: adamw, muon"),
     (["optim.name=sgd"], "optim.name=sgd: Invalid value 'sgd', expected one of [adamw, muon]"),
     (["optim=muon", "optim.muon_adjust_lr=keller"], "expected one of [match_rms_adamw, original]"),
