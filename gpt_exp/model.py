@@ -114,6 +114,7 @@ class CausalSelfAttention(nn.Module):
         # None: SDPA's default 1/sqrt(d_head)
         self.scale = 1.0 / (config.n_embd // config.n_head) if config.mup else None
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_attn.ROW_BLOCKS = 3  # q, k and v stacked: Muon orthogonalizes each on its own (gpt_exp/optim.py)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
