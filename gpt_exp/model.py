@@ -5,8 +5,8 @@ The init follows GPT-2: normal(0, 0.02), with residual projections scaled by 1/s
 
 Under model.parametrization=mup (maximal-update parametrization, Yang et al. 2022, "Tensor Programs V", as in
 EleutherAI's nanoGPT-mup) widths are measured against mup_base_width, m = n_embd / base: the hidden matrices (the
-blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with AdamW lr / m (gpt_exp/optim.py),
-attention scores are q.k / d_head instead of q.k / sqrt(d_head), the query projection starts at zero, and the
+blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with AdamW lr / m and weight decay * m
+(the decay per step, lr * weight decay, stays), attention scores are q.k / d_head instead of q.k / sqrt(d_head), the query projection starts at zero, and the
 logits are multiplied by 1 / m. The embedding stays tied to the readout (as in nanoGPT-mup): a tied readout cannot
 start at zero, so only its logits are scaled; the embedding, gains and biases keep SP's init and lr. At m = 1 the
 init and the lrs are SP's, but for the zero query and the attention scale (nanoGPT-mup instead drops the residual
@@ -249,13 +249,15 @@ class GPT(nn.Module):
         fused: bool = True,
     ) -> torch.optim.AdamW:
         """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains. Under muP the
-        hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps)."""
+        hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps) and
+        weight_decay * m: AdamW decays by lr * weight_decay per step, which muP keeps the same at every width (as
+        microsoft/mup's MuAdamW does)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.config.mup:
             hidden = {id(p) for p in self.hidden_matrices()}
             scale = 1.0 / self.config.width_mult
             groups = [
-                {"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay,
+                {"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay * self.config.width_mult,
                  "lr": lr * scale, "lr_scale": scale},
                 {"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": weight_decay},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

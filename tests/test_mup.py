@@ -70,12 +70,31 @@ def test_mup_hidden_matrices_train_with_lr_over_m_and_start_with_std_over_sqrt_m
         ids = {id(p) for p in group["params"]}
         if ids & hidden:
             assert ids == hidden and group["lr"] == pytest.approx(1e-2 / m) and group["lr_scale"] == 1 / m
+            assert group["weight_decay"] == pytest.approx(0.1 * m)  # lr * weight_decay: 1e-3 at every width
         else:  # embeddings (wte tied to lm_head, wpe), gains, biases
             assert group["lr"] == 1e-2 and group.get("lr_scale", 1.0) == 1.0
+            assert group["weight_decay"] in (0.1, 0.0)
     c_fc = model.transformer.h[0].mlp.c_fc.weight
     assert c_fc.std().item() == pytest.approx(0.02 / m ** 0.5, rel=0.05)
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied: only the logits carry the 1/m
+
+
+def test_mup_hidden_matrices_decay_by_the_same_fraction_at_every_width():
+    """AdamW's decoupled decay shrinks a weight by lr * weight_decay per step; muP divides the hidden lr by m, so its
+    weight decay is multiplied by m (as microsoft/mup's MuAdamW does). Before, the decay per step fell as 1/m."""
+    shrink = {}
+    for width in (64, 128, 256):
+        model = _gpt(width, "mup")
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), "cpu", False)
+        c_fc = model.transformer.h[0].mlp.c_fc.weight
+        before = c_fc.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # no gradient: Adam's update is 0, only the decay moves the weights
+        optimizer.step()
+        shrink[width] = (c_fc.detach() / before).mean().item()
+    assert shrink[64] == pytest.approx(1 - 1e-2 * 0.1, abs=1e-6)
+    assert shrink[128] == pytest.approx(shrink[64], abs=1e-6) and shrink[256] == pytest.approx(shrink[64], abs=1e-6)
 
 
 def test_mup_through_the_trainer_scales_the_hidden_lr(cache_dir):
