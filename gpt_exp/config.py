@@ -103,6 +103,11 @@ class ModelConfig:
     # mup_base_width, so that the best optim.lr found at the base width transfers to wider models
     parametrization: str = "sp"
     mup_base_width: int = 64
+    # muP's base multipliers (microsoft/mup's output_mult, attn_mult and the embedding lr's), tuned at the base width
+    # and kept at every width; 1.0: none. Under mup only
+    mup_output_mult: float = 1.0  # the logits times mup_output_mult / m
+    mup_attn_mult: float = 1.0  # attention scores q.k times mup_attn_mult / d_head
+    mup_embed_lr_mult: float = 1.0  # the embeddings' lr (wte, tied to lm_head, and wpe) times this
 
 
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
@@ -280,6 +285,11 @@ def validate(cfg: RunConfig) -> None:
              m.parametrization, "muP's per-width AdamW lrs are not defined for optim=muon (Muon scales its updates "
              "by shape itself): use optim=adamw with mup, or sp with muon")
     _require(m.mup_base_width >= 1, "model.mup_base_width", m.mup_base_width, "it must be >= 1, e.g. 64")
+    for key in ("mup_output_mult", "mup_attn_mult", "mup_embed_lr_mult"):
+        value = getattr(m, key)
+        _require(math.isfinite(value) and value > 0, f"model.{key}", value, "it must be a finite number > 0, e.g. 1.0")
+        _require(value == 1.0 or str(m.parametrization) == "mup", f"model.{key}", value,
+                 "it scales muP's model: set model.parametrization=mup, or leave it at 1.0")
     auto_B = cfg.B == "auto"
     _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,
              "the batch size must be an integer >= 1, e.g. B=4, or B=auto")
