@@ -104,6 +104,11 @@ class ModelConfig:
     # mup_base_width, so that the best optim.lr found at the base width transfers to wider models
     parametrization: str = "sp"
     mup_base_width: int = 64
+    # muP's base multipliers (microsoft/mup's output_mult, attn_mult and the embedding lr's), tuned at the base width
+    # and kept at every width; 1.0: none. Under mup only
+    mup_output_mult: float = 1.0  # the logits times mup_output_mult / m
+    mup_attn_mult: float = 1.0  # attention scores q.k times mup_attn_mult / d_head
+    mup_embed_lr_mult: float = 1.0  # the embeddings' lr (wte, tied to lm_head, and wpe) times this
 
 
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
@@ -175,7 +180,9 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # optim=muon only (conf/optim/muon.yaml says what they mean)
-    muon_lr: Optional[float] = None  # the Muon matrices' peak lr; None: optim.lr (the schedule scales both alike)
+    # the Muon matrices' peak lr (optim.lr is the AdamW part's; the schedule scales both alike). Optional only so that
+    # the config of a run from before, which kept null here, still reads; validate refuses null with optim=muon
+    muon_lr: Optional[float] = 0.01
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.match_rms_adamw
@@ -287,6 +294,11 @@ def validate(cfg: RunConfig) -> None:
              m.parametrization, "muP's per-width AdamW lrs are not defined for optim=muon (Muon scales its updates "
              "by shape itself): use optim=adamw with mup, or sp with muon")
     _require(m.mup_base_width >= 1, "model.mup_base_width", m.mup_base_width, "it must be >= 1, e.g. 64")
+    for key in ("mup_output_mult", "mup_attn_mult", "mup_embed_lr_mult"):
+        value = getattr(m, key)
+        _require(math.isfinite(value) and value > 0, f"model.{key}", value, "it must be a finite number > 0, e.g. 1.0")
+        _require(value == 1.0 or str(m.parametrization) == "mup", f"model.{key}", value,
+                 "it scales muP's model: set model.parametrization=mup, or leave it at 1.0")
     auto_B = cfg.B == "auto"
     _require(auto_B or (isinstance(cfg.B, int) and not isinstance(cfg.B, bool) and cfg.B >= 1), "B", cfg.B,
              "the batch size must be an integer >= 1, e.g. B=4, or B=auto")
@@ -362,8 +374,11 @@ def validate(cfg: RunConfig) -> None:
         list(o.betas),
         "give two values in [0, 1), e.g. 'optim.betas=[0.9,0.95]'",
     )
+    if o.name == OptimizerName.muon:
+        _require(o.muon_lr is not None, "optim.muon_lr", o.muon_lr, "give the matrices' own peak lr, e.g. "
+                 "optim.muon_lr=0.01 (optim.lr is the AdamW part's: embeddings, gains, biases)")
     _require(o.muon_lr is None or (math.isfinite(o.muon_lr) and o.muon_lr > 0), "optim.muon_lr", o.muon_lr,
-             "it must be > 0, or null for optim.lr")
+             "it must be > 0, e.g. 0.01")
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "it must be in [0, 1), e.g. 0.95")
     if o.name == OptimizerName.muon and t.strategy == Strategy.fsdp:
         raise ConfigError(MUON_FSDP_ERROR)  # Newton-Schulz needs whole matrices, not FSDP's row shards

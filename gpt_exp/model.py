@@ -5,12 +5,15 @@ The init follows GPT-2: normal(0, 0.02), with residual projections scaled by 1/s
 
 Under model.parametrization=mup (maximal-update parametrization, Yang et al. 2022, "Tensor Programs V", as in
 EleutherAI's nanoGPT-mup) widths are measured against mup_base_width, m = n_embd / base: the hidden matrices (the
-blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with AdamW lr / m (gpt_exp/optim.py),
-attention scores are q.k / d_head instead of q.k / sqrt(d_head), the query projection starts at zero, and the
-logits are multiplied by 1 / m. The embedding stays tied to the readout (as in nanoGPT-mup): a tied readout cannot
-start at zero, so only its logits are scaled; the embedding, gains and biases keep SP's init and lr. At m = 1 the
-init and the lrs are SP's, but for the zero query and the attention scale (nanoGPT-mup instead drops the residual
-projections' 1/sqrt(2 * n_layer) under muP and has no zero query, which microsoft/mup recommends).
+blocks' c_attn, c_proj, c_fc) are drawn with std 0.02 / sqrt(m) and train with AdamW lr / m and weight decay * m
+(the decay per step, lr * weight decay, stays), attention scores are q.k / d_head instead of q.k / sqrt(d_head), the
+query projection starts at zero, and the logits are multiplied by 1 / m. microsoft/mup's base multipliers, tuned at
+the base width and kept at every width, are settings (1.0 by default, which is the above): mup_output_mult (logits *
+output_mult / m), mup_attn_mult (q.k * attn_mult / d_head) and mup_embed_lr_mult (the embeddings' lr). The embedding
+stays tied to the readout (as in nanoGPT-mup): a tied readout cannot start at zero, so only its logits are scaled;
+the embedding, gains and biases keep SP's init and lr. At m = 1 the init and the lrs are SP's, but for the zero
+query and the attention scale (nanoGPT-mup instead drops the residual projections' 1/sqrt(2 * n_layer) under muP and
+has no zero query, which microsoft/mup recommends).
 
 The vocabulary can be padded (model.pad_vocab): the tied embedding gets zero rows up to a multiple of 64 (50304 for
 GPT-2's 50257), so that the lm_head matmul has shapes CUDA kernels tile well (~4% faster in the lecture). The padded
@@ -62,6 +65,9 @@ class GPTConfig:
     padded_vocab_size: int | None = None  # rows of the tied embedding / lm_head, >= vocab_size; None: vocab_size
     parametrization: str = "sp"  # sp (GPT-2) or mup (see the module docstring)
     mup_base_width: int = 64  # under mup: the n_embd at which mup's init and lrs equal sp's
+    mup_output_mult: float = 1.0  # under mup: the logits times this / m
+    mup_attn_mult: float = 1.0  # under mup: attention scores times this / d_head
+    mup_embed_lr_mult: float = 1.0  # under mup: the embeddings' (wte = lm_head, wpe) lr times this
 
     def __post_init__(self):
         if self.padded_vocab_size is None:
@@ -90,7 +96,9 @@ class GPTConfig:
         pad = pad_vocab_on(m.pad_vocab, device_type)
         rows = saved_rows if saved_rows is not None else padded_vocab(m.vocab_size, pad)
         return cls(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, rows,
-                   str(getattr(m, "parametrization", "sp")), getattr(m, "mup_base_width", 64))
+                   str(getattr(m, "parametrization", "sp")), getattr(m, "mup_base_width", 64),
+                   getattr(m, "mup_output_mult", 1.0), getattr(m, "mup_attn_mult", 1.0),
+                   getattr(m, "mup_embed_lr_mult", 1.0))
 
 
 def fit_padding(state: dict, config: GPTConfig) -> dict:
@@ -110,10 +118,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        # muP: 1/d_head (q and k become correlated as they train, so q.k grows like d_head, not sqrt(d_head));
-        # None: SDPA's default 1/sqrt(d_head)
-        self.scale = 1.0 / (config.n_embd // config.n_head) if config.mup else None
+        # muP: attn_mult/d_head (q and k become correlated as they train, so q.k grows like d_head, not
+        # sqrt(d_head)); None: SDPA's default 1/sqrt(d_head)
+        self.scale = config.mup_attn_mult / (config.n_embd // config.n_head) if config.mup else None
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_attn.ROW_BLOCKS = 3  # q, k and v stacked: Muon orthogonalizes each on its own (gpt_exp/optim.py)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
@@ -231,8 +240,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
-        if self.config.mup:
-            logits = logits / self.config.width_mult  # muP's readout multiplier 1/m (the tied readout is not zero)
+        if self.config.mup:  # muP's readout multiplier output_mult/m (the tied readout is not zero)
+            logits = logits / (self.config.width_mult / self.config.mup_output_mult)
         if self.config.padded:
             # the real tokens' logits, a view: the padded columns take no probability anywhere (the loss, sampling,
             # HellaSwag). Cutting them beats masking them with -inf: the loss of B=4, T=32 costs 9.1 ms (fwd + bwd)
@@ -248,15 +257,19 @@ class GPT(nn.Module):
         fused: bool = True,
     ) -> torch.optim.AdamW:
         """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains. Under muP the
-        hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps)."""
+        hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps) and
+        weight_decay * m: AdamW decays by lr * weight_decay per step, which muP keeps the same at every width (as
+        microsoft/mup's MuAdamW does); the embeddings' lr is times mup_embed_lr_mult."""
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.config.mup:
+        c = self.config
+        if c.mup:
             hidden = {id(p) for p in self.hidden_matrices()}
-            scale = 1.0 / self.config.width_mult
+            scale = 1.0 / c.width_mult
             groups = [
-                {"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay,
+                {"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay * c.width_mult,
                  "lr": lr * scale, "lr_scale": scale},
-                {"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": weight_decay,
+                 "lr": lr * c.mup_embed_lr_mult, "lr_scale": c.mup_embed_lr_mult},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
             ]
         else:
@@ -266,7 +279,16 @@ class GPT(nn.Module):
             ]
         # the fused kernel where torch has one for the device (sharded DTensor parameters take the foreach path)
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        if c.mup:
+            scales = [group["lr_scale"] for group in optimizer.param_groups[:2]]
+
+            def keep_lr_scales(opt: torch.optim.AdamW) -> None:  # load_state_dict takes the saved groups' settings
+                for group, s in zip(opt.param_groups, scales):  # a resumed run keeps this run's multipliers
+                    group["lr_scale"] = s
+
+            optimizer.register_load_state_dict_post_hook(keep_lr_scales)
+        return optimizer
 
 
 def init_loss(vocab_size: int) -> float:

@@ -42,7 +42,7 @@ from gpt_exp.hellaswag import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import load_checked_weights, save_hf_gpt2
 from gpt_exp.launch import Dist
 from gpt_exp.model import GPT, GPTConfig, fit_padding
-from gpt_exp.optim import build_optimizer
+from gpt_exp.optim import build_optimizer, describe_optimizer
 from gpt_exp.metrics import StepMetrics
 
 log = logging.getLogger("gpt_exp")
@@ -202,7 +202,7 @@ class Trainer:
                 f"{self.runtime.device} ({torch.get_num_threads()} CPU threads), {precision}, compile "
                 f"{'on' if self.runtime.compile else 'off'} | {self.tokens_per_step:,} tokens/step = {self.cfg.B} x "
                 f"{self.cfg.T} x {self.grad_accum_steps} micro-steps x {self.d.world_size} ranks"
-                f"{' (fsdp)' if self.sharded else ''}")
+                f"{' (fsdp)' if self.sharded else ''} | {describe_optimizer(self.cfg.optim)}")
 
     def what_runs(self) -> dict:
         """What the config resolved to on this machine (device=auto, dtype=auto, ...), for summary.json and W&B."""

@@ -1,5 +1,6 @@
 """gpt_exp/optim.py: optim=adamw is GPT.configure_optimizer's AdamW bit for bit; optim=muon puts the blocks' matrices
-in torch.optim.Muon and the rest in AdamW, learns, resumes bitwise from its state_dict, and is refused under FSDP."""
+in Muon (torch.optim.Muon's step, per row block of c_attn) and the rest in AdamW, learns, resumes bitwise from its
+state_dict, and is refused under FSDP."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gpt_exp.cli import user_error_line
 from gpt_exp.config import MUON_FSDP_ERROR, MuonAdjustLR, OptimConfig, OptimizerName
 from gpt_exp.errors import ConfigError
 from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.optim import MuonAdamW, build_optimizer, muon_parameters
+from gpt_exp.optim import BlockwiseMuon, MuonAdamW, build_optimizer, describe_optimizer, muon_parameters, row_blocks
 from gpt_exp.trainer import LRSchedule, clip_gradients
 from tests.helpers import compose_config, make_trainer
 
@@ -113,12 +114,122 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert not any(g.get("fused") for g in optimizer.param_groups)  # so the Trainer checks non-finite steps on the host
 
 
-def test_muon_lr_defaults_to_optim_lr_and_adjust_lr_is_passed_on():
+def test_optim_lr_is_only_the_adamw_parts_and_muon_lr_the_matrices():
+    """optim.lr once set Muon's matrices too when optim.muon_lr was null: an arm at lr 1e-2 trained the embeddings,
+    gains and biases at 10x AdamW's best. Each part now takes its own lr, whatever the other's."""
     cfg = OptimConfig(name=OptimizerName.muon, lr=2e-3, muon_momentum=0.9, muon_nesterov=False,
                       muon_adjust_lr=MuonAdjustLR.original)
-    group = build_optimizer(tiny_model(), cfg, "cpu", sharded=False).param_groups[0]
-    assert (group["lr"], group["lr_scale"], group["momentum"], group["nesterov"], group["adjust_lr_fn"]) == \
-        (2e-3, 1.0, 0.9, False, "original")
+    muon_group, decay, no_decay = build_optimizer(tiny_model(), cfg, "cpu", sharded=False).param_groups
+    assert (muon_group["lr"], muon_group["lr_scale"]) == (1e-2, pytest.approx(5.0))  # the default muon_lr, 0.01
+    assert (decay["lr"], no_decay["lr"], decay["lr_scale"], no_decay["lr_scale"]) == (2e-3, 2e-3, 1.0, 1.0)
+    assert (muon_group["momentum"], muon_group["nesterov"], muon_group["adjust_lr_fn"]) == (0.9, False, "original")
+    model = tiny_model()
+    optimizer = build_optimizer(model, cfg, "cpu", sharded=False)
+    schedule = LRSchedule(cfg.lr, 2, 5)
+    train(model, optimizer, range(1), schedule)  # step 0 of the warmup: both parts at the same fraction of their peak
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * schedule(0) / 2e-3)
+    assert [g["lr"] for g in optimizer.param_groups[1:]] == [schedule(0)] * 2
+
+
+def test_startup_line_shows_both_muon_lrs():
+    assert describe_optimizer(OptimConfig(name=OptimizerName.muon, lr=1e-3, muon_lr=2e-2)) == (
+        "optim muon: matrices peak lr 0.02, AdamW part (embeddings, gains, biases) peak lr 0.001")
+    assert describe_optimizer(OptimConfig(lr=6e-4)) == "optim adamw: peak lr 0.0006"
+
+
+def muon_pair(ours: list, theirs: list, rule: str, nesterov: bool = True, blocks: dict | None = None):
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=rule)
+    return BlockwiseMuon(ours, blocks or {}, **settings), torch.optim.Muon(theirs, **settings)
+
+
+@pytest.mark.parametrize("rule", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_on_unfused_matrices_the_step_is_torch_muons(rule, nesterov):
+    torch.manual_seed(0)
+    shapes = [(48, 24), (24, 96), (24, 24)]  # tall, wide (transposed for Newton-Schulz), square
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = muon_pair(ours, theirs, rule, nesterov)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+        for p, q in zip(ours, theirs):
+            assert torch.allclose(p, q, rtol=0, atol=1e-7)  # measured: bitwise, the same ops in the same order
+    for p, q in zip(ours, theirs):
+        assert torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("rule", ["match_rms_adamw", "original"])
+def test_each_row_block_of_a_fused_matrix_steps_as_that_block_alone(rule):
+    """c_attn (3C x C) stacks q, k, v: each block must move as an unfused C x C matrix of its own would, even when
+    one block's gradient dwarfs the others' (early in training v's does)."""
+    torch.manual_seed(0)
+    C = 24
+    fused = torch.nn.Parameter(torch.randn(3 * C, C) * 0.02)
+    alone = [torch.nn.Parameter(block.detach().clone()) for block in fused.chunk(3)]
+    a, b = muon_pair([fused], alone, rule, blocks={fused: 3})
+    whole = torch.nn.Parameter(fused.detach().clone())
+    start = fused.detach().clone()
+    c = torch.optim.Muon([whole], lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn=rule)  # the fused step
+    for _ in range(3):
+        grads = [torch.randn(C, C) * scale for scale in (0.01, 0.1, 1.0)]
+        fused.grad, whole.grad = torch.cat(grads), torch.cat(grads)
+        for p, g in zip(alone, grads):
+            p.grad = g.clone()
+        a.step()
+        b.step()
+        c.step()
+        for block, p in zip(fused.chunk(3), alone):
+            assert torch.allclose(block, p, rtol=0, atol=1e-7)
+    moved = [(block - s).pow(2).mean().sqrt().item() for block, s in zip(fused.detach().chunk(3), start.chunk(3))]
+    moved_whole = [(block - s).pow(2).mean().sqrt().item() for block, s in zip(whole.detach().chunk(3), start.chunk(3))]
+    assert min(moved) / max(moved) > 0.8  # every block moves alike
+    assert moved_whole[0] / moved_whole[2] < 0.2  # orthogonalized whole, the small-gradient block barely moves
+
+
+def test_c_attn_is_tagged_with_its_three_blocks_and_nothing_else_is():
+    model = tiny_model()
+    tagged = row_blocks(model)
+    assert names(model, tagged) == [f"transformer.h.{i}.attn.c_attn.weight" for i in range(TINY.n_layer)]
+    assert set(tagged.values()) == {3}
+    held = build_optimizer(model, MUON, "cpu", sharded=False).muon.row_blocks  # what the step splits
+    assert [id(p) for p in held] == [id(p) for p in tagged] and list(held.values()) == [3] * TINY.n_layer
+
+
+def test_q_k_and_v_get_updates_of_the_same_rms_at_step_10():
+    """The tiny model after 9 steps, then the 10th: each of c_attn's q, k, v blocks moves by ~0.2 * lr in RMS (as
+    match_rms_adamw promises a whole matrix). Orthogonalized as one 3C x C matrix (torch.optim.Muon), q and k moved
+    0.015-0.025 * lr and v 0.31 * lr."""
+    model = tiny_model()
+    cfg = dataclasses.replace(MUON, weight_decay=0.0)
+    optimizer = build_optimizer(model, cfg, "cpu", sharded=False)
+    schedule = LRSchedule(cfg.lr, cfg.warmup_steps, 20)
+    train(model, optimizer, range(9), schedule)
+    before = [block.attn.c_attn.weight.detach().clone() for block in model.transformer.h]
+    train(model, optimizer, range(9, 10), schedule)
+    lr = optimizer.param_groups[0]["lr"]
+    for block, w in zip(model.transformer.h, before):
+        rms = [(d / lr).pow(2).mean().sqrt().item() for d in (block.attn.c_attn.weight.detach() - w).chunk(3)]
+        assert all(0.15 < r < 0.21 for r in rms), rms
+
+
+def test_a_torch_muon_state_dict_loads_and_its_momentum_carries_on():
+    """A checkpoint written with torch.optim.Muon (before the per-block step) resumes: same state_dict layout."""
+    model = tiny_model()
+    matrices, _ = muon_parameters(model)
+    theirs = torch.optim.Muon([{"params": matrices, "lr_scale": 1.0}], lr=1e-2, adjust_lr_fn="match_rms_adamw")
+    for p in matrices:
+        p.grad = torch.randn(p.shape)
+    theirs.step()
+    ours = build_optimizer(model, MUON, "cpu", sharded=False)
+    state = ours.state_dict()
+    state["muon"] = theirs.state_dict()
+    ours.load_state_dict(state)
+    assert all(torch.equal(ours.muon.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"]) for p in matrices)
+    assert ours.param_groups[0]["lr_scale"] == pytest.approx(1e-2 / 3e-3)  # this run's, not the saved 1.0
 
 
 def test_muon_lowers_the_loss_on_a_fixed_batch():
@@ -184,15 +295,20 @@ def test_config_group_and_defaults():
     o = compose_config("optim=muon", "optim.muon_lr=0.02", "optim.muon_adjust_lr=original").optim
     assert (o.name, o.lr, o.muon_lr, o.muon_momentum, o.muon_nesterov, o.muon_adjust_lr) == \
         (OptimizerName.muon, 6e-4, 0.02, 0.95, True, MuonAdjustLR.original)
+    o = compose_config("optim=muon").optim
+    assert (o.lr, o.muon_lr, o.muon_adjust_lr) == (6e-4, 0.01, MuonAdjustLR.match_rms_adamw)
+    assert compose_config("optim=adamw", "optim.muon_lr=null").optim.muon_lr is None  # read, as an old run's config
 
 
 @pytest.mark.parametrize("overrides, line", [
     (["optim=muon", "optim.muon_momentum=1"], "optim.muon_momentum=1.0 is invalid: it must be in [0, 1), e.g. 0.95"),
     (["optim=muon", "optim.muon_momentum=-0.1"], "optim.muon_momentum=-0.1 is invalid: it must be in [0, 1)"),
     (["optim=muon", "optim.muon_momentum=nan"], "optim.muon_momentum=nan is invalid: it must be in [0, 1)"),
-    (["optim=muon", "optim.muon_lr=0"], "optim.muon_lr=0.0 is invalid: it must be > 0, or null for optim.lr"),
-    (["optim=muon", "optim.muon_lr=-1e-3"], "optim.muon_lr=-0.001 is invalid: it must be > 0, or null for optim.lr"),
-    (["optim=muon", "optim.muon_lr=inf"], "optim.muon_lr=inf is invalid: it must be > 0, or null for optim.lr"),
+    (["optim=muon", "optim.muon_lr=0"], "optim.muon_lr=0.0 is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=-1e-3"], "optim.muon_lr=-0.001 is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=inf"], "optim.muon_lr=inf is invalid: it must be > 0, e.g. 0.01"),
+    (["optim=muon", "optim.muon_lr=null"], "optim.muon_lr=null is invalid: give the matrices' own peak lr, e.g. "
+                                           "optim.muon_lr=0.01 (optim.lr is the AdamW part's: embeddings, gains, biases)"),
     (["optim=sgd"], "unknown option optim=sgd; choose one of: adamw, muon"),
     (["optim.name=sgd"], "optim.name=sgd: Invalid value 'sgd', expected one of [adamw, muon]"),
     (["optim=muon", "optim.muon_adjust_lr=keller"], "expected one of [match_rms_adamw, original]"),
