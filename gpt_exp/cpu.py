@@ -117,14 +117,15 @@ class ShortSequenceAttention(CausalSelfAttention):
     (T=1024: 128 vs 487 ms), so short sequences take the math path there."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return short_sequence_attention(q, k, v)
+        return short_sequence_attention(q, k, v, self.scale)  # muP's attention scale, as the model's own path
 
 
-def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float | None = None) -> torch.Tensor:
     if q.device.type == "cpu" and q.size(-2) <= 64 and torch.is_autocast_enabled("cpu"):
         with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def apply_cpu_fast_paths(model: GPT, *, onednn: bool = True, sparse_embedding: bool = True) -> list[str]:

@@ -151,8 +151,6 @@ def test_a_config_from_before_the_multipliers_reads_with_multipliers_of_one():
     assert config == GPTConfig.from_model_config(cfg.model, "cpu") and config.mup_attn_mult == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="gpt_exp/cpu.py's ShortSequenceAttention.attend calls SDPA without the "
-                                       "module's scale, so muP's attn_mult / d_head becomes 1/sqrt(d_head) on a CPU")
 def test_the_cpu_fast_paths_keep_the_mup_attention_scale():
     from gpt_exp.cpu import apply_cpu_fast_paths
 
