@@ -104,8 +104,9 @@ def load_checkpoint(path: Path, key: str = "resume") -> dict:
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
     old, new = flatten(saved), flatten(current)
+    # a setting the checkpoint's version did not have yet takes its default: not a change
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if k not in ("resume", "init_from") and old.get(k) != new.get(k)]
+               if k not in ("resume", "init_from") and k in old and old.get(k) != new.get(k)]
     fixed = [c for c in changes if c.split(":")[0] in FIXED_KEYS]
     if fixed:
         raise ConfigError(f"resume: the checkpoint's model has another shape or parametrization ({'; '.join(fixed)}); "
@@ -205,7 +206,7 @@ def init_weights(target: str) -> tuple[GPT, str]:
     size), a run dir (its newest weights) or a checkpoint file."""
     if target.startswith("hf:"):
         return load_hf_gpt2(target[3:]), target
-    model, info = load_model(target)
+    model, info = load_model(target, key="init_from")
     return model, info["source"]
 
 
@@ -229,7 +230,7 @@ def embedding_rows(model_state: object) -> int | None:
     return wte.shape[0] if isinstance(wte, torch.Tensor) and wte.dim() == 2 else None
 
 
-def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
+def load_model(target: str, hf: bool = False, key: str = "resume") -> tuple[GPT, dict]:
     """A GPT for inference (eval mode, CPU) and {name, source, step, params} from a run dir, a checkpoint file,
     or a Hugging Face GPT-2 dir (one with config.json; `hf=True` insists on one, for errors that say so)."""
     path = Path(target).expanduser()
@@ -247,8 +248,8 @@ def load_model(target: str, hf: bool = False) -> tuple[GPT, dict]:
     if hf or (path / "config.json").is_file():
         model, info = load_hf_gpt2(path), {"name": path.name, "source": str(path), "step": recorded_step(path)}
     else:
-        ckpt = find_checkpoint(target)
-        state = load_checkpoint(ckpt)
+        ckpt = find_checkpoint(target, key)
+        state = load_checkpoint(ckpt, key)
         config = state.get("config") if isinstance(state, dict) else None
         m = config.get("model") if isinstance(config, dict) else None
         if not isinstance(m, dict) or not {"model", "step"} <= state.keys():  # a foreign .pt: a tensor, a state_dict

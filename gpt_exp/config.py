@@ -19,7 +19,6 @@ from gpt_exp.tokenizer import EOT_TOKEN, encode_text
 
 GPT2_VOCAB = EOT_TOKEN + 1  # the gpt2 encoding's ids are 0..EOT_TOKEN: a smaller embedding cannot look them up
 SEED_END = 2**32  # numpy seeds in [0, 2**32) (torch and random take more): the one range every seed must fit
-MIN_TEMPERATURE = 1e-4  # logits / temperature stay finite in float32 (a temperature of 1e-45 makes them inf)
 FP32_TINY = 1.1754944e-38  # the smallest normal float32: a smaller optim.eps rounds to 0 and divides 0 by 0
 _LIST_KEYS = "`python -m gpt_exp.run --cfg job` lists every key"
 
@@ -115,7 +114,7 @@ class ModelConfig:
 MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # Settings a resume cannot change: the weights' shape, and what their values mean (muP's scales are set by its
 # parametrization and base width; another would silently rescale the logits and every lr).
-MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width")
+MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width", "mup_output_mult", "mup_attn_mult")
 
 
 @dataclass
@@ -351,9 +350,8 @@ def validate(cfg: RunConfig) -> None:
     _require(len(sp.prompts) >= 1, "sample.prompts", list(sp.prompts), "give at least one, e.g. 'sample.prompts=[ROMEO:]'")
     for key in ("max_new_tokens", "num_samples", "top_k"):
         _require(getattr(sp, key) >= 1, f"sample.{key}", getattr(sp, key), "it must be >= 1")
-    _require(math.isfinite(sp.temperature) and sp.temperature >= MIN_TEMPERATURE, "sample.temperature",
-             sp.temperature, f"it must be >= {MIN_TEMPERATURE} and finite, e.g. 1.0 (for the likeliest tokens: "
-             f"sample.top_k=1)")
+    _require(math.isfinite(sp.temperature) and sp.temperature > 0, "sample.temperature", sp.temperature,
+             "it must be > 0 and finite, e.g. 1.0 (below 1e-5: always the likeliest token)")
     _require(0 <= sp.seed < SEED_END, "sample.seed", sp.seed, f"it must be in [0, 2**32) = [0, {SEED_END - 1}]")
     if t.sample_every:
         for prompt in sp.prompts:  # a prompt must leave room for new tokens in the model's context

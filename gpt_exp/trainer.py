@@ -381,7 +381,7 @@ class Trainer:
             model = GPT(self.model.config)
             model.load_state_dict(state)
         target = self.run_dir / name
-        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}")
+        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}", step=self.step)
         replace_dir(new, target)
         self.weights_at[name] = self.step
         log.info("weights: %s (step %d)", target, self.step)
