@@ -221,7 +221,10 @@ def test_padded_model_from_the_same_seed_is_the_same_model(shakespeare):
     assert loss.item() == want_loss.item() and abs(loss.item() - math.log(50257)) < 0.1
     loss.backward()
     want_loss.backward()
-    assert torch.equal(wte.grad[:50257], plain.lm_head.weight.grad) and not wte.grad[50257:].any()
+    # torch's BLAS (MKL) may block a 50257-row and a 50304-row product differently (it does on Intel Xeons): the
+    # gradients agree to float rounding there, bitwise elsewhere; the padded rows get none at all
+    assert torch.allclose(wte.grad[:50257], plain.lm_head.weight.grad, rtol=1e-5, atol=1e-9)
+    assert not wte.grad[50257:].any()
 
 
 def test_unpadded_weights_copied_into_a_padded_model_give_the_same_loss(shakespeare):
@@ -271,7 +274,10 @@ def test_padded_rows_stay_zero_and_training_matches_unpadded(shakespeare, fast_p
             losses.append(loss.item())
         runs[config.padded] = losses, model
     (losses, plain), (padded_losses, padded) = runs[False], runs[True]
-    assert padded_losses == losses and losses[-1] < losses[0] - 0.5  # it trains
+    # oneDNN (the fast paths) is bitwise; MKL may block the padded product differently (see above): float rounding
+    same = torch.equal if fast_paths else (lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-4))  # measured 1.5e-5
+    assert (padded_losses == losses if fast_paths else padded_losses == pytest.approx(losses, rel=1e-6))
+    assert losses[-1] < losses[0] - 0.5  # it trains
     wte = padded.transformer.wte.weight
-    assert torch.equal(wte[:50257], plain.transformer.wte.weight) and not wte[50257:].any()
-    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), padded.parameters()) if a.shape == b.shape)
+    assert same(wte[:50257], plain.transformer.wte.weight) and not wte[50257:].any()
+    assert all(same(a, b) for a, b in zip(plain.parameters(), padded.parameters()) if a.shape == b.shape)
