@@ -393,6 +393,24 @@ def validate(cfg: RunConfig) -> None:
                  f"data={cfg.data.source.value} reads no path; add data=text to train on {cfg.data.path}")
 
 
+def unflatten(flat: dict) -> dict:
+    """{"optim.lr": 0.0006} as {"optim": {"lr": 0.0006}}."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return tree
+
+
+def known_settings(tree: dict) -> dict:
+    """The flat settings of `tree` that this version's schema has (a checkpoint of an older one may hold others)."""
+    known = set(schema_keys())
+    return {k: v for k, v in flatten(tree).items() if k in known}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     """A nested config as {"optim.lr": 0.0006, ...}, keys in config order."""
     flat = {}

@@ -277,13 +277,13 @@ def test_an_interrupted_run_without_checkpoints_offers_no_continue_line(tmp_path
 
 
 def test_sigterm_during_the_start_leaves_no_skeleton(tmp_path, cache_dir, monkeypatch):
-    import gpt_exp.run as run_module
+    import gpt_exp.resolve as resolve_module
 
     def probe(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
 
-    monkeypatch.setattr(run_module, "probe_B", probe)
+    monkeypatch.setattr(resolve_module, "probe_B", probe)
     result = run_cli("run", *tiny(cache_dir, "B=auto", "train.total_batch_size=256"), cwd=tmp_path)
     assert result.returncode == 130 and result.stderr.strip().endswith("interrupted")
     assert not (tmp_path / "outputs").exists()
