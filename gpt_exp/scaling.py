@@ -2,7 +2,7 @@
 fitted as Hoffmann et al. 2022 (Chinchilla) do in their approaches 2 and 3, with bootstrap confidence intervals.
 
 N is the non-embedding parameter count (Kaplan et al. 2020's; --params total for Chinchilla's count, embeddings
-included), from the run's shape by gpt_exp/model.py's formula; D the tokens trained (summary.json); C = D x
+included), from the run's shape as gpt_exp/shapes.py counts it; D the tokens trained (summary.json); C = D x
 flops_per_token, the training FLOPs as MFU counts them (6 per matmul weight + the attention scores), not 6ND.
 """
 
@@ -28,6 +28,7 @@ from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.compare import RunRecord, default_out_dir, load_runs
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
+from gpt_exp.shapes import flops_per_token, param_counts
 
 METRICS = ("final_loss", "final_val_loss")
 PARAM_COUNTS = ("non_embedding", "total")
@@ -46,21 +47,6 @@ class ScalingError(UserError):
 
 
 # --- what a run is: its shape, N, D, C and loss ----------------------------------------------------------------------
-
-def param_counts(n_layer: int, n_embd: int, vocab_size: int, block_size: int) -> tuple[int, int]:
-    """(non-embedding, total) parameters of gpt_exp/model.py's GPT, counted from its shape (so without torch): a
-    block holds 12 C^2 + 13 C (attention 4 C^2 + 4 C, MLP 8 C^2 + 5 C, two layernorms 4 C), ln_f 2 C; the token
-    embedding (tied with lm_head, V C) and the position embedding (block_size C) are the embedding."""
-    non_embedding = n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd
-    return non_embedding, non_embedding + (vocab_size + block_size) * n_embd
-
-
-def flops_per_token(n_layer: int, n_embd: int, vocab_size: int, block_size: int, T: int) -> int:
-    """GPT.flops_per_token(T) from the shape: 6 per weight of the matmuls (all but the position embedding, a lookup;
-    lm_head's weight is the tied token embedding) plus the attention scores, 12 L C T."""
-    total = param_counts(n_layer, n_embd, vocab_size, block_size)[1]
-    return 6 * (total - block_size * n_embd) + 12 * n_layer * n_embd * T
-
 
 @dataclass
 class Point:

@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from gpt_exp.config import ModelConfig, RunConfig
-from gpt_exp.model import GPT, GPTConfig
-from gpt_exp.scaling import Law, flops_per_token, main, param_counts
+from gpt_exp.scaling import Law, main
+from gpt_exp.shapes import flops_per_token, param_counts
 from tests.helpers import run_cli
 
 # The law the synthetic runs follow, in non-embedding N (Hoffmann et al. 2022 fit E=1.69, A=406, B=411, 0.34, 0.28)
@@ -87,16 +87,6 @@ def scaling(*args, capsys) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.mark.parametrize("n_layer, n_embd, vocab, block, T", [(2, 24, 50257, 256, 64), (3, 48, 50304, 1024, 1024),
-                                                               (1, 4, 50257, 256, 7)])
-def test_n_and_flops_per_token_are_the_models_own(n_layer, n_embd, vocab, block, T):
-    model = GPT(GPTConfig(block, vocab, n_layer, 2, n_embd))
-    non_embedding, total = param_counts(n_layer, n_embd, vocab, block)
-    assert total == model.num_params()
-    assert non_embedding == total - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
-    assert flops_per_token(n_layer, n_embd, vocab, block, T) == model.flops_per_token(T)
 
 
 def test_a_known_law_is_fitted_back(tmp_path, capsys):
