@@ -5,32 +5,25 @@ Runs that differ only by `train.seed` are grouped into one row (mean ± sample s
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import flatten
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
-from gpt_exp.metrics import is_number, read_metrics
+from gpt_exp.metrics import is_number
 from gpt_exp.plots import Curve, plot_overlay, trailing_mean
+from gpt_exp.run_reader import RUNNING, RunRecord, default_out_dir, load_runs
 
-RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
 # Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
@@ -49,159 +42,6 @@ MAX_GRID = 5000  # points of a seed group's mean curve
 
 class CompareError(UserError):
     """A problem with the user's input, printed as one line by the CLI."""
-
-
-@dataclass
-class RunRecord:
-    path: Path
-    params: dict[str, Any]  # the composed config, flattened to dotted keys
-    curve_steps: np.ndarray  # the training loss curve, one point per logged step
-    curve_losses: np.ndarray
-    curve_tokens: np.ndarray | None  # the same rows' cumulative tokens; None: some row lacks them
-    curve_flops: np.ndarray | None  # cumulative training FLOPs; None: neither the rows nor summary.json say
-    curve_elapsed: np.ndarray | None  # wall seconds since the run started
-    curve_lr: np.ndarray | None
-    val_steps: np.ndarray  # the val loss, one point per evaluation
-    val_losses: np.ndarray
-    status: str
-    final_loss: float | None
-    best_loss: float | None
-    final_val_loss: float | None
-    steps: int
-    tokens: int | None
-    median_tok_per_s: float | None
-    wall_s: float | None
-    train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
-
-
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Existing paths as given, else glob matches (for quoted globs); a path matching nothing, a file or a dir that
-    cannot be read is an error."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
-        if not matches:
-            raise CompareError(f"{pattern} does not exist; pass a run dir or a sweep dir (outputs/multirun/DATE/TIME)")
-        for match in matches:
-            if not os.path.isdir(match):
-                raise CompareError(f"{match} is a file, not a run dir; pass a run dir (outputs/DATE/TIME) or a sweep "
-                                   f"dir (outputs/multirun/DATE/TIME)")
-            if not os.access(match, os.R_OK | os.X_OK):  # glob would skip it silently and report no runs
-                raise CompareError(f"cannot read {match} (permission denied); fix its permissions (chmod u+rx)")
-        paths += [Path(m) for m in matches]
-    return paths
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run dir, else every run dir below it (a sweep), in natural order (2 before 10)."""
-    if is_run_dir(path):
-        return [path]
-    found = [c.parent.parent for c in path.glob("**/.hydra/config.yaml") if c.is_file()]
-    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
-
-
-def load_runs(patterns: list[str]) -> list[RunRecord]:
-    runs: dict[Path, RunRecord] = {}
-    for path in expand_paths(patterns):
-        run_dirs = find_run_dirs(path)
-        if not run_dirs:
-            raise CompareError(f"no runs under {path} (a run dir holds .hydra/config.yaml); pass a dir from outputs/")
-        for run_dir in run_dirs:
-            if run_dir.resolve() not in runs:  # a run named twice (a dir and a glob) is shown once
-                runs[run_dir.resolve()] = load_run(run_dir)
-    return list(runs.values())
-
-
-def _column(rows: list[dict], key: str) -> np.ndarray | None:
-    """`key` of every row as floats, or None when a row lacks it (a run made before the key was logged)."""
-    if not all(is_number(r.get(key)) for r in rows):
-        return None
-    return np.array([r[key] for r in rows], dtype=float)
-
-
-def load_run(run_dir: Path) -> RunRecord:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    # A resumed run logs the steps after its checkpoint again; the later row of a step is the one that counts.
-    train = sorted({r["step"]: r for r in rows if "loss" in r}.values(), key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in rows if "val_loss" in r}.values(), key=lambda r: r["step"])
-    losses = np.array([r["loss"] for r in train], dtype=float)
-    finite = losses[np.isfinite(losses)]
-    tok_per_s = [r["tok_per_s"] for r in train if "tok_per_s" in r]
-    # What metrics.jsonl says so far; summary.json, written when the run ends, has the last word.
-    stats_: dict[str, Any] = {
-        "status": RUNNING,
-        "final_loss": float(losses[-1]) if len(losses) else None,
-        "best_loss": float(finite.min()) if len(finite) else None,
-        "steps": len(train),
-        "tokens": train[-1].get("tokens") if train else None,
-        "median_tok_per_s": float(np.median(tok_per_s)) if tok_per_s else None,
-        "wall_s": None,
-    }
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        stats_.update(read_summary(summary_path, [*stats_, "flops_per_token", "train_split_tokens"]))
-    flops_per_token = stats_.pop("flops_per_token", None)
-    tokens = _column(train, "tokens")
-    flops = _column(train, "flops")
-    if flops is None and tokens is not None and flops_per_token:  # runs made before the rows had flops
-        flops = tokens * flops_per_token
-    elapsed = _column(train, "elapsed_s")
-    if elapsed is None and (dt_ms := _column(train, "dt_ms")) is not None:  # before the rows had elapsed_s
-        elapsed = np.cumsum(dt_ms) / 1000
-    return RunRecord(
-        path=run_dir,
-        params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
-                for k, v in flatten(_read_config(run_dir / ".hydra" / "config.yaml")).items()},
-        curve_steps=np.array([r["step"] for r in train], dtype=float),
-        curve_losses=losses,
-        curve_tokens=tokens,
-        curve_flops=flops,
-        curve_elapsed=elapsed,
-        curve_lr=_column(train, "lr"),
-        val_steps=np.array([r["step"] for r in val], dtype=float),
-        val_losses=np.array([r["val_loss"] for r in val], dtype=float),
-        final_val_loss=float(val[-1]["val_loss"]) if val else None,
-        **stats_,
-    )
-
-
-def read_summary(path: Path, keys) -> dict:
-    """The `keys` that summary.json holds, each checked: a damaged file is an error, not a row of wrong numbers."""
-    fix = "delete it to show the run as incomplete"
-    try:
-        summary = json.loads(path.read_bytes())
-    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for binary bytes
-        raise CompareError(f"{path} is not JSON; {fix}") from None
-    if not isinstance(summary, dict):
-        raise CompareError(f"{path} is not a run summary (a JSON {type(summary).__name__}, not an object); {fix}")
-    found = {k: summary[k] for k in keys if k in summary}
-    for key, value in found.items():
-        ok = isinstance(value, str) if key == "status" else value is None or is_number(value)
-        if not ok:
-            raise CompareError(f"{path}: {key}={value!r} is not {'a string' if key == 'status' else 'a number'}; {fix}")
-    return found
-
-
-def _read_config(path: Path) -> dict:
-    fix = "repair it, or leave the run out of the comparison"
-    try:
-        cfg = OmegaConf.load(path)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CompareError(f"{path} is not valid YAML ({e.__class__.__name__}); {fix}") from None
-    except OSError as e:
-        if e.filename:  # the file cannot be read: main reports it
-            raise
-        cfg = None  # OmegaConf refuses a top-level scalar with an OSError of its own
-    if not isinstance(cfg, DictConfig):
-        raise CompareError(f"{path} is not a run config (a YAML mapping of settings); {fix}")
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException:  # ${hydra:...} cannot resolve outside a Hydra job; compare it as text
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
 # --- the x axis ---------------------------------------------------------------------------------------------------
@@ -681,14 +521,6 @@ def write_outputs(rows: list[dict], curves: list[Curve], out_dir: Path, x: str =
     except OSError as e:
         raise CompareError(f"cannot write compare.csv, compare.json, compare.png to {out_dir} ({e.strerror}); "
                            f"pass --out DIR with a dir you can write") from None
-
-
-def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
-    """The sweep dir when exactly one PATH is a sweep, else the run dirs' common parent (a lone run: itself)."""
-    sweeps = [p for p in expand_paths(patterns) if not is_run_dir(p)]
-    if len(sweeps) == 1:
-        return sweeps[0]
-    return Path(os.path.commonpath([r.path.resolve() for r in runs]))
 
 
 @command

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from gpt_exp.atomic import atomic_path
 from gpt_exp.cli import ArgumentParser, command
-from gpt_exp.compare import RunRecord, default_out_dir, load_runs
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
+from gpt_exp.run_reader import RunRecord, default_out_dir, load_runs
 from gpt_exp.shapes import flops_per_token, param_counts
 
 METRICS = ("final_loss", "final_val_loss")

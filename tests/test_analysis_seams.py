@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from gpt_exp import scaling
+from gpt_exp.config import LoggerConfig, LoggerMode
+from gpt_exp.metrics import StepMetrics, read_metrics
 from gpt_exp.model import GPT, GPTConfig
+from gpt_exp.run_reader import load_run, run_stats
 from gpt_exp.shapes import flops_per_token, param_counts
+from gpt_exp.tracking import Tracker
 
 
 @pytest.mark.parametrize("block, vocab, padded, n_layer, n_head, n_embd", [
@@ -37,3 +43,28 @@ def test_shapes_count_the_models_own_weights(block, vocab, padded, n_layer, n_he
 
 def test_scaling_has_no_copy_of_the_counts():
     assert scaling.param_counts is param_counts and scaling.flops_per_token is flops_per_token
+
+
+def test_tracker_and_the_reader_compute_the_same_summary(tmp_path):
+    """summary.json (Tracker.close) and what compare reads from metrics.jsonl alone (a run still going) are one
+    function's numbers: a resumed step counted once, its later row winning, a non-finite loss never the best."""
+    previous = [{"step": 0, "loss": math.nan, "tok_per_s": 10.0, "tokens": 64},
+                {"step": 1, "loss": 9.0, "tok_per_s": 30.0, "tokens": 128}]  # step 1 is trained again below
+    tracker = Tracker(tmp_path, LoggerConfig(mode=LoggerMode.disabled), "t", None, {}, total_steps=4,
+                      previous_rows=previous)
+    for step, loss in ((1, 6.0), (2, 5.0), (3, 5.5)):
+        tracker.log_step(StepMetrics(step=step, loss=loss, lr=1e-3, grad_norm=1.0, dt_ms=10.0,
+                                     tok_per_s=20.0 * step, tokens=64 * (step + 1)))
+    tracker.log_eval(3, 5.25)
+    summary = tracker.close()
+    expected = {"steps": 4, "final_loss": 5.5, "best_loss": 5.0, "tokens": 256, "median_tok_per_s": 30.0,
+                "final_val_loss": 5.25, "best_val_loss": 5.25}
+    assert {k: summary[k] for k in expected} == expected
+    assert run_stats(read_metrics(tmp_path / "metrics.jsonl")) == expected
+    (tmp_path / "summary.json").unlink()  # what compare shows of a run that is still going
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("train:\n  seed: 1\n")
+    run = load_run(tmp_path)
+    assert (run.steps, run.final_loss, run.best_loss, run.tokens, run.median_tok_per_s, run.final_val_loss) == (
+        4, 5.5, 5.0, 256, 30.0, 5.25)
+
