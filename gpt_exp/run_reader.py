@@ -1,5 +1,8 @@
 """A run dir as the analysis tools read it (its config, summary.json, metrics.jsonl), and the summary statistics of
-its metrics rows, which Tracker.close writes into summary.json with the same function. Torch-free."""
+its metrics rows, which Tracker.close writes into summary.json with the same function. Torch-free.
+
+A run dir may come from elsewhere: its files are data. Its config is read as plain YAML and nothing in it is
+resolved, since `${oc.env:NAME}` would put an environment variable (a token, a password) into the outputs."""
 
 from __future__ import annotations
 
@@ -15,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp.config import flatten
 from gpt_exp.errors import UserError
@@ -192,19 +193,20 @@ def read_summary(path: Path, keys) -> dict:
 
 
 def read_config(run_dir: Path) -> dict:
+    """The run's .hydra/config.yaml as plain data: YAML values, nothing resolved. A run records the values it trained
+    with, so a `${...}` in it is refused, not resolved: its resolver could read the environment or call code."""
     path = run_dir / ".hydra" / "config.yaml"
     fix = "repair it, or leave the run out of the comparison"
     try:
-        cfg = OmegaConf.load(path)
+        cfg = yaml.safe_load(path.read_bytes())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path} is not valid YAML ({e.__class__.__name__}); {fix}") from None
-    except OSError as e:
-        if e.filename:  # the file cannot be read: main reports it
-            raise
-        cfg = None  # OmegaConf refuses a top-level scalar with an OSError of its own
-    if not isinstance(cfg, DictConfig):
+    if not isinstance(cfg, dict):
         raise RunDirError(f"{path} is not a run config (a YAML mapping of settings); {fix}")
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException:  # ${hydra:...} cannot resolve outside a Hydra job; compare it as text
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+    for key, value in flatten(cfg).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and "${" in item:
+                raise RunDirError(f"{run_dir}: {key}={item[:80]} in .hydra/config.yaml is an interpolation; a run dir "
+                                  f"is data and gpt_exp resolves nothing in it (${{oc.env:...}} would read this "
+                                  f"machine's environment): write the value the run trained with, or leave the run out")
+    return cfg

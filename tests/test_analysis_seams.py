@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from gpt_exp import scaling
+from gpt_exp import compare, scaling
 from gpt_exp.config import LoggerConfig, LoggerMode
 from gpt_exp.metrics import StepMetrics, read_metrics
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.run_reader import load_run, run_stats
 from gpt_exp.shapes import flops_per_token, param_counts
 from gpt_exp.tracking import Tracker
+from tests.test_compare import make_run
 
 
 @pytest.mark.parametrize("block, vocab, padded, n_layer, n_head, n_embd", [
@@ -68,3 +69,20 @@ def test_tracker_and_the_reader_compute_the_same_summary(tmp_path):
     assert (run.steps, run.final_loss, run.best_loss, run.tokens, run.median_tok_per_s, run.final_val_loss) == (
         4, 5.5, 5.0, 256, 30.0, 5.25)
 
+
+@pytest.mark.parametrize("tool", [compare, scaling])
+def test_a_run_config_is_data_its_interpolations_are_refused(tmp_path, monkeypatch, capsys, tool):
+    """A run dir from elsewhere whose config reads an environment variable: the tools refuse it in one line naming
+    the run dir and the key, and the variable's value reaches no output, no file."""
+    secret = "s3cr3t-7f3a9c1e5b"
+    monkeypatch.setenv("SECRET_TOKEN", secret)
+    make_run(tmp_path / "sweep" / "0", [3.0, 2.0])
+    leaky = make_run(tmp_path / "sweep" / "1", [3.0, 2.5], config={"data": {"name": "${oc.env:SECRET_TOKEN}"}})
+    code = tool.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == (f"error: {leaky}: data.name=${{oc.env:SECRET_TOKEN}} in .hydra/config.yaml is an interpolation; a "
+                   f"run dir is data and gpt_exp resolves nothing in it (${{oc.env:...}} would read this machine's "
+                   f"environment): write the value the run trained with, or leave the run out\n")
+    assert not (tmp_path / "out").exists()
+    assert not any(secret.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
