@@ -93,21 +93,33 @@ def find_run_dirs(path: Path) -> list[Path]:
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
-    """Existing paths as given, else glob matches (for quoted globs); a path matching nothing, a file or a dir that
-    cannot be read is an error."""
+    """Existing paths as given, else glob matches (for quoted globs). A path named that matches nothing, is a file or
+    cannot be read is an error; what a glob matches besides runs and sweeps (a sweep's multirun.yaml, compare's
+    outputs) is skipped, as the shell's `SWEEP/*` would match it too."""
     paths: list[Path] = []
     for pattern in patterns:
-        matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
+        if os.path.exists(pattern):
+            if not os.path.isdir(pattern):
+                raise RunDirError(f"{pattern} is a file, not a run dir; pass a run dir (outputs/DATE/TIME) or a "
+                                  f"sweep dir (outputs/multirun/DATE/TIME)")
+            paths.append(_readable(Path(pattern)))
+            continue
+        matches = sorted(glob.glob(pattern))
         if not matches:
             raise RunDirError(f"{pattern} does not exist; pass a run dir or a sweep dir (outputs/multirun/DATE/TIME)")
-        for match in matches:
-            if not os.path.isdir(match):
-                raise RunDirError(f"{match} is a file, not a run dir; pass a run dir (outputs/DATE/TIME) or a sweep "
-                                  f"dir (outputs/multirun/DATE/TIME)")
-            if not os.access(match, os.R_OK | os.X_OK):  # glob would skip it silently and report no runs
-                raise RunDirError(f"cannot read {match} (permission denied); fix its permissions (chmod u+rx)")
-        paths += [Path(m) for m in matches]
+        found = [_readable(Path(m)) for m in matches if os.path.isdir(m)]
+        found = [p for p in found if find_run_dirs(p)]
+        if not found:
+            raise RunDirError(f"{pattern} matches no run dir (a run dir holds .hydra/config.yaml); pass run or sweep "
+                              f"dirs from outputs/")
+        paths += found
     return paths
+
+
+def _readable(path: Path) -> Path:
+    if not os.access(path, os.R_OK | os.X_OK):  # glob would skip it silently and report no runs
+        raise RunDirError(f"cannot read {path} (permission denied); fix its permissions (chmod u+rx)")
+    return path
 
 
 def load_runs(patterns: list[str]) -> list[RunRecord]:

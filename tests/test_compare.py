@@ -267,3 +267,23 @@ def test_the_default_sort_is_the_val_loss_when_every_run_has_one(tmp_path, capsy
     assert compare.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--metric", "final_loss"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:3]] == ["0.01", "0.001"] and not lines[3].startswith("sorted by")
+
+
+def test_a_glob_skips_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`compare 'SWEEP/*'` matches the sweep's multirun.yaml and compare's own outputs too: a glob skips them (and
+    a dir without runs); a file named as a path is still an error, and so is a glob that matches no run."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", [3.0], lr=1e-3)
+    make_run(sweep / "1", [2.0], lr=3e-4)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / ".submitit").mkdir()
+    assert main([str(sweep / "*")]) == 0
+    assert [r["final_loss"] for r in json.loads((sweep / "compare.json").read_text())] == [2.0, 3.0]
+    assert main([str(sweep / "*")]) == 0  # again, now that compare.csv, .json and .png match too
+    assert len(json.loads((sweep / "compare.json").read_text())) == 2
+    capsys.readouterr()
+    assert main([str(sweep / "multirun.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {sweep / 'multirun.yaml'} is a file, not a run dir")
+    assert main([str(sweep / "*.yaml")]) == 2
+    assert capsys.readouterr().err == (f"error: {sweep / '*.yaml'} matches no run dir (a run dir holds "
+                                       f".hydra/config.yaml); pass run or sweep dirs from outputs/\n")
