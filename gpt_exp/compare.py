@@ -416,6 +416,24 @@ def best_run(rows: list[dict], metric: str) -> str | None:
     return min(scored, key=lambda row: row[name])["run_dirs"][0]
 
 
+def log_scale_notes(curves: list[Curve], x: str, logx: bool, logy: bool) -> list[str]:
+    """A log axis cannot show x <= 0 (every run's step 0) or a loss <= 0: the plot leaves those points out, and each
+    axis that did says how many in one line. Nothing left to show is an error."""
+    points = [(np.asarray(px, dtype=float), np.asarray(py, dtype=float)) for c in curves
+              for px, py in ((c.x, c.loss), (c.val_x, c.val_loss)) if px is not None]
+    xs = np.concatenate([px for px, _ in points]) if points else np.zeros(0)
+    ys = np.concatenate([py for _, py in points]) if points else np.zeros(0)
+    dropped = {"--logx": (xs <= 0) if logx else np.zeros(len(xs), bool),
+               "--logy": (ys <= 0) if logy else np.zeros(len(ys), bool)}
+    what = {"--logx": f"{x} <= 0", "--logy": "a loss <= 0"}
+    if (logx or logy) and len(xs) and (dropped["--logx"] | dropped["--logy"]).all():
+        on = [flag for flag, used in (("--logx", logx), ("--logy", logy)) if used]
+        raise CompareError(f"{' and '.join(on)}: every point has {' or '.join(what[f] for f in on)}, which a log axis "
+                           f"cannot show; drop {' and '.join(on)}")
+    return [f"{flag}: left out {n} point{'s' * (n > 1)} with {what[flag]} (a log axis cannot show them)"
+            for flag, out in dropped.items() if (n := int(out.sum()))]
+
+
 # --- output -------------------------------------------------------------------------------------------------------
 
 STAT_FIELDS = {*METRICS, "n", "data_varies", "x_axis", "x_common", "status", "run_dirs", "target", "p_below_target",
@@ -554,6 +572,7 @@ def main(argv: list[str]) -> int:
         rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target)
         out_dir = args.out or default_out_dir(args.paths, runs)
         curves = loss_curves(runs, args.smooth, x, best=best_run(rows, metric))
+        notes = log_scale_notes(curves, x, args.logx, args.logy)
         write_outputs(rows, curves, out_dir, x, args.logx, args.logy)
     except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
         if e.filename is None:
@@ -563,6 +582,8 @@ def main(argv: list[str]) -> int:
     if args.metric is None:
         print(f"sorted by {metric}" + (" (every run has a val loss; --metric final_loss for the last training batch's)"
                                        if metric == "final_val_loss" else "; --metric KEY sorts by another"))
+    for note in notes:
+        print(note)
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
     return 0
 

@@ -287,3 +287,26 @@ def test_a_glob_skips_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([str(sweep / "*.yaml")]) == 2
     assert capsys.readouterr().err == (f"error: {sweep / '*.yaml'} matches no run dir (a run dir holds "
                                        f".hydra/config.yaml); pass run or sweep dirs from outputs/\n")
+
+
+def test_log_axes_leave_out_what_they_cannot_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--logx leaves out step 0, --logy a loss <= 0, each with a one-line note; a plot with nothing left on its log
+    axes is one error line, with no traceback and no files."""
+    make_run(tmp_path / "a", [3.0, 2.0, 0.0], lr=1e-3)
+    make_run(tmp_path / "b", [3.0, 2.5, 2.0], lr=3e-4)
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--logx", "--logy", "--out", str(tmp_path / "r")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["--logx: left out 2 points with step <= 0 (a log axis cannot show them)",
+                          "--logy: left out 1 point with a loss <= 0 (a log axis cannot show them)",
+                          f"wrote compare.csv, compare.json, compare.png to {tmp_path / 'r'}"]
+    for seed in (0, 1):  # a seed group of one step each: only x = 0 (a traceback from matplotlib before)
+        make_run(tmp_path / "one" / str(seed), [3.0], seed=seed)
+    make_run(tmp_path / "zero", [0.0, 0.0])
+    for run, flags, expected in (
+            ("one", ["--logx"], "--logx: every point has step <= 0, which a log axis cannot show; drop --logx"),
+            ("zero", ["--logy"], "--logy: every point has a loss <= 0, which a log axis cannot show; drop --logy"),
+            ("zero", ["--logx", "--logy"], "--logx and --logy: every point has step <= 0 or a loss <= 0, which a log "
+                                           "axis cannot show; drop --logx and --logy")):
+        assert main([str(tmp_path / run), *flags, "--out", str(tmp_path / "none")]) == 2
+        assert capsys.readouterr() == ("", f"error: {expected}\n")
+    assert not (tmp_path / "none").exists()
