@@ -69,7 +69,7 @@ SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_
 
 
 def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
-    """The run as a Point, or why it is skipped (failed, still running, no such loss)."""
+    """The run as a Point, or why it is skipped (failed, still running, no such loss or one <= 0)."""
     shape = {key: run.params.get(key) for key in SHAPE_KEYS}
     for key, value in shape.items():
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -80,6 +80,8 @@ def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
     loss = getattr(run, metric)
     if loss is None or not math.isfinite(loss):
         return "no val loss" if metric == "final_val_loss" else f"no {metric}"
+    if loss <= 0:  # a cross-entropy is positive; the fits take its log
+        return f"{metric} <= 0, which ln L cannot take"
     if not run.tokens:
         return "no tokens in summary.json"
     L, C, V, block, T = (shape[key] for key in SHAPE_KEYS)

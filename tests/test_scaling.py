@@ -211,6 +211,9 @@ BAD = [
      ["ROOT", "--metric", "final_val_loss"],
      "error: no run has a final_val_loss to fit (no val loss: 6); pass finished runs; or --metric final_loss (a val "
      "loss needs data.val_fraction>0 and train.eval_every)\n"),
+    ("zero losses", lambda r: synthetic_grid(r, budgets=BUDGETS[:2], shapes_per_budget=3, loss=lambda n, d: 0.0),
+     ["ROOT"], "error: no run has a final_loss to fit (final_loss <= 0, which ln L cannot take: 6); pass finished "
+     "runs\n"),
     ("not a gpt_exp run", lambda r: (synthetic_grid(r, budgets=BUDGETS[:2]), _not_a_run(r)), ["ROOT"],
      "other is not a gpt_exp run (model.n_layer=None in .hydra/config.yaml, where a positive integer belongs); pass "
      "run or sweep dirs of python -m gpt_exp.run"),
