@@ -1,6 +1,7 @@
 """Compare finished, failed or still-running runs: a table of what differs and how it did, plus an overlay plot.
 Runs that differ only by `train.seed` are grouped into one row (mean ± sample std) and one mean curve with a band;
---baseline tests each group against one (Welch's t-test), --target asks which reached a loss, and when."""
+--baseline tests each group against one (Welch's t-test; Holm-adjusted p-values when several are tested),
+--target asks which reached a loss, and when."""
 
 from __future__ import annotations
 
@@ -163,10 +164,11 @@ def contributing(group: list[RunRecord]) -> list[RunRecord]:
 
 
 def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | None = None, smooth: int = 1,
-                  baseline: list[str] = (), target: float | None = None) -> list[dict]:
+                  baseline: list[str] = (), target: float | None = None, effect: float | None = None) -> list[dict]:
     """One row per configuration, sorted by `metric` ascending (a config key works too); missing values last.
     x: the axis of loss_at_x and --target's crossing (None: default_x); baseline: KEY=VALUE that pick the group the
-    others are tested against; target: a loss each group's mean is tested to be below."""
+    others are tested against; target: a loss each group's mean is tested to be below; effect: the difference the
+    seed count is sized for (None: the observed one, post hoc)."""
     keys, groups = group_runs(runs)
     if metric not in METRICS and metric not in keys:
         choices = ", ".join([*METRICS, *keys])
@@ -191,7 +193,10 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     if baseline:
         base = find_baseline(baseline, keys, groups)
         for i, (row, group) in enumerate(zip(rows, groups)):
-            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), is_base=i == base))
+            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), i == base, effect))
+        tested = [row for row in rows if row["baseline_p"] is not None]
+        for row, adjusted in zip(tested, holm([row["baseline_p"] for row in tested])):
+            row["baseline_p_holm"] = adjusted
     return [row for _, row in sorted(enumerate(rows), key=lambda item: _sort_key(item[1][metric]))]
 
 
@@ -284,12 +289,15 @@ def _matches(value: Any, text: str) -> bool:
     return str(value) == text
 
 
-def _baseline_columns(values: list[float], base: list[float], is_base: bool) -> dict:
+def _baseline_columns(values: list[float], base: list[float], is_base: bool, effect: float | None = None) -> dict:
     """This group's metric against the baseline's: the difference of the means, its 95% CI and p-value from Welch's
     t-test (no equal-variance assumption: a config can change the spread over seeds), and the seeds per side that
-    would resolve the observed difference."""
+    would resolve a difference of `effect`, or, post hoc, of the observed one (which overstates what a sweep
+    could find when the observed difference is noise's). baseline_p_holm is filled in by compare_table."""
     row: dict[str, Any] = {"baseline_diff": None, "baseline_ci_low": None, "baseline_ci_high": None,
-                           "baseline_p": None, "seeds_needed": None, "baseline_note": None}
+                           "baseline_p": None, "baseline_p_holm": None, "seeds_needed": None,
+                           "seeds_needed_effect": None, "seeds_needed_post_hoc": effect is None,
+                           "baseline_note": None}
     if is_base:
         return row | {"baseline_note": "baseline"}
     if not values or not base:
@@ -303,8 +311,21 @@ def _baseline_columns(values: list[float], base: list[float], is_base: bool) -> 
         ci = result.confidence_interval(1 - ALPHA)  # t quantile at the Welch-Satterthwaite dof
     pooled_std = math.sqrt(((len(values) - 1) * np.var(values, ddof=1) + (len(base) - 1) * np.var(base, ddof=1))
                            / (len(values) + len(base) - 2))
+    sized_for = abs(row["baseline_diff"]) if effect is None else effect
     return row | {"baseline_ci_low": _finite(ci.low), "baseline_ci_high": _finite(ci.high),
-                  "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(row["baseline_diff"], pooled_std)}
+                  "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(sized_for, pooled_std),
+                  "seeds_needed_effect": sized_for}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (each group against one baseline): the i-th smallest
+    times (m - i + 1), kept non-decreasing and at most 1. It holds the chance of any false positive at alpha whatever
+    the tests' dependence (they share the baseline). (scipy has no Holm.)"""
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(sorted(range(len(p_values)), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def t_test_power(n: int, effect: float, alpha: float = ALPHA) -> float:
@@ -438,7 +459,8 @@ def log_scale_notes(curves: list[Curve], x: str, logx: bool, logy: bool) -> list
 
 STAT_FIELDS = {*METRICS, "n", "data_varies", "x_axis", "x_common", "status", "run_dirs", "target", "p_below_target",
                "target_note", "tokens_to_target", "time_to_target", "runs_reached_target", "baseline_diff",
-               "baseline_ci_low", "baseline_ci_high", "baseline_p", "seeds_needed", "baseline_note"}
+               "baseline_ci_low", "baseline_ci_high", "baseline_p", "baseline_p_holm", "seeds_needed",
+               "seeds_needed_effect", "seeds_needed_post_hoc", "baseline_note"}
 
 
 def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") -> str:
@@ -452,8 +474,11 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
     header = [*keys, *(["n", "data varies"] if grouped else [])]
     header += [f"loss@{_x_text(rows[0]['x_axis'], rows[0]['x_common'])}" if m == "loss_at_x" else m for m in losses]
     tested = "baseline_note" in rows[0]
+    holm_shown = tested and sum(row["baseline_p"] is not None for row in rows) > 1
     if tested:
-        header += [f"Δ{metric}", "95% CI", "p (Welch)", "seeds/side"]
+        effect = None if rows[0]["seeds_needed_post_hoc"] else rows[0]["seeds_needed_effect"]
+        header += [f"Δ{metric}", "95% CI", "p (Welch)", *["p (Holm)"] * holm_shown,
+                   "seeds/side (post hoc)" if effect is None else f"seeds/side for Δ={effect:g}"]
     target = rows[0].get("target")
     if target is not None:
         header += [f"p({metric}<{target:g})", f"tokens to {target:g}", f"time to {target:g}"]
@@ -465,7 +490,7 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
             std = row[f"{m}_std"]
             cells.append("-" if row[m] is None else f"{row[m]:.4f}" + (f"±{std:.4f}" if std is not None else ""))
         if tested:
-            cells += _baseline_cells(row)
+            cells += _baseline_cells(row, holm_shown)
         if target is not None:
             cells.append(row["target_note"] or _p(row["p_below_target"]))
             tokens, time = _count(row["tokens_to_target"]), _duration(row["time_to_target"])
@@ -479,15 +504,16 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _baseline_cells(row: dict) -> list[str]:
+def _baseline_cells(row: dict, holm_shown: bool) -> list[str]:
+    holm_cell = [_p(row["baseline_p_holm"]) if row["baseline_p"] is not None else ""] * holm_shown
     if row["baseline_note"] == "baseline":
-        return ["baseline", "", "", ""]
+        return ["baseline", "", "", *holm_cell, ""]
     diff = "-" if row["baseline_diff"] is None else f"{row['baseline_diff']:+.4f}"
     if row["baseline_note"]:
-        return [diff, "", row["baseline_note"], ""]
+        return [diff, "", row["baseline_note"], *holm_cell, ""]
     low, high = row["baseline_ci_low"], row["baseline_ci_high"]
     ci = "-" if low is None else f"[{low:+.4f}, {high:+.4f}]"
-    return [diff, ci, _p(row["baseline_p"]), _fmt(row["seeds_needed"])]
+    return [diff, ci, _p(row["baseline_p"]), *holm_cell, _fmt(row["seeds_needed"])]
 
 
 def _p(value: float | None) -> str:
@@ -556,6 +582,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
                         help="test every configuration against this one (Welch's t-test over seeds), e.g. "
                         "optim.lr=0.001; repeat to pick one of several matches")
+    parser.add_argument("--effect", type=float, metavar="D", help="with --baseline: size the seeds per side for a "
+                        "difference of D in the metric (default: the observed difference, post hoc)")
     parser.add_argument("--target", type=float, metavar="L", help="test each mean to be below the loss L; the tokens "
                         "and time at which the smoothed loss first reached it")
     parser.add_argument("--logx", action="store_true", help="log-scale x axis")
@@ -566,10 +594,14 @@ def main(argv: list[str]) -> int:
         raise CompareError(f"--smooth {args.smooth} must be at least 1 (1 means no smoothing)")
     if args.target is not None and not math.isfinite(args.target):
         raise CompareError(f"--target {args.target} must be a finite loss, e.g. --target 3.5")
+    if args.effect is not None and not (math.isfinite(args.effect) and args.effect > 0):
+        raise CompareError(f"--effect {args.effect} must be a positive difference in the metric, e.g. --effect 0.02")
+    if args.effect is not None and not args.baseline:
+        raise CompareError("--effect sizes the seeds of --baseline's test; add --baseline KEY=VALUE")
     try:
         runs = load_runs(args.paths)
         x, metric = args.x or default_x(runs), args.metric or default_metric(runs)
-        rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target)
+        rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target, args.effect)
         out_dir = args.out or default_out_dir(args.paths, runs)
         curves = loss_curves(runs, args.smooth, x, best=best_run(rows, metric))
         notes = log_scale_notes(curves, x, args.logx, args.logy)
@@ -582,6 +614,10 @@ def main(argv: list[str]) -> int:
     if args.metric is None:
         print(f"sorted by {metric}" + (" (every run has a val loss; --metric final_loss for the last training batch's)"
                                        if metric == "final_val_loss" else "; --metric KEY sorts by another"))
+    if any(row["n"] > 1 and row["data_varies"] == "no" for row in rows):
+        notes.append("seeds share the data order (data.order=sequential: every seed reads the same batches), so the "
+                     "spread over seeds and the tests measure the init's variance alone; data.order=shuffled gives "
+                     "each seed its own order")
     for note in notes:
         print(note)
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
