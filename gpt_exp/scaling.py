@@ -4,6 +4,7 @@ fitted as Hoffmann et al. 2022 (Chinchilla) do in their approaches 2 and 3, with
 N is the non-embedding parameter count (Kaplan et al. 2020's; --params total for Chinchilla's count, embeddings
 included), from the run's shape as gpt_exp/shapes.py counts it; D the tokens trained (summary.json); C = D x
 flops_per_token, the training FLOPs as MFU counts them (6 per matmul weight + the attention scores), not 6ND.
+The runs may differ in shape, budget and seed only: runs that differ in anything else are refused, naming the keys.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from scipy.special import huber
 from tqdm import tqdm
 
 from gpt_exp.atomic import atomic_path
+from gpt_exp.compare import short_value, varying_keys
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
@@ -66,6 +68,21 @@ class Point:
 
 
 SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")
+# What a grid varies: the shape, the budget (and, repeated, the seed). Everything else (data, optimizer, lr,
+# parametrization, init_from, batch size, ...) must be one setting, or the fits would read its effect as scaling.
+GRID_KEYS = ("model.name", "model.n_layer", "model.n_head", "model.n_embd", "train.max_tokens", "train.max_steps",
+             "train.seed")
+
+
+def one_setting(runs: list[RunRecord]) -> None:
+    """Refuse runs that differ in more than their shape and budget (compare's bookkeeping keys aside), naming what
+    differs: one law through two settings' runs is neither's."""
+    differing = [key for key in varying_keys(runs) if key not in GRID_KEYS]
+    if differing:
+        seen = "; ".join(f"{key}: " + ", ".join(sorted({short_value(r.params.get(key)) for r in runs})[:4])
+                         for key in differing[:4])
+        raise ScalingError(f"the runs differ in more than shape and budget ({seen}); a scaling law is fitted to one "
+                           f"setting of everything else: pass the runs of each setting separately")
 
 
 def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
@@ -593,6 +610,7 @@ def main(argv: list[str]) -> int:
                if args.metric == "final_val_loss" else "")
         reasons = ", ".join(f"{why}: {n}" for why, n in counts.items())
         raise ScalingError(f"no run has a {args.metric} to fit ({reasons}); pass finished runs{fix}")
+    one_setting([r for r in runs if r.path in {p.path for p in points}])
     result = analyse(points, args.budget, args.bootstrap, args.seed)
     summary = {"metric": args.metric, "params": args.params, "compute": "tokens x flops_per_token",
                "bootstrap": args.bootstrap, "seed": args.seed,

@@ -356,3 +356,27 @@ def test_runs_that_repeat_their_data_are_counted_in_the_report(tmp_path, capsys)
     for path in summaries[:-1]:  # a corpus big enough for every run: no such line
         path.write_text(json.dumps({**json.loads(path.read_text()), "train_split_tokens": 10**12}))
     assert "data repeated" not in scaling(grid, "--bootstrap", 0, capsys=capsys)[1]
+
+
+def _set(run_dir: Path, section: str, key: str, value) -> None:
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    config[section][key] = value
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+
+
+def test_runs_that_differ_in_more_than_shape_and_budget_are_refused(tmp_path, capsys):
+    """Half a grid at another lr and batch size is two grids: one law through both would read the lr's effect as
+    scaling. Runs that differ only in shape, budget and seed are one grid."""
+    grid = synthetic_grid(tmp_path / "grid", budgets=BUDGETS[:2], shapes_per_budget=3)
+    for i, run in enumerate(sorted(p.parent.parent for p in grid.glob("*/*/.hydra/config.yaml"))):
+        _set(run, "train", "seed", i)
+    assert scaling(grid, "--bootstrap", 0, capsys=capsys)[0] == 0
+    for run in sorted(grid.glob("C1e+19/*")):
+        _set(run, "optim", "lr", 0.003)
+        _set(run, "train", "total_batch_size", 32768)
+    code, out, err = scaling(grid, "--bootstrap", 0, "--out", tmp_path / "fit", capsys=capsys)
+    assert (code, out) == (2, "")
+    assert err == ("error: the runs differ in more than shape and budget (train.total_batch_size: 32768, None; "
+                   "optim.lr: 3e-3, 6e-4); a scaling law is fitted to one setting of everything else: pass the runs "
+                   "of each setting separately\n")
+    assert not (tmp_path / "fit").exists()
