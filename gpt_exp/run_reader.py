@@ -22,8 +22,10 @@ import yaml
 from gpt_exp.config import flatten
 from gpt_exp.errors import UserError
 from gpt_exp.metrics import is_number, read_metrics
+from gpt_exp.shapes import flops_per_token
 
 RUNNING = "running/incomplete"
+SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")  # what shapes.py counts
 
 
 class RunDirError(UserError):
@@ -162,18 +164,20 @@ def load_run(run_dir: Path) -> RunRecord:
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         numbers.update(read_summary(summary_path, [*numbers, "flops_per_token", "train_split_tokens"]))
-    flops_per_token = numbers.pop("flops_per_token", None)
+    params = {k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
+              for k, v in flatten(read_config(run_dir)).items()}
+    # runs made before the rows had flops: summary.json's flops_per_token, or (older still) the shape's
+    flops_per_token = numbers.pop("flops_per_token", None) or shape_flops_per_token(params)
     tokens = _column(train, "tokens")
     flops = _column(train, "flops")
-    if flops is None and tokens is not None and flops_per_token:  # runs made before the rows had flops
+    if flops is None and tokens is not None and flops_per_token:
         flops = tokens * flops_per_token
     elapsed = _column(train, "elapsed_s")
     if elapsed is None and (dt_ms := _column(train, "dt_ms")) is not None:  # before the rows had elapsed_s
         elapsed = np.cumsum(dt_ms) / 1000
     return RunRecord(
         path=run_dir,
-        params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
-                for k, v in flatten(read_config(run_dir)).items()},
+        params=params,
         curve_steps=np.array([r["step"] for r in train], dtype=float),
         curve_losses=np.array([r["loss"] for r in train], dtype=float),
         curve_tokens=tokens,
@@ -185,6 +189,14 @@ def load_run(run_dir: Path) -> RunRecord:
         final_val_loss=so_far["final_val_loss"],
         **numbers,
     )
+
+
+def shape_flops_per_token(params: dict) -> int | None:
+    """The run's training FLOPs per token from its config's shape (gpt_exp/shapes.py), None if it lacks one."""
+    shape = [params.get(key) for key in SHAPE_KEYS]
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        return flops_per_token(*shape)
+    return None
 
 
 def read_summary(path: Path, keys) -> dict:

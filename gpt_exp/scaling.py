@@ -29,7 +29,7 @@ from gpt_exp.compare import short_value, varying_keys
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
-from gpt_exp.run_reader import RunRecord, default_out_dir, load_runs
+from gpt_exp.run_reader import SHAPE_KEYS, RunRecord, default_out_dir, load_runs
 from gpt_exp.shapes import flops_per_token, param_counts
 
 METRICS = ("final_loss", "final_val_loss")
@@ -68,7 +68,6 @@ class Point:
     epochs: float | None = None  # D / the training split's tokens: > 1 means D counts repeated tokens
 
 
-SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")
 # What a grid varies: the shape, the budget (and, repeated, the seed). Everything else (data, optimizer, lr,
 # parametrization, init_from, batch size, ...) must be one setting, or the fits would read its effect as scaling.
 GRID_KEYS = ("model.name", "model.n_layer", "model.n_head", "model.n_embd", "train.max_tokens", "train.max_steps",

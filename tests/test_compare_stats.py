@@ -26,6 +26,7 @@ from gpt_exp.compare import (
 )
 from gpt_exp.metrics import read_metrics
 from gpt_exp.plots import loss_figure, overlay_figure, plot_loss_curve, robust_ylim
+from gpt_exp.shapes import flops_per_token
 from tests.test_compare import make_run
 
 A = [3.1, 3.3, 3.2, 3.5]  # final losses of four seeds at lr=1e-3
@@ -232,6 +233,10 @@ def test_flops_and_time_axes_and_their_fallbacks(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().err == (f"error: --x flops needs runs made by this version of gpt_exp "
                                        f"({tmp_path / 'old' / 'metrics.jsonl'} has no flops and "
                                        f"{tmp_path / 'old' / 'summary.json'} no flops_per_token); use --x tokens\n")
+    shape = {"n_layer": 2, "n_embd": 32, "vocab_size": 50257, "block_size": 256}  # T=32: make_run's
+    make_run(tmp_path / "older", [3.0, 2.0], lr=1e-4, config={"model": shape})
+    fpt = flops_per_token(2, 32, 50257, 256, 32)  # a run older than summary.json's flops_per_token: the shape's
+    assert load_runs([str(tmp_path / "older")])[0].curve_flops.tolist() == [128 * fpt, 256 * fpt]
     make_run(tmp_path / "untimed", [3.0, 2.0], lr=1e-5, drop=("dt_ms",))
     assert main([str(tmp_path / "new"), str(tmp_path / "untimed"), "--x", "time", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: --x time needs elapsed_s or dt_ms in every row of "
