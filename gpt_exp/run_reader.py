@@ -228,9 +228,16 @@ def read_config(run_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise RunDirError(f"{path} is not a run config (a YAML mapping of settings); {fix}")
     for key, value in flatten(cfg).items():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and "${" in item:
-                raise RunDirError(f"{run_dir}: {key}={item[:80]} in .hydra/config.yaml is an interpolation; a run dir "
-                                  f"is data and gpt_exp resolves nothing in it (${{oc.env:...}} would read this "
-                                  f"machine's environment): write the value the run trained with, or leave the run out")
+        if (text := _interpolation(value)) is not None:
+            raise RunDirError(f"{run_dir}: {key}={text[:80]} in .hydra/config.yaml is an interpolation; a run dir "
+                              f"is data and gpt_exp resolves nothing in it (${{oc.env:...}} would read this "
+                              f"machine's environment): write the value the run trained with, or leave the run out")
     return cfg
+
+
+def _interpolation(value: Any) -> str | None:
+    """The first string holding `${` in a config value, within its lists and mappings too (data mixes)."""
+    if isinstance(value, str):
+        return value if "${" in value else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((found for item in items if (found := _interpolation(item)) is not None), None)

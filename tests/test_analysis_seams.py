@@ -86,3 +86,10 @@ def test_a_run_config_is_data_its_interpolations_are_refused(tmp_path, monkeypat
                    f"environment): write the value the run trained with, or leave the run out\n")
     assert not (tmp_path / "out").exists()
     assert not any(secret.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_an_interpolation_inside_a_list_is_refused_too(tmp_path, capsys):
+    run = make_run(tmp_path / "run", [3.0], config={"data": {"mix": [{"path": "${oc.env:HOME}", "weight": 1}]}})
+    assert compare.main([str(run), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run}: data.mix=${{oc.env:HOME}} in .hydra/config.yaml is an "
+                                              f"interpolation;")
