@@ -30,12 +30,11 @@ SEED_KEY = "train.seed"
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
 METRICS = (*LOSS_METRICS, "steps", "tokens", "median_tok_per_s", "wall_s")
 AXES = ("step", "tokens", "flops", "time")
-# Logger settings and paths decide where a run writes, not what it learns, and often differ per run; so do the
-# settings of how often it saves, logs and evaluates, and its CPU threads.
+# Logger settings and the cache's path decide where a run writes, not what it learns, and often differ per run; so
+# do the settings of how often it saves, logs and evaluates, and its CPU threads. data.path is what it learns from.
 IGNORED_SECTIONS = ("logger.", "hydra.")
-IGNORED_SUFFIXES = ("dir", "path")
 BOOKKEEPING_KEYS = ("resume", "train.ckpt_every", "train.keep_ckpts", "train.eval_batches", "train.log_every",
-                    "data.cache_dir", "device.threads")
+                    "data.cache_dir", "eval.hellaswag_path", "device.threads")
 ALPHA, POWER = 0.05, 0.8  # the test --baseline runs, and the power its seed count is sized for
 NO_TEST = "n=1: no test"
 MAX_GRID = 5000  # points of a seed group's mean curve
@@ -135,11 +134,10 @@ def on_common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
 # --- grouping and the table ---------------------------------------------------------------------------------------
 
 def varying_keys(runs: list[RunRecord]) -> list[str]:
-    """Config keys whose values differ between the runs, in config order, skipping logger settings, paths and
-    bookkeeping (BOOKKEEPING_KEYS)."""
+    """Config keys whose values differ between the runs, in config order, skipping logger settings and bookkeeping
+    (BOOKKEEPING_KEYS)."""
     keys = list(dict.fromkeys(k for run in runs for k in run.params))
-    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k in BOOKKEEPING_KEYS
-                                    or k.rsplit(".", 1)[-1].endswith(IGNORED_SUFFIXES))]
+    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k in BOOKKEEPING_KEYS)]
     return [k for k in keys if len({repr(run.params.get(k)) for run in runs}) > 1]
 
 

@@ -82,6 +82,14 @@ def test_varying_keys_skip_logger_and_paths(tmp_path: Path) -> None:
     assert varying_keys(load_runs([str(tmp_path)])) == ["B", "optim.lr"]
 
 
+def test_runs_on_different_data_files_are_not_seeds_of_one_configuration(tmp_path: Path) -> None:
+    """data.path is what a run learns from, not where it writes: two corpora are two rows, never one seed group."""
+    for seed, corpus in enumerate(("a.txt", "b.txt")):
+        make_run(tmp_path / corpus, [3.0 + seed], seed=seed, config={"data": {"path": f"/data/{corpus}"}})
+    rows = compare_table(load_runs([str(tmp_path)]))
+    assert [(r["data.path"], r["n"]) for r in rows] == [("/data/a.txt", 1), ("/data/b.txt", 1)]
+
+
 def test_losses_come_from_metrics_and_summary(tmp_path: Path) -> None:
     make_run(tmp_path / "done", [5.0, 3.0, 4.0], val_losses=[4.5, 4.25])
     make_run(tmp_path / "going", [6.0, 2.5, 2.75], status=None)
