@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp import resolve, rundir
 from gpt_exp.checkpoint import embedding_rows, remove_stale_temp_files
-from gpt_exp.cli import fail, is_user_error
+from gpt_exp.cli import fail, is_user_error, restore_ctrl_c
 from gpt_exp.config import register_schema
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import broadcast, destroy, init_process_group
@@ -103,6 +103,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 def main() -> None:
     # Hydra raises its composition errors to us instead of printing a multi-line report: we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    restore_ctrl_c()
     # A log line that cannot be written (a full disk) is dropped, not a traceback: the run's own writes fail there
     # with one error line.
     logging.raiseExceptions = False

@@ -397,3 +397,17 @@ def test_steps_of_a_token_budget_are_computed_in_one_place():
     assert TrainConfig(max_steps=None, max_tokens=1000).steps(128) == 8
     assert TrainConfig(max_steps=5).steps(128) == 5
     assert "train.max_tokens" in schema_keys()
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(tmp_path, cache_dir, delay):
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_exp.run", *tiny(cache_dir, "train.max_steps=2")],
+                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(delay)  # within the imports (torch takes seconds), or Hydra's start
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err  # 0: the tiny run finished before the signal came
+    assert "Traceback" not in out + err
+    if proc.returncode == 130:
+        assert err.strip().endswith("interrupted")
