@@ -411,3 +411,29 @@ def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(tmp_path
     assert "Traceback" not in out + err
     if proc.returncode == 130:
         assert err.strip().endswith("interrupted")
+
+
+def test_a_killed_in_place_resume_leaves_no_stale_completed_summary(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    assert run_cli("run", *tiny(cache_dir, "train.max_steps=4", "train.ckpt_every=2", f"hydra.run.dir={run}"),
+                   cwd=tmp_path).returncode == 0
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    proc = run_cli_async("run", "logger.mode=disabled", f"resume={run}", f"hydra.run.dir={run}", "train.max_steps=400",
+                         cwd=tmp_path)
+    wait_for_rows(run, 8, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["resumed_at_step"] == 4  # not the first segment's `completed`
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sample.seed=4294967296"], "error: sample.seed=4294967296 is invalid: it must be in [0, 2**32)"),
+    (["train.sample_every=1", "model.block_size=8", "T=8", "sample.prompts=[one two three four five six seven eight]"],
+     "error: sample.prompts=[one two three four f...] is invalid: a prompt of 8 tokens fills model.block_size=8"),
+    (["init_from=no/such/run"], "error: init_from=no/such/run does not exist"),
+])
+def test_settings_that_would_fail_mid_run_fail_before_it(tmp_path, cache_dir, args, expected):
+    result = run_cli("run", *tiny(cache_dir, "train.max_steps=2"), *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(expected), result.stderr
+    assert not (tmp_path / "outputs").exists()
