@@ -227,6 +227,8 @@ def parse_options(command: str, argv: list[str], schema: type[Options]) -> Optio
         print(f"usage: python -m gpt_exp.{command} {keys}   (--cfg job: print the options and stop)")
         return None
     show = argv[-2:] == ["--cfg", "job"]
+    # Not OmegaConf's dotlist parser: it reads a value as YAML (prompt=1e-3 becomes "0.001", prompt=null None), and
+    # a prompt must reach the model as typed.
     fields = {f.name: f for f in dataclasses.fields(schema)}
     values = {}
     for arg in argv[:-2] if show else argv:
