@@ -258,6 +258,9 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Pa
     be new or empty; the files are written into a hidden temp dir beside it, renamed into place once all are whole,
     so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete. `step`: the training step
     the weights are from, recorded in config.json (recorded_step reads it back)."""
+    if not model.config.is_gpt2:
+        raise ConfigError("export writes GPT-2's architecture only, and this model has another (model.pos, "
+                          "model.norm, model.mlp, ... not GPT-2's); sample and eval read its checkpoints directly")
     out_dir = check_out_dir(out_dir)
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
