@@ -249,4 +249,41 @@ def test_modern_tiny_trains_resumes_bitwise_and_samples(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ROMEO:") == 2
     result = run_cli("export", str(run_dir), str(tmp_path / "hf"), cwd=tmp_path)
-    assert result.returncode == 2 and "error: export writes GPT-2's architecture only" in result.stderr
+    assert result.returncode == 2 and ("error: export writes GPT-2's or Llama's architecture, and no transformers class represents "
+                                      "model.mlp=relu2, model.qk_norm=true, model.logit_softcap=15.0, model.value_embeddings=true;"
+                                      ) in result.stderr
+
+
+@pytest.mark.parametrize("settings", [dict(LLAMA, n_kv_head=2), dict(LLAMA, n_kv_head=4, tie_embeddings=False,
+                                                                     norm_gain=False, bias=True)])
+def test_a_llama_shaped_model_exports_as_llama_and_generates_alike(tmp_path, settings):
+    transformers = pytest.importorskip("transformers")
+    from gpt_exp.generation import generate
+    from gpt_exp.hf import save_hf
+
+    ours = model_of(settings).eval()
+    with torch.no_grad():  # larger weights than the init's: greedy choices far from ties
+        for p in ours.parameters():
+            p.mul_(4)
+    out = save_hf(ours, tmp_path / "llama", step=3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == settings["n_kv_head"]
+    assert config["intermediate_size"] == 85 and config["gpt_exp_step"] == 3
+    theirs = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=1e-4)
+        want = generate(ours, idx, 20, top_k=1)
+        got = theirs.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                              attention_mask=torch.ones_like(idx))
+    assert torch.equal(got, want)
+
+
+def test_a_model_no_transformers_class_holds_is_refused_in_one_line(tmp_path):
+    from gpt_exp.hf import save_hf
+
+    with pytest.raises(ConfigError, match=r"^export writes GPT-2's or Llama's architecture, and no transformers class "
+                                          r"represents model.mlp=relu2; sample and eval"):
+        save_hf(model_of(dict(LLAMA, mlp="relu2")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
