@@ -19,6 +19,15 @@ The vocabulary can be padded (model.pad_vocab): the tied embedding gets zero row
 GPT-2's 50257), so that the lm_head matmul has shapes CUDA kernels tile well (~4% faster in the lecture). The padded
 rows are never a token: forward returns the logits of the real vocabulary only, so the loss, sampling and evaluation
 never give them probability, and they get no gradient, so they stay zero through training.
+
+Architecture settings (model.pos, norm, norm_gain, qk_norm, mlp, bias, tie_embeddings, logit_softcap, n_kv_head,
+value_embeddings, zero_init_proj) each default to GPT-2's choice, and at their defaults the model, its state_dict keys
+and its init's random stream are GPT-2's above. The others: rotary positions instead of wpe (Su et al., in Llama's
+layout, so an export to LlamaForCausalLM computes the same), RMSNorm, q and k normed per head, ReLU^2 or SwiGLU MLPs,
+no biases, an untied lm_head, logits capped by tanh (Gemma 2), grouped-query attention (n_kv_head key/value heads),
+nanochat's gated value embeddings (a table per alternating layer whose rows are added to v, each kv head gated by
+2 sigmoid of a 32-channel projection that starts at zero, so the gate starts at 1) and residual projections that start
+at zero. conf/model/modern.yaml is nanochat's combination.
 """
 
 from __future__ import annotations
@@ -89,7 +98,7 @@ class GPTConfig:
     mup_output_mult: float = 1.0  # under mup: the logits times this / m
     mup_attn_mult: float = 1.0  # under mup: attention scores times this / d_head
     mup_embed_lr_mult: float = 1.0  # under mup: the embeddings' (wte = lm_head, wpe) lr times this
-    # architecture settings (module docstring, "Architecture settings"); each default is GPT-2's
+    # the architecture settings (the module docstring; config.ModelConfig says what each does); each default GPT-2's
     pos: str = "learned"  # learned (wpe) or rope (rotary, no wpe)
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm or rmsnorm
