@@ -237,6 +237,11 @@ def test_modern_tiny_trains_resumes_bitwise_and_samples(tmp_path, cache_dir):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=300) == -signal.SIGKILL  # killed, not finished
     killed_dir = metrics[0].parent
+    result = run_cli("run", *MODERN_RUN, "logger.mode=disabled", "model.logit_softcap=30", f"resume={killed_dir}",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)  # MODEL_FIXED: another model, refused
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: resume: the checkpoint's model has another shape or parametrization (model.logit_softcap")
     result = run_cli("run", *MODERN_RUN, "logger.mode=offline", f"resume={killed_dir}",
                      f"data.cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
