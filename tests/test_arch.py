@@ -292,3 +292,18 @@ def test_a_model_no_transformers_class_holds_is_refused_in_one_line(tmp_path):
                                           r"represents model.mlp=relu2; sample and eval"):
         save_hf(model_of(dict(LLAMA, mlp="relu2")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, drop", [
+    (["model=modern_tiny", "optim=muon"], 0.05),
+    (["model=modern_tiny", "optim=muon", "model.mlp=swiglu", "model.n_kv_head=1"], 0.05),
+    # muP at m = 3: the hidden matrices' lr and the logits / 3, so 12 steps move the loss less
+    (["model=modern_tiny", "model.parametrization=mup", "model.mup_base_width=8"], 0.005),
+])
+def test_muon_and_mup_train_the_other_architectures(tmp_path, cache_dir, args, drop):
+    result = run_cli("run", *args, "train.max_steps=12", "optim.warmup_steps=2", "logger.mode=disabled",
+                     f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in (tmp_path / "outputs").glob("*/*/.hydra")]
+    losses = [row["loss"] for row in read_metrics(run_dir)]
+    assert len(losses) == 12 and losses[-1] < losses[0] - drop  # it learns with every block's tensors split
