@@ -25,7 +25,8 @@ MODERN = dict(pos="rope", norm="rmsnorm", norm_gain=False, qk_norm=True, mlp="re
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2)
 SETTINGS = {  # one change from GPT-2 at a time, then the presets' combinations
     "gpt2": {}, "rope": dict(pos="rope"), "rmsnorm": dict(norm="rmsnorm"), "no_gain": dict(norm_gain=False),
-    "qk_norm": dict(qk_norm=True), "relu2": dict(mlp="relu2"), "swiglu": dict(mlp="swiglu"), "no_bias": dict(bias=False),
+    "qk_norm": dict(qk_norm=True), "relu2": dict(mlp="relu2"), "swiglu": dict(mlp="swiglu"),
+    "no_bias": dict(bias=False),
     "untied": dict(tie_embeddings=False), "softcap": dict(logit_softcap=15.0), "gqa": dict(n_kv_head=1),
     "value_embeddings": dict(value_embeddings=True), "value_embeddings_gqa": dict(value_embeddings=True, n_kv_head=2),
     "zero_init_proj": dict(zero_init_proj=True), "modern": MODERN, "llama": LLAMA,
@@ -254,9 +255,9 @@ def test_modern_tiny_trains_resumes_bitwise_and_samples(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ROMEO:") == 2
     result = run_cli("export", str(run_dir), str(tmp_path / "hf"), cwd=tmp_path)
-    assert result.returncode == 2 and ("error: export writes GPT-2's or Llama's architecture, and no transformers class represents "
-                                      "model.mlp=relu2, model.qk_norm=true, model.logit_softcap=15.0, model.value_embeddings=true;"
-                                      ) in result.stderr
+    assert result.returncode == 2
+    assert ("error: export writes GPT-2's or Llama's architecture, and no transformers class represents model.mlp="
+            "relu2, model.qk_norm=true, model.logit_softcap=15.0, model.value_embeddings=true;") in result.stderr
 
 
 @pytest.mark.parametrize("settings", [dict(LLAMA, n_kv_head=2), dict(LLAMA, n_kv_head=4, tie_embeddings=False,
