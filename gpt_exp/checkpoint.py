@@ -6,6 +6,7 @@ config and the W&B run id, so that a resumed run continues exactly where the ori
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, RunConfig, flatten, known_s
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2, recorded_step
 from gpt_exp.metrics import read_metrics
-from gpt_exp.model import GPT
+from gpt_exp.model import GPT, arch_settings
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ def load_model(target: str, hf: bool = False, key: str = "resume") -> tuple[GPT,
         fix = "the checkpoint is damaged: use another one of the run"
         shape = {key: m.get(key) for key in MODEL_SHAPE}
         # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on
-        model = GPT(gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=embedding_rows(state["model"])))
+        config = gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=embedding_rows(state["model"]))
+        model = GPT(dataclasses.replace(config, **arch_settings(m)))  # rope, rmsnorm, ...: as it was trained
         load_checked_weights(model, state["model"], f"{ckpt}'s weights do not match its config", fix)
         info = {"name": m.get("name", "?"), "source": str(ckpt), "step": state["step"]}
     return model.eval(), {**info, "params": model.num_params()}

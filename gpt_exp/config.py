@@ -126,6 +126,19 @@ class ModelConfig:
     mup_output_mult: float = 1.0  # the logits times mup_output_mult / m
     mup_attn_mult: float = 1.0  # attention scores q.k times mup_attn_mult / d_head
     mup_embed_lr_mult: float = 1.0  # the embeddings' lr (wte, tied to lm_head, and wpe) times this
+    # The architecture, each default GPT-2's (conf/model/modern.yaml: nanochat's choices)
+    pos: str = "learned"  # learned (a position embedding, wpe) or rope (rotary q and k, no wpe)
+    rope_theta: float = 10000.0  # rope's base: the slowest pair turns by 1/rope_theta per position
+    norm: str = "layernorm"  # layernorm or rmsnorm, before each block's attention and MLP and before lm_head
+    norm_gain: bool = True  # the norms' learned gain (false: nanochat's parameter-free RMSNorm)
+    qk_norm: bool = False  # q and k normed per head (the same norm) before the scores
+    mlp: str = "gelu"  # gelu or relu2 (hidden 4C), or swiglu (hidden round(8C/3): the 4C MLP's parameters)
+    bias: bool = True  # biases in the Linears and LayerNorms
+    tie_embeddings: bool = True  # lm_head reuses the token embedding
+    logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap), e.g. 15; null: none
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention); null: n_head
+    value_embeddings: bool = False  # nanochat's gated value embeddings (a vocab x kv table) on alternating layers
+    zero_init_proj: bool = False  # attention's and the MLP's output projections start at zero
 
     def check(self) -> None:
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -145,13 +158,32 @@ class ModelConfig:
             _require(math.isfinite(value) and value > 0, f"model.{key}", value, "it must be a finite number > 0, e.g. 1.0")
             _require(value == 1.0 or str(self.parametrization) == "mup", f"model.{key}", value,
                      "it scales muP's model: set model.parametrization=mup, or leave it at 1.0")
+        # the architecture settings, alone and together: an impossible model is one line before any work
+        for key, choices in (("pos", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "relu2", "swiglu"))):
+            _require(str(getattr(self, key)) in choices, f"model.{key}", getattr(self, key), f"use {' or '.join(choices)}")
+        n_kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        _require(n_kv >= 1 and self.n_head % n_kv == 0, "model.n_kv_head", self.n_kv_head,
+                 f"it must divide model.n_head={self.n_head} (each key/value head serves n_head/n_kv_head queries), "
+                 f"e.g. model.n_kv_head={self.n_head}, or null for n_head")
+        head_dim = self.n_embd // self.n_head
+        _require(str(self.pos) != "rope" or head_dim % 2 == 0, "model.pos", self.pos,
+                 f"rope rotates pairs of a head's features, and model.n_embd/model.n_head={head_dim} is odd; "
+                 f"use an even head size or model.pos=learned")
+        _require(math.isfinite(self.rope_theta) and self.rope_theta > 1, "model.rope_theta", self.rope_theta,
+                 "it must be a finite number > 1, e.g. 10000")
+        _require(self.logit_softcap is None or (math.isfinite(self.logit_softcap) and self.logit_softcap > 0),
+                 "model.logit_softcap", self.logit_softcap, "it must be a finite number > 0, e.g. 15, or null for none")
 
 
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
 MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # Settings a resume cannot change: the weights' shape, and what their values mean (muP's scales are set by its
 # parametrization and base width; another would silently rescale the logits and every lr).
-MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width", "mup_output_mult", "mup_attn_mult")
+MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width", "mup_output_mult", "mup_attn_mult",
+               # the architecture: which weights there are and what they compute (zero_init_proj is the init only)
+               "pos", "rope_theta", "norm", "norm_gain", "qk_norm", "mlp", "bias", "tie_embeddings", "logit_softcap",
+               "n_kv_head", "value_embeddings")
 
 
 @dataclass

@@ -116,16 +116,17 @@ class ShortSequenceAttention(CausalSelfAttention):
     1.34 vs 0.55 ms per layer, forward + backward; ~4% of a 124M step) and wins from a few hundred tokens on
     (T=1024: 128 vs 487 ms), so short sequences take the math path there."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return short_sequence_attention(q, k, v, self.scale)  # muP's attention scale, as the model's own path
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        return short_sequence_attention(q, k, v, self.scale, causal)  # muP's attention scale, as the model's own path
 
 
-def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             scale: float | None = None) -> torch.Tensor:
+def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                             causal: bool = True) -> torch.Tensor:
+    gqa = k.size(1) != q.size(1)  # fewer key/value heads (model.n_kv_head): SDPA shares them among the queries
     if q.device.type == "cpu" and q.size(-2) <= 64 and torch.is_autocast_enabled("cpu"):
         with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def apply_cpu_fast_paths(model: GPT, *, onednn: bool = True, sparse_embedding: bool = True) -> list[str]:
@@ -141,7 +142,9 @@ def apply_cpu_fast_paths(model: GPT, *, onednn: bool = True, sparse_embedding: b
             if type(module) is nn.Linear:
                 module.__class__ = OneDNNLinear
         enabled.append("onednn")
-    if sparse_embedding:
+    # only a tied embedding: lm_head's dense gradient is what the rows add into; an untied wte's would stay sparse,
+    # which the gradient's clipping and AdamW's fused step do not take
+    if sparse_embedding and model.config.tie_embeddings:
         model.transformer.wte.sparse = True
         enabled.append("sparse embedding gradient")
     for module in model.modules():

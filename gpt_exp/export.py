@@ -15,7 +15,7 @@ from gpt_exp.checkpoint import load_model
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import ConfigError
 from gpt_exp.generation import describe
-from gpt_exp.hf import check_out_dir, save_hf_gpt2
+from gpt_exp.hf import check_out_dir, save_hf
 
 
 def export(source: str, out_dir: str) -> tuple[Path, dict]:
@@ -24,7 +24,7 @@ def export(source: str, out_dir: str) -> tuple[Path, dict]:
         raise ConfigError(f"{source} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
     check_out_dir(out_dir)  # before loading: a big model takes a while to load, only to be refused
     model, info = load_model(source)
-    return save_hf_gpt2(model, out_dir, step=info["step"]), info
+    return save_hf(model, out_dir, step=info["step"]), info  # GPT-2's dir, or Llama's for a Llama-shaped model
 
 
 @command

@@ -15,7 +15,7 @@ from gpt_exp.checkpoint import load_model
 from gpt_exp.config import DeviceConfig, DeviceType, DType
 from gpt_exp.device import resolve_runtime
 from gpt_exp.errors import ConfigError
-from gpt_exp.model import GPT
+from gpt_exp.model import GPT, KVCache
 from gpt_exp.tokenizer import EOT_TOKEN, encode_text, gpt2_encoding
 
 # A temperature below this samples the most likely token, as vLLM does: the distribution is greedy to float
@@ -67,13 +67,25 @@ def describe(info: dict) -> str:
 
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
     """`idx` (B, T) with `max_new_tokens` sampled tokens appended to each row: softmax over the `top_k` most
-    likely next tokens, the context cropped to the model's block_size (no KV cache: each step reruns it)."""
+    likely next tokens, the context cropped to the model's block_size.
+
+    use_cache: a KV cache, so each new token runs through the model alone, attending to the keys and values kept
+    from before; without it every step reruns the whole context. The two compute the same logits up to float
+    rounding (other matmul shapes). Once the context outgrows block_size the window slides, and positions count
+    from its new start, as the uncached path sees them: each such step refills the cache from the cropped context."""
     block_size = model.config.block_size
     vocab = gpt2_encoding().n_vocab  # a HF dir padded to 50304 rows has logits for ids the tokenizer cannot decode
+    cache = None
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block_size:])
+        if not use_cache:
+            logits, _ = model(idx[:, -block_size:])
+        elif cache is None or cache.pos >= block_size:  # the prompt, or a window that slid: fill the cache anew
+            cache = KVCache(model.config.n_layer)
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
         logits = logits[:, -1, :vocab]
         if temperature < GREEDY_TEMPERATURE:
             next_token = logits.argmax(dim=-1, keepdim=True)

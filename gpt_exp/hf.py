@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 checkpoints: load a `GPT2LMHeadModel` dir (any size) into our GPT, and write ours as one.
+"""Hugging Face GPT-2 checkpoints: load a `GPT2LMHeadModel` dir (any size) into our GPT, and write ours as one; a
+Llama-shaped GPT of ours (rope, RMSNorm, SwiGLU, GQA: model.* settings) is written as a `LlamaForCausalLM` dir.
 
 `transformers` is not needed: weights are read and written with the `safetensors` library, and the tokenizer
 files an export carries are the gpt2 BPE files gpt_exp ships, under their Hugging Face names. A padded model
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from gpt_exp.atomic import atomic_path, atomic_write_bytes, make_temp_dir, remove_stale_temp_files
 from gpt_exp.errors import ConfigError, UserError
-from gpt_exp.model import GPT, GPTConfig, fit_padding, padded_vocab
+from gpt_exp.model import RMS_EPS, GPT, GPTConfig, fit_padding, padded_vocab
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_bpe_files
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,76 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
-def hf_files(config: GPTConfig, step: int | None = None) -> dict[str, bytes]:
+def llama_blockers(config: GPTConfig) -> list[str]:
+    """The settings of `config` that transformers' LlamaForCausalLM cannot represent (empty: it exports as Llama).
+    Llama is rotary positions, RMSNorm (a gain-less one exports with gains of 1), SwiGLU, any n_kv_head, biases in
+    every projection or none, tied or untied; ReLU^2, QK-norm (Qwen3's), softcapping (Gemma 2's, with other parts),
+    value embeddings and muP's scales have no stock class that combines them with the rest."""
+    wanted = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "logit_softcap": None,
+              "value_embeddings": False, "parametrization": "sp"}
+    return [f"model.{key}={_setting(getattr(config, key))}" for key, value in wanted.items()
+            if getattr(config, key) != value]
+
+
+def _setting(value: object) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def llama_config(config: GPTConfig) -> dict:
+    """A LlamaConfig as transformers 5 writes it, for our Llama-shaped model (llama_blockers empty)."""
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": config.block_size, "rms_norm_eps": RMS_EPS,
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"}, "rope_theta": config.rope_theta,
+        "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+    }
+
+
+def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our Llama-shaped model's weights under LlamaForCausalLM's names: c_attn split into q, k, v, c_fc into gate and
+    up (our order), the real vocabulary's rows only, gains of 1 for gain-less norms."""
+    c = model.config
+    state = model.state_dict()
+    kv_dim = c.n_kv_head * c.head_dim
+    out = {"model.embed_tokens.weight": state["transformer.wte.weight"][: c.vocab_size]}
+
+    def norm(ours: str, theirs: str) -> None:
+        out[f"{theirs}.weight"] = state.get(f"{ours}.weight", torch.ones(c.n_embd))
+
+    for i in range(c.n_layer):
+        ours, theirs = f"transformer.h.{i}", f"model.layers.{i}"
+        norm(f"{ours}.ln_1", f"{theirs}.input_layernorm")
+        norm(f"{ours}.ln_2", f"{theirs}.post_attention_layernorm")
+        sizes = (c.n_embd, kv_dim, kv_dim)
+        for kind in ("weight", "bias") if c.bias else ("weight",):
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), state[f"{ours}.attn.c_attn.{kind}"].split(sizes)):
+                out[f"{theirs}.self_attn.{name}.{kind}"] = t
+            out[f"{theirs}.self_attn.o_proj.{kind}"] = state[f"{ours}.attn.c_proj.{kind}"]
+            gate, up = state[f"{ours}.mlp.c_fc.{kind}"].chunk(2)
+            out.update({f"{theirs}.mlp.gate_proj.{kind}": gate, f"{theirs}.mlp.up_proj.{kind}": up,
+                        f"{theirs}.mlp.down_proj.{kind}": state[f"{ours}.mlp.c_proj.{kind}"]})
+    norm("transformer.ln_f", "model.norm")
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"][: c.vocab_size]
+    return out
+
+
+def save_hf(model: GPT, out_dir: str | Path, step: int | None = None) -> Path:
+    """`model` as the Hugging Face dir of its architecture: GPT-2's (save_hf_gpt2) or Llama's (rope, RMSNorm,
+    SwiGLU: LlamaForCausalLM); any other is refused in one line naming the settings no transformers class holds."""
+    if model.config.is_gpt2:
+        return save_hf_gpt2(model, out_dir, step)
+    if blockers := llama_blockers(model.config):
+        raise ConfigError(f"export writes GPT-2's or Llama's architecture, and no transformers class represents "
+                          f"{', '.join(blockers)}; sample and eval read its checkpoints directly")
+    return _write_hf_dir(llama_tensors(model), hf_files(model.config, step, llama_config(model.config)), out_dir)
+
+
+def hf_files(config: GPTConfig, step: int | None = None, model_config: dict | None = None) -> dict[str, bytes]:
     """Every file of an export but the weights: the model's config, its generation defaults, and GPT-2's tokenizer
     (gpt_exp's own BPE files), so that `AutoTokenizer` and `pipeline("text-generation", model=DIR)` work on the
     dir. transformers 5 given a dir without them builds an empty tokenizer and generates nothing, without error."""
@@ -225,7 +295,8 @@ def hf_files(config: GPTConfig, step: int | None = None) -> dict[str, bytes]:
                  "add_prefix_space": False}
     generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
     bpe = gpt2_bpe_files()
-    model_config = hf_config(config) if step is None else {**hf_config(config), STEP_KEY: step}
+    model_config = model_config or hf_config(config)  # GPT-2's unless given (llama_config)
+    model_config = model_config if step is None else {**model_config, STEP_KEY: step}
     return {"config.json": _json_bytes(model_config), "generation_config.json": _json_bytes(generation),
             "vocab.json": bpe["encoder.json"], "merges.txt": bpe["vocab.bpe"],
             "tokenizer_config.json": _json_bytes(tokenizer), "special_tokens_map.json": _json_bytes(special)}
@@ -258,11 +329,19 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Pa
     be new or empty; the files are written into a hidden temp dir beside it, renamed into place once all are whole,
     so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete. `step`: the training step
     the weights are from, recorded in config.json (recorded_step reads it back)."""
-    out_dir = check_out_dir(out_dir)
+    if not model.config.is_gpt2:
+        raise ConfigError("export writes GPT-2's architecture only, and this model has another (model.pos, "
+                          "model.norm, model.mlp, ... not GPT-2's); sample and eval read its checkpoints directly")
     tensors = {name: t.t() if name.endswith(_CONV1D) else t
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
     # GPT-2's vocabulary exactly: a padded model's zero rows are no tokens (config.json says vocab_size 50257)
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][: model.config.vocab_size]
+    return _write_hf_dir(tensors, hf_files(model.config, step), out_dir)
+
+
+def _write_hf_dir(tensors: dict[str, torch.Tensor], files: dict[str, bytes], out_dir: str | Path) -> Path:
+    """`tensors` and `files` into `out_dir` (new or empty), all or nothing: a hidden temp dir renamed into place."""
+    out_dir = check_out_dir(out_dir)
     tmp = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +349,7 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Pa
             log.info("removed %s, left by an export that was killed", stale)
         tmp = make_temp_dir(out_dir)
         write_safetensors(tensors, tmp / SAFETENSORS)
-        for name, data in hf_files(model.config, step).items():
+        for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
         os.replace(tmp, out_dir)  # onto a missing or empty dir only: check_out_dir refused any other
         tmp = None

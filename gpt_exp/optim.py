@@ -41,16 +41,19 @@ def describe_optimizer(cfg: OptimConfig) -> str:
 
 def muon_parameters(model: GPT) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(Muon's, AdamW's): the 2-D weights inside the transformer blocks (attention c_attn and c_proj, MLP c_fc and
-    c_proj: 4 per block) are hidden-layer matrices, Muon's; the embeddings (wte, tied to lm_head, and wpe), the
-    gains and the biases are AdamW's. parameters() lists the tied weight once."""
+    c_proj: 4 per block, whatever model.mlp and model.n_kv_head; with model.value_embeddings, the gates too, as
+    nanochat has them) are hidden-layer matrices, Muon's; the embeddings (wte, wpe, the value embeddings), lm_head
+    (tied to wte or not), the gains (norms, qk_norm) and the biases are AdamW's. parameters() lists a tied weight
+    once."""
     blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if id(p) in blocks], [p for p in params if id(p) not in blocks]
 
 
-def row_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
-    """The fused projections among Muon's matrices and how many row blocks each stacks: a Linear tagged ROW_BLOCKS
-    (c_attn: 3, its q, k and v projections); every other matrix is one block."""
+def row_blocks(model: GPT) -> dict[torch.nn.Parameter, int | tuple[int, ...]]:
+    """The fused projections among Muon's matrices and their row blocks: a Linear tagged ROW_BLOCKS, a count of equal
+    blocks (c_attn: 3, its q, k and v projections; SwiGLU's c_fc: 2, gate and up) or the rows of each (c_attn under
+    GQA: (C, kv, kv)); every other matrix is one block."""
     return {m.weight: m.ROW_BLOCKS for m in model.transformer.h.modules() if hasattr(m, "ROW_BLOCKS")}
 
 
@@ -90,8 +93,8 @@ class BlockwiseMuon(torch.optim.Muon):
         super().__init__(params, **settings)
         self.row_blocks = blocks  # the model's structure (row_blocks(model)), not state: not in state_dict
         for p, n in blocks.items():
-            if p.size(0) % n:
-                raise ValueError(f"a {tuple(p.shape)} matrix cannot hold {n} row blocks of equal size")
+            if isinstance(n, int) and p.size(0) % n or not isinstance(n, int) and sum(n) != p.size(0):
+                raise ValueError(f"a {tuple(p.shape)} matrix cannot hold the row blocks {n}")
 
     @torch.no_grad()
     def step(self) -> None:
@@ -108,7 +111,8 @@ class BlockwiseMuon(torch.optim.Muon):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])
                 n = self.row_blocks.get(p, 1)
-                for block, block_update in zip(p.chunk(n), update.chunk(n)):
+                rows = p.size(0) // n if isinstance(n, int) else list(n)  # equal blocks, or each one's rows
+                for block, block_update in zip(p.split(rows), update.split(rows)):
                     orthogonal = orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                     block.add_(orthogonal, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], block.shape))
 

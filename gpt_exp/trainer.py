@@ -41,7 +41,7 @@ from gpt_exp.generation import SampleArgs, sample_texts
 from gpt_exp.hellaswag import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import load_checked_weights, save_hf_gpt2
 from gpt_exp.launch import Dist
-from gpt_exp.model import GPT, GPTConfig, fit_padding
+from gpt_exp.model import GPT, GPTConfig, fit_padding, is_gpt2_arch
 from gpt_exp.optim import build_optimizer, describe_optimizer
 from gpt_exp.metrics import StepMetrics
 
@@ -269,7 +269,8 @@ class Trainer:
     def keeps_checkpoints(self) -> bool:
         """Checkpoints on (train.ckpt_every), or a muP run that keeps its weights: it has no Hugging Face dir, so
         its final checkpoint is where they stay (train.save_model=none opts out)."""
-        mup_weights = self.cfg.model.parametrization != "sp" and self.cfg.train.save_model != SaveModel.none
+        mup_weights = ((self.cfg.model.parametrization != "sp" or not is_gpt2_arch(self.cfg.model))
+                       and self.cfg.train.save_model != SaveModel.none)
         return bool(self.cfg.train.ckpt_every) or (mup_weights and self.run_dir is not None)
 
     def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
@@ -397,6 +398,11 @@ class Trainer:
             if self.d.is_main:
                 log.info("weights: no %s/ under model.parametrization=%s (a Hugging Face GPT-2 dir would drop its "
                          "scales); its checkpoints hold the model", name, self.cfg.model.parametrization)
+            return
+        if not is_gpt2_arch(self.cfg.model):  # rope, rmsnorm, ...: a GPT-2 dir would load as another model
+            if self.d.is_main:
+                log.info("weights: no %s/ for a model of another architecture than GPT-2's (a Hugging Face GPT-2 "
+                         "dir cannot hold it); its checkpoints hold the model", name)
             return
         self._require_finite_weights()
         state = full_model_state(self.model, self.sharded)  # every rank takes part under FSDP
