@@ -22,7 +22,7 @@ import yaml
 from gpt_exp.config import flatten
 from gpt_exp.errors import UserError
 from gpt_exp.metrics import is_number, read_metrics
-from gpt_exp.shapes import flops_per_token
+from gpt_exp.shapes import GPT2_ARCH, flops_per_token
 
 RUNNING = "running/incomplete"
 SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")  # what shapes.py counts
@@ -195,8 +195,15 @@ def shape_flops_per_token(params: dict) -> int | None:
     """The run's training FLOPs per token from its config's shape (gpt_exp/shapes.py), None if it lacks one."""
     shape = [params.get(key) for key in SHAPE_KEYS]
     if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        return flops_per_token(*shape)
+        return flops_per_token(*shape, **architecture(params))
     return None
+
+
+def architecture(params: dict) -> dict:
+    """The run's architecture settings (model.pos, model.mlp, ...) and n_head, as shapes.py counts them; a config
+    of a version before them has GPT-2's."""
+    arch = {key: params.get(f"model.{key}", default) for key, default in GPT2_ARCH.items()}
+    return {"n_head": params.get("model.n_head"), **arch}
 
 
 def read_summary(path: Path, keys) -> dict:

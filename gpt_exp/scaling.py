@@ -29,7 +29,7 @@ from gpt_exp.compare import short_value, varying_keys
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
-from gpt_exp.run_reader import SHAPE_KEYS, RunRecord, default_out_dir, load_runs
+from gpt_exp.run_reader import SHAPE_KEYS, RunRecord, architecture, default_out_dir, load_runs
 from gpt_exp.shapes import flops_per_token, param_counts
 
 METRICS = ("final_loss", "final_val_loss")
@@ -102,10 +102,11 @@ def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
     if not run.tokens:
         return "no tokens in summary.json"
     L, C, V, block, T = (shape[key] for key in SHAPE_KEYS)
-    non_embedding, total = param_counts(L, C, V, block)
+    arch = architecture(run.params)  # rope, SwiGLU, GQA, an untied readout, ... count differently
+    non_embedding, total = param_counts(L, C, V, block, **arch)
     flops = float(run.curve_flops[-1]) if run.curve_flops is not None and len(run.curve_flops) else 0.0
     if flops <= 0:  # runs made before rows and summaries had FLOPs: the same formula
-        flops = float(run.tokens * flops_per_token(L, C, V, block, T))
+        flops = float(run.tokens * flops_per_token(L, C, V, block, T, **arch))
     return Point(path=run.path, n_layer=L, n_embd=C, non_embedding=non_embedding, total=total,
                  params=non_embedding if params == "non_embedding" else total, tokens=int(run.tokens),
                  flops_per_token=flops / run.tokens, flops=flops, loss=float(loss),

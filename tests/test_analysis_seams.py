@@ -93,3 +93,23 @@ def test_an_interpolation_inside_a_list_is_refused_too(tmp_path, capsys):
     assert compare.main([str(run), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {run}: data.mix=${{oc.env:HOME}} in .hydra/config.yaml is an "
                                               f"interpolation;")
+
+
+def test_scaling_counts_a_modern_models_own_parameters():
+    """N of a run with architecture settings is its model's own count, not GPT-2's at the same shape."""
+    import torch
+
+    from gpt_exp.config import ModelConfig
+    from gpt_exp.model import GPT, GPTConfig
+    from gpt_exp.run_reader import architecture
+    from gpt_exp.shapes import param_counts
+
+    settings = {"n_layer": 2, "n_embd": 24, "n_head": 2, "block_size": 256, "tie_embeddings": False, "mlp": "swiglu",
+                "pos": "rope"}
+    params = {f"model.{k}": v for k, v in settings.items()} | {"model.vocab_size": 50257}
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_model_config(ModelConfig(**settings), "cpu"))
+    counted = param_counts(2, 24, 50257, 256, **architecture(params))
+    assert counted[1] == sum(p.numel() for p in model.parameters())
+    assert counted != param_counts(2, 24, 50257, 256)
+    assert architecture({"model.n_head": 2})["mlp"] == "gelu"  # a config from before the settings: GPT-2's
