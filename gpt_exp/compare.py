@@ -34,7 +34,7 @@ RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
 # Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
-METRICS = (*LOSS_METRICS, "steps", "tokens", "median_tok_per_s", "wall_s")
+METRICS = (*LOSS_METRICS, "final_val_bpb", "steps", "tokens", "median_tok_per_s", "wall_s")
 AXES = ("step", "tokens", "flops", "time")
 # Logger settings and paths decide where a run writes, not what it learns, and often differ per run; so do the
 # settings of how often it saves, logs and evaluates, and its CPU threads.
@@ -72,6 +72,7 @@ class RunRecord:
     median_tok_per_s: float | None
     wall_s: float | None
     train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
+    final_val_bpb: float | None = None  # the last val loss in bits per byte (None: older runs)
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -140,6 +141,7 @@ def load_run(run_dir: Path) -> RunRecord:
         "tokens": train[-1].get("tokens") if train else None,
         "median_tok_per_s": float(np.median(tok_per_s)) if tok_per_s else None,
         "wall_s": None,
+        "final_val_bpb": next((r["val_bpb"] for r in reversed(val) if "val_bpb" in r), None),
     }
     summary_path = run_dir / "summary.json"
     if summary_path.exists():

@@ -182,8 +182,9 @@ class WandbRun:
         if self.run is None:
             return
         try:
-            # loss and val_loss keep W&B's min summary (define_metric); the rest describes the run
-            self._run.summary.update({k: v for k, v in (summary or {}).items() if k not in ("loss", "val_loss")})
+            # loss, val_loss and val_bpb keep W&B's min summary (define_metric); the rest describes the run
+            self._run.summary.update({k: v for k, v in (summary or {}).items()
+                                      if k not in ("loss", "val_loss", "val_bpb")})
         except Exception as e:  # noqa: BLE001
             log.warning("W&B summary failed (%s)", first_line(e, 200))
         run, self._run = self._run, None
@@ -204,7 +205,7 @@ def _define_metrics(run) -> None:
     """Curves against tokens (runs with other batch shapes stay comparable), and loss summaries that keep the best
     value instead of the last, noisy one."""
     run.define_metric("tokens")
-    for name, summary in (("loss", "min"), ("val_loss", "min"), ("lr", None), ("grad_norm", None)):
+    for name, summary in (("loss", "min"), ("val_loss", "min"), ("val_bpb", "min"), ("lr", None), ("grad_norm", None)):
         run.define_metric(name, step_metric="tokens", **({"summary": summary} if summary else {}))
 
 
@@ -326,13 +327,13 @@ class Tracker:
         if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
             self.progress.update(m)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        """A val_loss row (no `loss` key: rows are counted as training steps by `loss`)."""
-        row = {"step": step, "val_loss": val_loss, "tokens": self.tokens_seen}
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
+        """A val_loss row with its bits per byte (no `loss` key: rows are counted as training steps by `loss`)."""
+        row = {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}
         self.rows.append(row)
         self._write(row)
-        self.wandb.log({"val_loss": val_loss, "tokens": self.tokens_seen}, step=step)
-        log.info("step %d | val loss %.4f", step + 1, val_loss)
+        self.wandb.log({"val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}, step=step)
+        log.info("step %d | val loss %.4f | val bpb %.4f", step + 1, val_loss, val_bpb)
 
     def _write(self, row: dict) -> None:
         try:
@@ -397,6 +398,8 @@ class Tracker:
         if val_rows:
             summary["final_val_loss"] = val_rows[-1]["val_loss"]
             summary["best_val_loss"] = min(r["val_loss"] for r in val_rows)
+        if bpb := [r["val_bpb"] for r in val_rows if "val_bpb" in r]:  # rows of older runs lack it
+            summary["final_val_bpb"], summary["best_val_bpb"] = bpb[-1], min(bpb)
         if train_rows:
             losses = [r["loss"] for r in train_rows]
             summary.update(
@@ -438,7 +441,7 @@ class RankTracker:
     def log_step(self, m: StepMetrics) -> None:
         self.tokens_seen = m.tokens
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
         pass
 
     def log_skip(self, step: int, reason: str) -> None:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.atomic import replace_dir
@@ -44,6 +45,7 @@ from gpt_exp.launch import Dist
 from gpt_exp.model import GPT, GPTConfig, fit_padding
 from gpt_exp.optim import build_optimizer, describe_optimizer
 from gpt_exp.metrics import StepMetrics
+from gpt_exp.tokenizer import token_byte_lengths
 
 log = logging.getLogger("gpt_exp")
 
@@ -119,7 +121,7 @@ class Tracking(Protocol):
     elapsed_s: float  # the run's wall time so far, over all its segments
 
     def log_step(self, m: StepMetrics) -> None: ...
-    def log_eval(self, step: int, val_loss: float) -> None: ...
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None: ...
     def log_skip(self, step: int, reason: str) -> None: ...
     def log_samples(self, step: int, samples: list[dict]) -> None: ...
     def log_hellaswag(self, step: int, scores: dict) -> None: ...
@@ -256,8 +258,8 @@ class Trainer:
         tracker.log_step(result)
         done, due = result.step + 1, self.cadence.due
         if due("eval", done):
-            val_loss = self.evaluate()
-            tracker.log_eval(result.step, val_loss)
+            val_loss, val_bpb = self.evaluate()
+            tracker.log_eval(result.step, val_loss, val_bpb)
             if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
                 self.best_val_loss = val_loss
                 self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
@@ -321,20 +323,28 @@ class Trainer:
         return Skipped(step, f"{reason} (skipped {self.skipped} of at most {self.cfg.train.skip_nonfinite})")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first train.eval_batches batches of the val split (the same batches every time; each
-        rank reads its own stride and the ranks average)."""
-        model, loader, batches = self.model, self.val_loader, self.cfg.train.eval_batches
+    def evaluate(self) -> tuple[float, float]:
+        """(val loss, val bits per byte) over the first train.eval_batches batches of the val split (the same batches
+        every time; each rank reads its own stride). Both are exact for those batches: the summed token losses over
+        the summed tokens, and over ln 2 times the summed UTF-8 bytes of the target tokens, summed over the ranks."""
+        model, loader, batches, device = self.model, self.val_loader, self.cfg.train.eval_batches, self.runtime.device
+        byte_lengths = torch.tensor(token_byte_lengths(), device=device)
         model.eval()
         loader.reset()
-        total = torch.zeros((), device=self.runtime.device)
+        # nats, tokens, bytes; float64 keeps the byte and token counts exact (MPS has no float64)
+        totals = torch.zeros(3, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         for _ in range(batches):
             x, y = loader.next_batch()
-            with self.runtime.autocast():
-                _, loss = model(x.to(self.runtime.device), y.to(self.runtime.device))
-            total += loss.detach()
+            x, y = x.to(device), y.to(device)
+            with self.runtime.autocast():  # the per-token losses the model's own loss averages (fp32 under autocast)
+                logits, _ = model(x)
+                losses = F.cross_entropy(logits.flatten(0, 1), y.view(-1), reduction="none")
+            totals[0] += losses.sum()
+            totals[1] += y.numel()
+            totals[2] += byte_lengths[y].sum()
         model.train()
-        return all_reduce_mean(total / batches, self.d).item()
+        nats, tokens, n_bytes = all_reduce_mean(totals, self.d).tolist()  # means over the ranks: their ratios are exact
+        return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else math.nan
 
     @torch.no_grad()
     def samples(self) -> list[dict]:
