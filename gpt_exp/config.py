@@ -144,6 +144,7 @@ class TrainConfig:
     eval_batches: int = 20  # (B, T) batches of the val split per evaluation
     sample_every: int = 0  # N > 0: a few samples every N steps and at the end (the `sample` section says which)
     hellaswag_every: int = 0  # N > 0: HellaSwag acc every N steps and at the end (needs eval.hellaswag_path)
+    core_every: int = 0  # N > 0: CORE every N steps and at the end (needs eval.core_bundle)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
     save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
 
@@ -203,6 +204,8 @@ class SampleConfig:
 class EvalConfig:
     hellaswag_path: Optional[str] = None  # a local copy of the official hellaswag_val.jsonl
     hellaswag_limit: int = 0  # the first N examples (0: all 10,042)
+    core_bundle: Optional[str] = None  # a local DCLM eval bundle dir (core.yaml, eval_meta_data.csv, eval_data/)
+    core_limit: int = 0  # N > 0: each task's first N rows after a fixed shuffle (0: all)
 
 
 @dataclass
@@ -341,11 +344,15 @@ def validate(cfg: RunConfig) -> None:
         )
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0, e.g. optim.lr=6e-4")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "it must be in [0, 1]")  # nan fails
-    for key in ("sample_every", "hellaswag_every"):
+    for key in ("sample_every", "hellaswag_every", "core_every"):
         _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "it must be >= 0 (0: never)")
     _require(t.hellaswag_every == 0 or cfg.eval.hellaswag_path is not None, "train.hellaswag_every", t.hellaswag_every,
              "it needs the examples: eval.hellaswag_path=PATH/hellaswag_val.jsonl (the official file, local)")
     _require(cfg.eval.hellaswag_limit >= 0, "eval.hellaswag_limit", cfg.eval.hellaswag_limit, "it must be >= 0 (0: all)")
+    _require(t.core_every == 0 or cfg.eval.core_bundle is not None, "train.core_every", t.core_every,
+             "it needs the tasks: eval.core_bundle=DIR (a local DCLM eval bundle: core.yaml, eval_meta_data.csv, "
+             "eval_data/)")
+    _require(cfg.eval.core_limit >= 0, "eval.core_limit", cfg.eval.core_limit, "it must be >= 0 (0: every row)")
     sp = cfg.sample
     _require(len(sp.prompts) >= 1, "sample.prompts", list(sp.prompts), "give at least one, e.g. 'sample.prompts=[ROMEO:]'")
     for key in ("max_new_tokens", "num_samples", "top_k"):

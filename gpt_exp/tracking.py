@@ -364,6 +364,15 @@ class Tracker:
         log.info("step %d | hellaswag acc_norm %.4f (%d examples)", step + 1, scores["hellaswag_acc_norm"],
                  scores["hellaswag_examples"])
 
+    def log_core(self, step: int, scores: dict) -> None:
+        """CORE during training: a metrics row (no `loss`: not a training step), W&B and the summary."""
+        row = {"step": step, "tokens": self.tokens_seen, **scores}
+        self.rows.append(row)
+        self._write(row)
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        log.info("step %d | CORE %.4f (%d tasks, %d examples)", step + 1, scores["core"],
+                 sum(k.startswith("core_acc/") for k in scores), scores["core_examples"])
+
     def log_skip(self, step: int, reason: str) -> None:
         """A step that was not applied (non-finite loss or gradient norm): a row without `loss`, and a warning."""
         row = {"step": step, "skipped": reason}
@@ -395,6 +404,8 @@ class Tracker:
         val_rows = [r for r in self.rows if "val_loss" in r]
         if hellaswag := [r for r in self.rows if "hellaswag_acc_norm" in r]:
             summary.update({k: v for k, v in hellaswag[-1].items() if k.startswith("hellaswag")})
+        if core := [r for r in self.rows if "core" in r]:
+            summary.update({k: v for k, v in core[-1].items() if k.startswith("core")})
         if val_rows:
             summary["final_val_loss"] = val_rows[-1]["val_loss"]
             summary["best_val_loss"] = min(r["val_loss"] for r in val_rows)
@@ -451,6 +462,9 @@ class RankTracker:
         pass
 
     def log_hellaswag(self, step: int, scores: dict) -> None:
+        pass
+
+    def log_core(self, step: int, scores: dict) -> None:
         pass
 
     def close(self, status: str = "completed", reason: str | None = None, raise_errors: bool = True) -> dict:

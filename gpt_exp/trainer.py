@@ -31,6 +31,7 @@ from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_ba
                                training_step_fn)
 from gpt_exp.checkpoint import save_checkpoint
 from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
+from gpt_exp.core import core_results, load_bundle, metrics_row, score_tasks
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
@@ -125,6 +126,7 @@ class Tracking(Protocol):
     def log_skip(self, step: int, reason: str) -> None: ...
     def log_samples(self, step: int, samples: list[dict]) -> None: ...
     def log_hellaswag(self, step: int, scores: dict) -> None: ...
+    def log_core(self, step: int, scores: dict) -> None: ...
 
 
 @dataclass
@@ -172,19 +174,22 @@ class Trainer:
         self.max_steps = cfg.train.steps(self.tokens_per_step)
         self.cadence = Cadence(self.max_steps, {"eval": cfg.train.eval_every if self.val_loader else 0,
                                                 "sample": cfg.train.sample_every,
-                                                "hellaswag": cfg.train.hellaswag_every, "ckpt": cfg.train.ckpt_every})
+                                                "hellaswag": cfg.train.hellaswag_every, "core": cfg.train.core_every,
+                                                "ckpt": cfg.train.ckpt_every})
         self.schedule = LRSchedule.of(o, self.max_steps)
         self.step_model = torch.compile(self.model) if runtime.compile else self.model
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
         self.batches = DeviceBatches(self.loader, runtime.device)
-        if self.sharded and (cfg.train.sample_every or cfg.train.hellaswag_every):
-            raise ConfigError("train.sample_every and train.hellaswag_every run on one rank's whole model: not with "
-                              "train.strategy=fsdp; sample and score the run's weights after it (python -m "
-                              "gpt_exp.sample, python -m gpt_exp.eval)")
+        if self.sharded and (cfg.train.sample_every or cfg.train.hellaswag_every or cfg.train.core_every):
+            raise ConfigError("train.sample_every, train.hellaswag_every and train.core_every run on one rank's whole "
+                              "model: not with train.strategy=fsdp; sample and score the run's weights after it "
+                              "(python -m gpt_exp.sample, python -m gpt_exp.eval)")
         # loaded now, so that a missing or damaged file is one line before step 0, not hours in
         self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
                           if cfg.train.hellaswag_every else [])
+        self.core_tasks = (load_bundle(Path(cfg.eval.core_bundle).expanduser(), cfg.eval.core_limit)
+                           if cfg.train.core_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
         # on a GPU a step's loss is read after the next step is queued, so the host never waits on the hot path
         self.defer = runtime.device_type == "cuda"
@@ -250,7 +255,7 @@ class Trainer:
 
     def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
         """What happens after a step, as the lecture's loop does it: log it, then evaluate, sample, score HellaSwag
-        and checkpoint when their turn has come."""
+        and CORE, and checkpoint when their turn has come."""
         t = self.cfg.train
         if isinstance(result, Skipped):
             tracker.log_skip(result.step, result.reason)
@@ -267,6 +272,8 @@ class Trainer:
             tracker.log_samples(result.step, self.samples())
         if due("hellaswag", done):
             tracker.log_hellaswag(result.step, self.hellaswag_scores())
+        if due("core", done):
+            tracker.log_core(result.step, self.core_scores())
         if due("ckpt", done) and done < self.max_steps:  # the last checkpoint is fit()'s, after the loop
             self.save_checkpoint(tracker)
 
@@ -374,6 +381,16 @@ class Trainer:
         n, correct, correct_norm = (all_reduce_mean(counts, self.d) * self.d.world_size).tolist()
         return {"hellaswag_examples": int(n), "hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
 
+    @torch.no_grad()
+    def core_scores(self) -> dict:
+        """CORE on eval.core_bundle's tasks, each task's items split over the ranks and the counts summed on all."""
+        self.model.eval()
+        correct = score_tasks(self.model, self.core_tasks, self.runtime.device, self.d.rank, self.d.world_size)
+        self.model.train()
+        counts = torch.tensor(correct, dtype=torch.float32, device=self.runtime.device)
+        correct = [round(c) for c in (all_reduce_mean(counts, self.d) * self.d.world_size).tolist()]
+        return metrics_row(core_results(self.core_tasks, correct))
+
     def save_weights(self, name: str) -> None:
         """The model as a Hugging Face GPT-2 dir RUN_DIR/NAME (weights, config, tokenizer: what sample, eval and
         export read), replacing this run's earlier one whole. Weights that are no longer finite are never written."""
@@ -458,8 +475,8 @@ class Trainer:
 
 @dataclass(frozen=True)
 class Cadence:
-    """When each periodic event (eval, sample, hellaswag, ckpt) happens: after step `done` (counted from 1) when its
-    every-N divides it, and after the last step. The loop and the deferred read on a GPU both ask here."""
+    """When each periodic event (eval, sample, hellaswag, core, ckpt) happens: after step `done` (counted from 1) when
+    its every-N divides it, and after the last step. The loop and the deferred read on a GPU both ask here."""
 
     max_steps: int
     every: dict[str, int]  # event -> N (0: never)

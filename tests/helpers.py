@@ -131,7 +131,7 @@ class Collect:
 
     def __init__(self):
         self.steps, self.evals, self.skips, self.samples, self.hellaswag = [], [], [], [], []
-        self.val_bpb = []
+        self.val_bpb, self.core = [], []
 
     def log_step(self, m):
         self.steps.append(m)
@@ -148,6 +148,9 @@ class Collect:
 
     def log_hellaswag(self, step, scores):
         self.hellaswag.append((step, scores))
+
+    def log_core(self, step, scores):
+        self.core.append((step, scores))
 
     @property
     def losses(self):

@@ -1,6 +1,6 @@
 """CORE from a tiny eval bundle: prompts rendered as nanochat renders them, each choice's mean loss and each
 continuation's argmax against a hand computation (every sequence alone, unpadded), centered accuracy and CORE from
-the random baselines, limit=, prompts cropped from the left, ranks' shares, and the command."""
+the random baselines, limit=, prompts cropped from the left, ranks' shares, the command and training's rows."""
 
 import json
 import random
@@ -15,6 +15,7 @@ from gpt_exp.core import CoreTask, core_results, evaluate_core, load_bundle, ren
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
+from tests.helpers import only_run_dir, read_metrics, run_cli, wandb_records
 
 MC = [{"query": "Question: Which is the capital of France?\nAnswer:", "choices": ["Paris", "London", "Rome"],
        "gold": 0},
@@ -239,3 +240,36 @@ def test_cli_saves_the_scores_beside_hellaswags_in_the_run_dir(model, bundle, tm
     assert saved["core"]["core"] == pytest.approx(expected["core"]) and saved["core"]["examples"] == 6
     assert (saved["core"]["bundle"], saved["core"]["limit"], saved["core"]["step"]) == (str(bundle), 2, 7)
 
+
+def test_core_during_training(tmp_path, cache_dir, bundle):
+    result = run_cli("run", "model=tiny", "train.max_steps=3", "train.core_every=2", f"eval.core_bundle={bundle}",
+                     "eval.core_limit=2", "logger.mode=offline", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    rows = [r for r in read_metrics(run_dir) if "core" in r]
+    assert [(r["step"], r["core_examples"]) for r in rows] == [(1, 6), (2, 6)]  # every 2 steps and at the end
+    for r in rows:  # counts of 2 per task, centered on each baseline, CORE their mean
+        accs = [r[f"core_acc/{label}"] for label in BASELINES]
+        assert all(a * 2 == round(a * 2) for a in accs)
+        centered = [(a - b / 100) / (1 - b / 100) for a, b in zip(accs, BASELINES.values())]
+        assert [r[f"core_centered/{label}"] for label in BASELINES] == pytest.approx(centered)
+        assert r["core"] == pytest.approx(sum(centered) / 3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["core"] == rows[-1]["core"] and summary["core_acc/mc_demo"] == rows[-1]["core_acc/mc_demo"]
+    assert "step 3 | CORE" in (run_dir / "run.log").read_text()
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in wandb_records(offline) if r["type"] == "history"]
+    assert [h["core"] for h in history if "core" in h] == pytest.approx([r["core"] for r in rows])
+
+
+def test_core_during_training_without_its_bundle_is_one_line_before_step_0(tmp_path, cache_dir):
+    result = run_cli("run", "model=tiny", "train.core_every=2", "logger.mode=disabled", f"data.cache_dir={cache_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: train.core_every=2 is invalid: it needs")
+    missing = run_cli("run", "model=tiny", "train.core_every=2", f"eval.core_bundle={tmp_path / 'nope'}",
+                      "logger.mode=disabled", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr == f"error: bundle={tmp_path / 'nope'} is not a dir; " \
+        "give the DCLM eval bundle's dir (core.yaml, eval_meta_data.csv, eval_data/), e.g. nanochat's eval_bundle\n"
+    negative = run_cli("run", "model=tiny", "eval.core_limit=-1", "logger.mode=disabled", cwd=tmp_path)
+    assert negative.returncode == 2 and negative.stderr.startswith("error: eval.core_limit=-1 is invalid")
+    assert not list(tmp_path.glob("outputs/*/*"))
