@@ -273,3 +273,28 @@ def test_core_during_training_without_its_bundle_is_one_line_before_step_0(tmp_p
     negative = run_cli("run", "model=tiny", "eval.core_limit=-1", "logger.mode=disabled", cwd=tmp_path)
     assert negative.returncode == 2 and negative.stderr.startswith("error: eval.core_limit=-1 is invalid")
     assert not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_two_ranks_score_as_one_process(tmp_path, cache_dir, bundle):
+    """Under DDP each rank scores its share of every task and evaluates its stride of the val split: the counts and
+    the val loss's nats, tokens and bytes are summed over the ranks, so the numbers are one process's."""
+    from tests.test_distributed import torchrun
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog, café.\n" for i in range(400)))
+    # a tiny lr: both runs evaluate nearly the init's weights, so no pick flips on float rounding
+    common = ["data=text", f"data.path={corpus}", "model=tiny", "T=32", "train.max_steps=1", "optim.lr=1e-9",
+              "train.eval_every=1", "train.eval_batches=2", "data.val_fraction=0.2", "train.core_every=1",
+              f"eval.core_bundle={bundle}", "logger.mode=disabled", f"data.cache_dir={cache_dir}"]
+    (tmp_path / "single").mkdir(), (tmp_path / "ddp").mkdir()
+    single = run_cli("run", *common, "B=4", cwd=tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun(tmp_path / "ddp", *common, "B=2")
+    assert ddp.returncode == 0, ddp.stderr
+    [one_val], [one_core] = ([r for r in read_metrics(only_run_dir(tmp_path / "single")) if key in r]
+                             for key in ("val_bpb", "core"))
+    [two_val], [two_core] = ([r for r in read_metrics(only_run_dir(tmp_path / "ddp")) if key in r]
+                             for key in ("val_bpb", "core"))
+    assert two_val["val_bpb"] == pytest.approx(one_val["val_bpb"], rel=1e-5)  # the same 2 x 4 x 32 tokens
+    assert two_val["val_loss"] == pytest.approx(one_val["val_loss"], rel=1e-5)
+    assert two_core == pytest.approx(one_core)  # every task's 3 items counted once, over the two ranks
