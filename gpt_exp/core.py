@@ -66,8 +66,9 @@ def load_bundle(bundle: Path, limit: int = 0) -> list[CoreTask]:
     return [_task(bundle, f"{spec_path}: icl_tasks[{i}]", task, baselines, limit) for i, task in enumerate(tasks)]
 
 
-def _baselines(path: Path) -> dict[str, float]:
-    """Each task's random baseline in percent, from the bundle's eval_meta_data.csv."""
+def _baselines(path: Path) -> dict[str, tuple[str, str]]:
+    """Each task's random baseline in percent as written, and where, from the bundle's eval_meta_data.csv (checked
+    when a task uses it: the file describes tasks core.yaml may not list)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist (it holds each task's random baseline); {BUNDLE}")
     try:
@@ -77,20 +78,21 @@ def _baselines(path: Path) -> dict[str, float]:
         raise DataError(f"{path} is not a CSV file ({type(e).__name__}); {BUNDLE}") from None
     if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
         raise DataError(f"{path} lacks the columns 'Eval Task' and 'Random baseline'; {BUNDLE}")
-    baselines = {}
-    for lineno, row in enumerate(rows, 2):
-        try:
-            value = float(row["Random baseline"])
-        except (TypeError, ValueError):
-            value = -1.0
-        if not 0 <= value < 100:  # in percent; 100 would leave nothing to center on
-            raise DataError(f"{path}:{lineno}: Random baseline={row['Random baseline']!r} for {row['Eval Task']!r} "
-                            f"is not a percentage in [0, 100); repair that row")
-        baselines[row["Eval Task"]] = value
-    return baselines
+    return {row["Eval Task"]: (row["Random baseline"], f"{path}:{lineno}") for lineno, row in enumerate(rows, 2)}
 
 
-def _task(bundle: Path, where: str, task: object, baselines: dict[str, float], limit: int) -> CoreTask:
+def _baseline(label: str, written: str, where: str) -> float:
+    try:
+        value = float(written)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value < 100:  # in percent; 100 would leave nothing to center on
+        raise DataError(f"{where}: Random baseline={written!r} for {label!r} is not a percentage in [0, 100); repair "
+                        f"that row")
+    return value
+
+
+def _task(bundle: Path, where: str, task: object, baselines: dict[str, tuple[str, str]], limit: int) -> CoreTask:
     if not isinstance(task, dict):
         raise DataError(f"{where} is not a task (a mapping with label, dataset_uri, num_fewshot, icl_task_type)")
     label, uri, kind = task.get("label"), task.get("dataset_uri"), task.get("icl_task_type")
@@ -106,9 +108,10 @@ def _task(bundle: Path, where: str, task: object, baselines: dict[str, float], l
     if label not in baselines:
         raise DataError(f"{bundle / 'eval_meta_data.csv'} has no Random baseline for task {label}; add its row "
                         f"(Eval Task: {label})")
+    baseline = _baseline(label, *baselines[label])
     examples = _rows(bundle / "eval_data" / uri, kind)
     random.Random(SHUFFLE_SEED).shuffle(examples)
-    return CoreTask(label, kind, shots, delimiter, baselines[label], examples[:limit] if limit else examples)
+    return CoreTask(label, kind, shots, delimiter, baseline, examples[:limit] if limit else examples)
 
 
 def _rows(path: Path, kind: str) -> list[dict]:

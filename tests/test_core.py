@@ -298,3 +298,10 @@ def test_two_ranks_score_as_one_process(tmp_path, cache_dir, bundle):
     assert two_val["val_bpb"] == pytest.approx(one_val["val_bpb"], rel=1e-5)  # the same 2 x 4 x 32 tokens
     assert two_val["val_loss"] == pytest.approx(one_val["val_loss"], rel=1e-5)
     assert two_core == pytest.approx(one_core)  # every task's 3 items counted once, over the two ranks
+
+
+def test_meta_data_rows_of_tasks_core_yaml_does_not_list_are_not_read(tmp_path):
+    bundle = write_bundle(tmp_path / "b", {"mc_demo": ("multiple_choice", MC, 0, None)},
+                          {"mc_demo": 25.0, "squad_other": "n/a"})  # the real file describes more tasks than CORE's
+    [task] = load_bundle(bundle)
+    assert (task.label, task.baseline, len(task.examples)) == ("mc_demo", 25.0, 3)
