@@ -63,7 +63,11 @@ def load_bundle(bundle: Path, limit: int = 0) -> list[CoreTask]:
         raise DataError(f"{spec_path} lists no icl_tasks (a list of tasks with label, dataset_uri, num_fewshot, "
                         f"icl_task_type); {BUNDLE}")
     baselines = _baselines(bundle / "eval_meta_data.csv")
-    return [_task(bundle, f"{spec_path}: icl_tasks[{i}]", task, baselines, limit) for i, task in enumerate(tasks)]
+    loaded = [_task(bundle, f"{spec_path}: icl_tasks[{i}]", task, baselines, limit) for i, task in enumerate(tasks)]
+    labels = [task.label for task in loaded]
+    if twice := next((label for label in labels if labels.count(label) > 1), None):  # CORE averages one per task
+        raise DataError(f"{spec_path} lists the task {twice} twice; give each task once")
+    return loaded
 
 
 def _baselines(path: Path) -> dict[str, tuple[str, str]]:

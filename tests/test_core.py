@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from gpt_exp import eval as evals
 from gpt_exp.checkpoint import save_checkpoint
 from gpt_exp.core import CoreTask, core_results, evaluate_core, load_bundle, render_prompts, score_tasks, scored_rows
+from gpt_exp.errors import DataError
 from gpt_exp.hf import save_hf_gpt2
 from gpt_exp.model import GPT, GPTConfig
 from gpt_exp.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -305,3 +306,11 @@ def test_meta_data_rows_of_tasks_core_yaml_does_not_list_are_not_read(tmp_path):
                           {"mc_demo": 25.0, "squad_other": "n/a"})  # the real file describes more tasks than CORE's
     [task] = load_bundle(bundle)
     assert (task.label, task.baseline, len(task.examples)) == ("mc_demo", 25.0, 3)
+
+
+def test_a_task_listed_twice_is_one_line(tmp_path):
+    bundle = write_bundle(tmp_path / "b", {"mc_demo": ("multiple_choice", MC, 0, None)}, {"mc_demo": 25.0})
+    spec = json.loads((bundle / "core.yaml").read_text())
+    (bundle / "core.yaml").write_text(json.dumps({"icl_tasks": spec["icl_tasks"] * 2}))
+    with pytest.raises(DataError, match=r"core.yaml lists the task mc_demo twice; give each task once$"):
+        load_bundle(bundle)
