@@ -93,3 +93,19 @@ def test_a_run_records_val_bpb_everywhere(tmp_path, cache_dir):
     assert compare.main([str(run_dir), "--metric", "final_val_bpb", "--out", str(tmp_path / "report")]) == 0
     [row] = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert row["final_val_bpb"] == summary["final_val_bpb"]
+
+
+def test_loss_png_reads_val_bpb_on_a_right_axis():
+    from gpt_exp.plots import loss_figure
+
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "tokens": 64 * (s + 1)} for s in range(10)]
+    rows += [{"step": 4, "val_loss": 4.8, "val_bpb": 4.8 * 0.4, "tokens": 320},
+             {"step": 9, "val_loss": 4.2, "val_bpb": 4.2 * 0.4, "tokens": 640}]
+    fig = loss_figure(rows, "run")
+    [right] = fig.axes[0].child_axes  # matplotlib's secondary axis
+    assert right.get_ylabel() == "val bits per byte"
+    fig.canvas.draw()  # a secondary axis takes its limits when drawn
+    low, high = fig.axes[0].get_ylim()
+    assert right.get_ylim() == pytest.approx((low * 0.4, high * 0.4))  # val_bpb / val_loss of these batches
+    without = loss_figure([r for r in rows if "val_bpb" not in r] + [{"step": 9, "val_loss": 4.2}], "older run")
+    assert without.axes[0].child_axes == []
