@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt_exp.scaling import flops_per_token, param_counts
+from gpt_exp.shapes import flops_per_token, param_counts
 
 VOCAB, BLOCK = 50257, 256  # conf/model/tiny.yaml: only n_layer and n_embd vary
 # The tiny model's width: at these budgets its FLOPs are mostly the lm_head's 6 V C per token, so the width decides

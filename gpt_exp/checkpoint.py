@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, flatten
+from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, RunConfig, flatten, known_settings, unflatten
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2, recorded_step
 from gpt_exp.metrics import read_metrics
@@ -130,6 +131,11 @@ class Resume:
         self.changes: list[str] = []
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
+
+    @property
+    def settings(self) -> RunConfig:
+        """The checkpoint's settings as they were (its version's keys that still exist), unchecked: what it trained with."""
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), unflatten(known_settings(self.config))))
 
     def check(self, current_config: dict) -> None:
         """What this run changes against the checkpoint's settings; a change the weights cannot take is refused."""

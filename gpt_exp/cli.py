@@ -12,7 +12,9 @@ import errno
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 from enum import Enum
 from typing import Callable, NoReturn, TypeVar
 
@@ -171,6 +173,7 @@ def command(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def bounded(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its composition errors to us: we print one line
+        restore_ctrl_c()
         try:
             return main(sys.argv[1:] if argv is None else list(argv)) or 0
         except KeyboardInterrupt:
@@ -184,6 +187,16 @@ def command(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
             return getattr(e, "exit_code", EXIT_USER_ERROR)
 
     return bounded
+
+
+def restore_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt again once a command starts (gpt_exp/__init__.py quiets it while it imports)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and is_main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _command_name(main: Callable) -> str:
@@ -214,6 +227,8 @@ def parse_options(command: str, argv: list[str], schema: type[Options]) -> Optio
         print(f"usage: python -m gpt_exp.{command} {keys}   (--cfg job: print the options and stop)")
         return None
     show = argv[-2:] == ["--cfg", "job"]
+    # Not OmegaConf's dotlist parser: it reads a value as YAML (prompt=1e-3 becomes "0.001", prompt=null None), and
+    # a prompt must reach the model as typed.
     fields = {f.name: f for f in dataclasses.fields(schema)}
     values = {}
     for arg in argv[:-2] if show else argv:

@@ -1,47 +1,40 @@
 """Compare finished, failed or still-running runs: a table of what differs and how it did, plus an overlay plot.
 Runs that differ only by `train.seed` are grouped into one row (mean ± sample std) and one mean curve with a band;
---baseline tests each group against one (Welch's t-test), --target asks which reached a loss, and when."""
+--baseline tests each group against one (Welch's t-test; Holm-adjusted p-values when several are tested),
+--target asks which reached a loss, and when."""
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 from gpt_exp.atomic import atomic_path
-from gpt_exp.config import flatten
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import UserError
-from gpt_exp.metrics import is_number, read_metrics
+from gpt_exp.metrics import is_number
 from gpt_exp.plots import Curve, plot_overlay, trailing_mean
+from gpt_exp.run_reader import RUNNING, RunRecord, default_out_dir, load_runs
 
-RUNNING = "running/incomplete"
 SEED_KEY = "train.seed"
 # Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
 METRICS = (*LOSS_METRICS, "final_val_bpb", "steps", "tokens", "median_tok_per_s", "wall_s")
 AXES = ("step", "tokens", "flops", "time")
-# Logger settings and paths decide where a run writes, not what it learns, and often differ per run; so do the
-# settings of how often it saves, logs and evaluates, and its CPU threads.
+# Logger settings and the cache's path decide where a run writes, not what it learns, and often differ per run; so
+# do the settings of how often it saves, logs and evaluates, and its CPU threads. data.path is what it learns from.
 IGNORED_SECTIONS = ("logger.", "hydra.")
-IGNORED_SUFFIXES = ("dir", "path")
 BOOKKEEPING_KEYS = ("resume", "train.ckpt_every", "train.keep_ckpts", "train.eval_batches", "train.log_every",
-                    "data.cache_dir", "device.threads")
+                    "data.cache_dir", "eval.hellaswag_path", "device.threads")
 ALPHA, POWER = 0.05, 0.8  # the test --baseline runs, and the power its seed count is sized for
 NO_TEST = "n=1: no test"
 MAX_GRID = 5000  # points of a seed group's mean curve
@@ -49,161 +42,6 @@ MAX_GRID = 5000  # points of a seed group's mean curve
 
 class CompareError(UserError):
     """A problem with the user's input, printed as one line by the CLI."""
-
-
-@dataclass
-class RunRecord:
-    path: Path
-    params: dict[str, Any]  # the composed config, flattened to dotted keys
-    curve_steps: np.ndarray  # the training loss curve, one point per logged step
-    curve_losses: np.ndarray
-    curve_tokens: np.ndarray | None  # the same rows' cumulative tokens; None: some row lacks them
-    curve_flops: np.ndarray | None  # cumulative training FLOPs; None: neither the rows nor summary.json say
-    curve_elapsed: np.ndarray | None  # wall seconds since the run started
-    curve_lr: np.ndarray | None
-    val_steps: np.ndarray  # the val loss, one point per evaluation
-    val_losses: np.ndarray
-    status: str
-    final_loss: float | None
-    best_loss: float | None
-    final_val_loss: float | None
-    steps: int
-    tokens: int | None
-    median_tok_per_s: float | None
-    wall_s: float | None
-    train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
-    final_val_bpb: float | None = None  # the last val loss in bits per byte (None: older runs)
-
-
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Existing paths as given, else glob matches (for quoted globs); a path matching nothing, a file or a dir that
-    cannot be read is an error."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
-        if not matches:
-            raise CompareError(f"{pattern} does not exist; pass a run dir or a sweep dir (outputs/multirun/DATE/TIME)")
-        for match in matches:
-            if not os.path.isdir(match):
-                raise CompareError(f"{match} is a file, not a run dir; pass a run dir (outputs/DATE/TIME) or a sweep "
-                                   f"dir (outputs/multirun/DATE/TIME)")
-            if not os.access(match, os.R_OK | os.X_OK):  # glob would skip it silently and report no runs
-                raise CompareError(f"cannot read {match} (permission denied); fix its permissions (chmod u+rx)")
-        paths += [Path(m) for m in matches]
-    return paths
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run dir, else every run dir below it (a sweep), in natural order (2 before 10)."""
-    if is_run_dir(path):
-        return [path]
-    found = [c.parent.parent for c in path.glob("**/.hydra/config.yaml") if c.is_file()]
-    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
-
-
-def load_runs(patterns: list[str]) -> list[RunRecord]:
-    runs: dict[Path, RunRecord] = {}
-    for path in expand_paths(patterns):
-        run_dirs = find_run_dirs(path)
-        if not run_dirs:
-            raise CompareError(f"no runs under {path} (a run dir holds .hydra/config.yaml); pass a dir from outputs/")
-        for run_dir in run_dirs:
-            if run_dir.resolve() not in runs:  # a run named twice (a dir and a glob) is shown once
-                runs[run_dir.resolve()] = load_run(run_dir)
-    return list(runs.values())
-
-
-def _column(rows: list[dict], key: str) -> np.ndarray | None:
-    """`key` of every row as floats, or None when a row lacks it (a run made before the key was logged)."""
-    if not all(is_number(r.get(key)) for r in rows):
-        return None
-    return np.array([r[key] for r in rows], dtype=float)
-
-
-def load_run(run_dir: Path) -> RunRecord:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    # A resumed run logs the steps after its checkpoint again; the later row of a step is the one that counts.
-    train = sorted({r["step"]: r for r in rows if "loss" in r}.values(), key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in rows if "val_loss" in r}.values(), key=lambda r: r["step"])
-    losses = np.array([r["loss"] for r in train], dtype=float)
-    finite = losses[np.isfinite(losses)]
-    tok_per_s = [r["tok_per_s"] for r in train if "tok_per_s" in r]
-    # What metrics.jsonl says so far; summary.json, written when the run ends, has the last word.
-    stats_: dict[str, Any] = {
-        "status": RUNNING,
-        "final_loss": float(losses[-1]) if len(losses) else None,
-        "best_loss": float(finite.min()) if len(finite) else None,
-        "steps": len(train),
-        "tokens": train[-1].get("tokens") if train else None,
-        "median_tok_per_s": float(np.median(tok_per_s)) if tok_per_s else None,
-        "wall_s": None,
-        "final_val_bpb": next((r["val_bpb"] for r in reversed(val) if "val_bpb" in r), None),
-    }
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        stats_.update(read_summary(summary_path, [*stats_, "flops_per_token", "train_split_tokens"]))
-    flops_per_token = stats_.pop("flops_per_token", None)
-    tokens = _column(train, "tokens")
-    flops = _column(train, "flops")
-    if flops is None and tokens is not None and flops_per_token:  # runs made before the rows had flops
-        flops = tokens * flops_per_token
-    elapsed = _column(train, "elapsed_s")
-    if elapsed is None and (dt_ms := _column(train, "dt_ms")) is not None:  # before the rows had elapsed_s
-        elapsed = np.cumsum(dt_ms) / 1000
-    return RunRecord(
-        path=run_dir,
-        params={k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
-                for k, v in flatten(_read_config(run_dir / ".hydra" / "config.yaml")).items()},
-        curve_steps=np.array([r["step"] for r in train], dtype=float),
-        curve_losses=losses,
-        curve_tokens=tokens,
-        curve_flops=flops,
-        curve_elapsed=elapsed,
-        curve_lr=_column(train, "lr"),
-        val_steps=np.array([r["step"] for r in val], dtype=float),
-        val_losses=np.array([r["val_loss"] for r in val], dtype=float),
-        final_val_loss=float(val[-1]["val_loss"]) if val else None,
-        **stats_,
-    )
-
-
-def read_summary(path: Path, keys) -> dict:
-    """The `keys` that summary.json holds, each checked: a damaged file is an error, not a row of wrong numbers."""
-    fix = "delete it to show the run as incomplete"
-    try:
-        summary = json.loads(path.read_bytes())
-    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for binary bytes
-        raise CompareError(f"{path} is not JSON; {fix}") from None
-    if not isinstance(summary, dict):
-        raise CompareError(f"{path} is not a run summary (a JSON {type(summary).__name__}, not an object); {fix}")
-    found = {k: summary[k] for k in keys if k in summary}
-    for key, value in found.items():
-        ok = isinstance(value, str) if key == "status" else value is None or is_number(value)
-        if not ok:
-            raise CompareError(f"{path}: {key}={value!r} is not {'a string' if key == 'status' else 'a number'}; {fix}")
-    return found
-
-
-def _read_config(path: Path) -> dict:
-    fix = "repair it, or leave the run out of the comparison"
-    try:
-        cfg = OmegaConf.load(path)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CompareError(f"{path} is not valid YAML ({e.__class__.__name__}); {fix}") from None
-    except OSError as e:
-        if e.filename:  # the file cannot be read: main reports it
-            raise
-        cfg = None  # OmegaConf refuses a top-level scalar with an OSError of its own
-    if not isinstance(cfg, DictConfig):
-        raise CompareError(f"{path} is not a run config (a YAML mapping of settings); {fix}")
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException:  # ${hydra:...} cannot resolve outside a Hydra job; compare it as text
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
 # --- the x axis ---------------------------------------------------------------------------------------------------
@@ -296,11 +134,10 @@ def on_common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
 # --- grouping and the table ---------------------------------------------------------------------------------------
 
 def varying_keys(runs: list[RunRecord]) -> list[str]:
-    """Config keys whose values differ between the runs, in config order, skipping logger settings, paths and
-    bookkeeping (BOOKKEEPING_KEYS)."""
+    """Config keys whose values differ between the runs, in config order, skipping logger settings and bookkeeping
+    (BOOKKEEPING_KEYS)."""
     keys = list(dict.fromkeys(k for run in runs for k in run.params))
-    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k in BOOKKEEPING_KEYS
-                                    or k.rsplit(".", 1)[-1].endswith(IGNORED_SUFFIXES))]
+    keys = [k for k in keys if not (k.startswith(IGNORED_SECTIONS) or k in BOOKKEEPING_KEYS)]
     return [k for k in keys if len({repr(run.params.get(k)) for run in runs}) > 1]
 
 
@@ -325,10 +162,11 @@ def contributing(group: list[RunRecord]) -> list[RunRecord]:
 
 
 def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | None = None, smooth: int = 1,
-                  baseline: list[str] = (), target: float | None = None) -> list[dict]:
+                  baseline: list[str] = (), target: float | None = None, effect: float | None = None) -> list[dict]:
     """One row per configuration, sorted by `metric` ascending (a config key works too); missing values last.
     x: the axis of loss_at_x and --target's crossing (None: default_x); baseline: KEY=VALUE that pick the group the
-    others are tested against; target: a loss each group's mean is tested to be below."""
+    others are tested against; target: a loss each group's mean is tested to be below; effect: the difference the
+    seed count is sized for (None: the observed one, post hoc)."""
     keys, groups = group_runs(runs)
     if metric not in METRICS and metric not in keys:
         choices = ", ".join([*METRICS, *keys])
@@ -353,7 +191,10 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     if baseline:
         base = find_baseline(baseline, keys, groups)
         for i, (row, group) in enumerate(zip(rows, groups)):
-            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), is_base=i == base))
+            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), i == base, effect))
+        tested = [row for row in rows if row["baseline_p"] is not None]
+        for row, adjusted in zip(tested, holm([row["baseline_p"] for row in tested])):
+            row["baseline_p_holm"] = adjusted
     return [row for _, row in sorted(enumerate(rows), key=lambda item: _sort_key(item[1][metric]))]
 
 
@@ -446,12 +287,15 @@ def _matches(value: Any, text: str) -> bool:
     return str(value) == text
 
 
-def _baseline_columns(values: list[float], base: list[float], is_base: bool) -> dict:
+def _baseline_columns(values: list[float], base: list[float], is_base: bool, effect: float | None = None) -> dict:
     """This group's metric against the baseline's: the difference of the means, its 95% CI and p-value from Welch's
     t-test (no equal-variance assumption: a config can change the spread over seeds), and the seeds per side that
-    would resolve the observed difference."""
+    would resolve a difference of `effect`, or, post hoc, of the observed one (which overstates what a sweep
+    could find when the observed difference is noise's). baseline_p_holm is filled in by compare_table."""
     row: dict[str, Any] = {"baseline_diff": None, "baseline_ci_low": None, "baseline_ci_high": None,
-                           "baseline_p": None, "seeds_needed": None, "baseline_note": None}
+                           "baseline_p": None, "baseline_p_holm": None, "seeds_needed": None,
+                           "seeds_needed_effect": None, "seeds_needed_post_hoc": effect is None,
+                           "baseline_note": None}
     if is_base:
         return row | {"baseline_note": "baseline"}
     if not values or not base:
@@ -465,8 +309,21 @@ def _baseline_columns(values: list[float], base: list[float], is_base: bool) -> 
         ci = result.confidence_interval(1 - ALPHA)  # t quantile at the Welch-Satterthwaite dof
     pooled_std = math.sqrt(((len(values) - 1) * np.var(values, ddof=1) + (len(base) - 1) * np.var(base, ddof=1))
                            / (len(values) + len(base) - 2))
+    sized_for = abs(row["baseline_diff"]) if effect is None else effect
     return row | {"baseline_ci_low": _finite(ci.low), "baseline_ci_high": _finite(ci.high),
-                  "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(row["baseline_diff"], pooled_std)}
+                  "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(sized_for, pooled_std),
+                  "seeds_needed_effect": sized_for}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (each group against one baseline): the i-th smallest
+    times (m - i + 1), kept non-decreasing and at most 1. It holds the chance of any false positive at alpha whatever
+    the tests' dependence (they share the baseline). (scipy has no Holm.)"""
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(sorted(range(len(p_values)), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def t_test_power(n: int, effect: float, alpha: float = ALPHA) -> float:
@@ -578,11 +435,30 @@ def best_run(rows: list[dict], metric: str) -> str | None:
     return min(scored, key=lambda row: row[name])["run_dirs"][0]
 
 
+def log_scale_notes(curves: list[Curve], x: str, logx: bool, logy: bool) -> list[str]:
+    """A log axis cannot show x <= 0 (every run's step 0) or a loss <= 0: the plot leaves those points out, and each
+    axis that did says how many in one line. Nothing left to show is an error."""
+    points = [(np.asarray(px, dtype=float), np.asarray(py, dtype=float)) for c in curves
+              for px, py in ((c.x, c.loss), (c.val_x, c.val_loss)) if px is not None]
+    xs = np.concatenate([px for px, _ in points]) if points else np.zeros(0)
+    ys = np.concatenate([py for _, py in points]) if points else np.zeros(0)
+    dropped = {"--logx": (xs <= 0) if logx else np.zeros(len(xs), bool),
+               "--logy": (ys <= 0) if logy else np.zeros(len(ys), bool)}
+    what = {"--logx": f"{x} <= 0", "--logy": "a loss <= 0"}
+    if (logx or logy) and len(xs) and (dropped["--logx"] | dropped["--logy"]).all():
+        on = [flag for flag, used in (("--logx", logx), ("--logy", logy)) if used]
+        raise CompareError(f"{' and '.join(on)}: every point has {' or '.join(what[f] for f in on)}, which a log axis "
+                           f"cannot show; drop {' and '.join(on)}")
+    return [f"{flag}: left out {n} point{'s' * (n > 1)} with {what[flag]} (a log axis cannot show them)"
+            for flag, out in dropped.items() if (n := int(out.sum()))]
+
+
 # --- output -------------------------------------------------------------------------------------------------------
 
 STAT_FIELDS = {*METRICS, "n", "data_varies", "x_axis", "x_common", "status", "run_dirs", "target", "p_below_target",
                "target_note", "tokens_to_target", "time_to_target", "runs_reached_target", "baseline_diff",
-               "baseline_ci_low", "baseline_ci_high", "baseline_p", "seeds_needed", "baseline_note"}
+               "baseline_ci_low", "baseline_ci_high", "baseline_p", "baseline_p_holm", "seeds_needed",
+               "seeds_needed_effect", "seeds_needed_post_hoc", "baseline_note"}
 
 
 def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") -> str:
@@ -596,8 +472,11 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
     header = [*keys, *(["n", "data varies"] if grouped else [])]
     header += [f"loss@{_x_text(rows[0]['x_axis'], rows[0]['x_common'])}" if m == "loss_at_x" else m for m in losses]
     tested = "baseline_note" in rows[0]
+    holm_shown = tested and sum(row["baseline_p"] is not None for row in rows) > 1
     if tested:
-        header += [f"Δ{metric}", "95% CI", "p (Welch)", "seeds/side"]
+        effect = None if rows[0]["seeds_needed_post_hoc"] else rows[0]["seeds_needed_effect"]
+        header += [f"Δ{metric}", "95% CI", "p (Welch)", *["p (Holm)"] * holm_shown,
+                   "seeds/side (post hoc)" if effect is None else f"seeds/side for Δ={effect:g}"]
     target = rows[0].get("target")
     if target is not None:
         header += [f"p({metric}<{target:g})", f"tokens to {target:g}", f"time to {target:g}"]
@@ -609,7 +488,7 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
             std = row[f"{m}_std"]
             cells.append("-" if row[m] is None else f"{row[m]:.4f}" + (f"±{std:.4f}" if std is not None else ""))
         if tested:
-            cells += _baseline_cells(row)
+            cells += _baseline_cells(row, holm_shown)
         if target is not None:
             cells.append(row["target_note"] or _p(row["p_below_target"]))
             tokens, time = _count(row["tokens_to_target"]), _duration(row["time_to_target"])
@@ -623,15 +502,16 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _baseline_cells(row: dict) -> list[str]:
+def _baseline_cells(row: dict, holm_shown: bool) -> list[str]:
+    holm_cell = [_p(row["baseline_p_holm"]) if row["baseline_p"] is not None else ""] * holm_shown
     if row["baseline_note"] == "baseline":
-        return ["baseline", "", "", ""]
+        return ["baseline", "", "", *holm_cell, ""]
     diff = "-" if row["baseline_diff"] is None else f"{row['baseline_diff']:+.4f}"
     if row["baseline_note"]:
-        return [diff, "", row["baseline_note"], ""]
+        return [diff, "", row["baseline_note"], *holm_cell, ""]
     low, high = row["baseline_ci_low"], row["baseline_ci_high"]
     ci = "-" if low is None else f"[{low:+.4f}, {high:+.4f}]"
-    return [diff, ci, _p(row["baseline_p"]), _fmt(row["seeds_needed"])]
+    return [diff, ci, _p(row["baseline_p"]), *holm_cell, _fmt(row["seeds_needed"])]
 
 
 def _p(value: float | None) -> str:
@@ -685,14 +565,6 @@ def write_outputs(rows: list[dict], curves: list[Curve], out_dir: Path, x: str =
                            f"pass --out DIR with a dir you can write") from None
 
 
-def default_out_dir(patterns: list[str], runs: list[RunRecord]) -> Path:
-    """The sweep dir when exactly one PATH is a sweep, else the run dirs' common parent (a lone run: itself)."""
-    sweeps = [p for p in expand_paths(patterns) if not is_run_dir(p)]
-    if len(sweeps) == 1:
-        return sweeps[0]
-    return Path(os.path.commonpath([r.path.resolve() for r in runs]))
-
-
 @command
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m gpt_exp.compare", description=__doc__)
@@ -708,6 +580,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
                         help="test every configuration against this one (Welch's t-test over seeds), e.g. "
                         "optim.lr=0.001; repeat to pick one of several matches")
+    parser.add_argument("--effect", type=float, metavar="D", help="with --baseline: size the seeds per side for a "
+                        "difference of D in the metric (default: the observed difference, post hoc)")
     parser.add_argument("--target", type=float, metavar="L", help="test each mean to be below the loss L; the tokens "
                         "and time at which the smoothed loss first reached it")
     parser.add_argument("--logx", action="store_true", help="log-scale x axis")
@@ -718,12 +592,17 @@ def main(argv: list[str]) -> int:
         raise CompareError(f"--smooth {args.smooth} must be at least 1 (1 means no smoothing)")
     if args.target is not None and not math.isfinite(args.target):
         raise CompareError(f"--target {args.target} must be a finite loss, e.g. --target 3.5")
+    if args.effect is not None and not (math.isfinite(args.effect) and args.effect > 0):
+        raise CompareError(f"--effect {args.effect} must be a positive difference in the metric, e.g. --effect 0.02")
+    if args.effect is not None and not args.baseline:
+        raise CompareError("--effect sizes the seeds of --baseline's test; add --baseline KEY=VALUE")
     try:
         runs = load_runs(args.paths)
         x, metric = args.x or default_x(runs), args.metric or default_metric(runs)
-        rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target)
+        rows = compare_table(runs, metric, x, args.smooth, args.baseline or [], args.target, args.effect)
         out_dir = args.out or default_out_dir(args.paths, runs)
         curves = loss_curves(runs, args.smooth, x, best=best_run(rows, metric))
+        notes = log_scale_notes(curves, x, args.logx, args.logy)
         write_outputs(rows, curves, out_dir, x, args.logx, args.logy)
     except OSError as e:  # run files that cannot be read (a dir in a file's place, permissions)
         if e.filename is None:
@@ -733,6 +612,12 @@ def main(argv: list[str]) -> int:
     if args.metric is None:
         print(f"sorted by {metric}" + (" (every run has a val loss; --metric final_loss for the last training batch's)"
                                        if metric == "final_val_loss" else "; --metric KEY sorts by another"))
+    if any(row["n"] > 1 and row["data_varies"] == "no" for row in rows):
+        notes.append("seeds share the data order (data.order=sequential: every seed reads the same batches), so the "
+                     "spread over seeds and the tests measure the init's variance alone; data.order=shuffled gives "
+                     "each seed its own order")
+    for note in notes:
+        print(note)
     print(f"wrote compare.csv, compare.json, compare.png to {out_dir}")
     return 0
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import platform
+import re
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ import torch
 
 from gpt_exp.config import DeviceConfig, DeviceType, DType
 from gpt_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,31 +41,47 @@ class Runtime:
             torch.mps.synchronize()
 
 
-# Dense (not sparse) tensor-core peaks in FLOP/s as NVIDIA lists them, by a substring of the device name; the
-# first match wins, so more specific names come first. bf16 for autocast, tf32 for fp32 matmuls with TF32 on.
+# Dense (not sparse) tensor-core peaks in FLOP/s from NVIDIA's datasheets, by the GPU's model (gpu_model: a name as
+# CUDA reports it, without vendor, memory size or SXM form factor): an exact key, since a substring gives an L40 the
+# L4's peak and an H100 NVL the SXM's. bf16 for autocast, tf32 for fp32 matmuls with TF32 on.
 PEAK_FLOPS = {
-    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
-    "H100": {"bf16": 989e12, "tf32": 495e12},  # SXM
-    "H200": {"bf16": 989e12, "tf32": 495e12},
+    "H100": {"bf16": 989e12, "tf32": 495e12},  # SXM5
+    "H100 PCIE": {"bf16": 756e12, "tf32": 378e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 418e12},
+    "H200": {"bf16": 989e12, "tf32": 495e12},  # SXM
+    "H200 NVL": {"bf16": 835e12, "tf32": 418e12},
     "GH200": {"bf16": 989e12, "tf32": 495e12},
     "B200": {"bf16": 2250e12, "tf32": 1100e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12},  # SXM4
+    "A100 PCIE": {"bf16": 312e12, "tf32": 156e12},
     "A10G": {"bf16": 70e12, "tf32": 35e12},
     "A10": {"bf16": 125e12, "tf32": 62.5e12},
     "L40S": {"bf16": 362e12, "tf32": 183e12},
+    "L40": {"bf16": 181e12, "tf32": 90.5e12},
     "L4": {"bf16": 121e12, "tf32": 60e12},
     "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
     "RTX 3090": {"bf16": 71e12, "tf32": 35.6e12},
 }
+_NOT_THE_MODEL = {"NVIDIA", "GEFORCE", "TESLA", "SXM", "SXM4", "SXM5", "HBM2", "HBM2E", "HBM3", "HBM3E"}
+
+
+def gpu_model(device_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA A100-PCIE-40GB" -> "A100 PCIE": the key of PEAK_FLOPS."""
+    words = re.split(r"[\s\-_]+", device_name.upper())
+    return " ".join(w for w in words if w and w not in _NOT_THE_MODEL and not re.fullmatch(r"\d+GB", w))
 
 
 def peak_flops(device_name: str, dtype: DType, tf32: bool) -> float | None:
-    """The device's dense peak for this dtype, or None where unknown (CPUs, unlisted GPUs): no MFU then."""
+    """The device's dense peak for this dtype, or None where unknown (CPUs, unlisted GPUs, plain fp32): no MFU then,
+    and one log line that says why."""
     kind = "bf16" if dtype == DType.bf16 else "tf32" if tf32 else None
-    for name, peaks in PEAK_FLOPS.items():
-        if name in device_name and kind:
-            return peaks[kind]
-    return None
+    peaks = PEAK_FLOPS.get(gpu_model(device_name))
+    if kind is None:
+        log.info("no MFU: fp32 without TF32 has no tensor-core peak to measure against (device.tf32=true gives one)")
+    elif peaks is None:
+        log.info("no MFU: %s (%s) is not in gpt_exp/device.py's PEAK_FLOPS; add its dense %s peak there",
+                 device_name, gpu_model(device_name), kind)
+    return peaks[kind] if kind and peaks else None
 
 
 def device_name(device: torch.device) -> str:

@@ -33,3 +33,9 @@ class Diverged(UserError):
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message, cut to `limit` characters: what a one-line report quotes."""
     return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
+class Finished(UserError):
+    """A resume or requeue of a run that has trained all its steps: it says so, changes nothing and exits 0."""
+
+    exit_code = 0

@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gpt_exp.errors import ConfigError
+from gpt_exp.shapes import flops_per_token, param_counts
 
 if TYPE_CHECKING:
     from gpt_exp.config import ModelConfig
@@ -220,17 +221,14 @@ class GPT(nn.Module):
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
     def num_params(self) -> int:
-        """The model's weights, the padded embedding rows not counted: they are not the model, only the shape its
-        matmul runs at, so a padded and an unpadded run report the same size and the same FLOPs per token."""
-        padding = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
-        return sum(p.numel() for p in self.parameters()) - padding  # parameters() counts the tied weight once
-
-    def flops_per_token(self, T: int) -> float:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per weight of the
-        matmuls (the position embedding is a lookup, not a matmul) plus the attention scores, 12 * L * C * T."""
+        """The model's weights, the padded embedding rows not counted (gpt_exp/shapes.py counts them from the shape)."""
         c = self.config
-        matmul_params = self.num_params() - self.transformer.wpe.weight.numel()
-        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * T
+        return param_counts(c.n_layer, c.n_embd, c.vocab_size, c.block_size)[1]
+
+    def flops_per_token(self, T: int) -> int:
+        """Training FLOPs per token, forward + backward (gpt_exp/shapes.py)."""
+        c = self.config
+        return flops_per_token(c.n_layer, c.n_embd, c.vocab_size, c.block_size, T)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.size()

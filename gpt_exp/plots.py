@@ -176,13 +176,14 @@ def overlay_figure(curves: list[Curve], title: str, x: str = "step", logx: bool 
     divisor, unit = _time_unit(max((float(np.max(c.x)) for c in curves if len(c.x)), default=0.0))
     divisor, unit = (divisor, unit) if x == "time" else (1.0, "")
 
-    def shown(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xs = np.asarray(xs, dtype=float) / divisor
-        return xs, xs > 0 if logx else np.ones(len(xs), dtype=bool)  # a log axis cannot show 0
+    def shown(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x in its unit, and which points the axes can show (a log axis cannot show 0 or below)."""
+        xs, ys = np.asarray(xs, dtype=float) / divisor, np.asarray(ys, dtype=float)
+        return xs, ((xs > 0) | (not logx)) & ((ys > 0) | (not logy))
 
     plotted = []
     for c in curves:
-        xs, keep = shown(c.x)
+        xs, keep = shown(c.x, c.loss)
         y = np.asarray(c.loss, dtype=float)
         (line,) = ax.plot(xs[keep], y[keep], label=c.label, linewidth=2.6 if c.best else 1.2, zorder=3 if c.best else 2)
         plotted.append(y[keep])
@@ -190,7 +191,7 @@ def overlay_figure(curves: list[Curve], title: str, x: str = "step", logx: bool 
             s = np.asarray(c.std, dtype=float)[keep]
             ax.fill_between(xs[keep], y[keep] - s, y[keep] + s, color=line.get_color(), alpha=0.2, linewidth=0)
         if c.val_x is not None and len(c.val_x):
-            vx, vkeep = shown(c.val_x)
+            vx, vkeep = shown(c.val_x, c.val_loss)
             vy = np.asarray(c.val_loss, dtype=float)[vkeep]
             ax.plot(vx[vkeep], vy, "--", color=line.get_color(), linewidth=2.0 if c.best else 1.2)
             plotted.append(vy)

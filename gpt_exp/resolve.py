@@ -1,5 +1,5 @@
-"""One resolution step: the composed config, the checkpoint a run resumes or the Hugging Face dir it starts from, and
-the command's own overrides become the complete, validated RunConfig the run trains with. Nothing changes it after.
+"""One resolution step: the composed config, the checkpoint a run resumes or the weights it starts from, B=auto's
+probe and the device become the complete, validated RunConfig the run trains with. Nothing changes it afterwards.
 
 What a run records (.hydra/config.yaml, every checkpoint, W&B, summary.json) is this config, so a chain of resumes of
 any length trains with the original settings plus what each resume changed. Settings read from a file (a checkpoint)
@@ -8,15 +8,23 @@ are data: a value holding `${...}` there is refused, never resolved.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_exp.config import MODEL_SHAPE, RunConfig, flatten, schema_keys, validate
-from gpt_exp.errors import ConfigError
+from gpt_exp.autobatch import AutoBatch
+from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resume
+from gpt_exp.config import MODEL_SHAPE, RunConfig, flatten, known_settings, unflatten, validate
+from gpt_exp.device import Runtime, resolve_runtime
+from gpt_exp.errors import ConfigError, Finished
+from gpt_exp.launch import Dist
+from gpt_exp.trainer import probe_B
 
 log = logging.getLogger("gpt_exp")
 
@@ -24,6 +32,65 @@ log = logging.getLogger("gpt_exp")
 EXCLUSIVE = (("train.max_steps", "train.max_tokens"),)
 # Where a run lives and what it starts from: never carried from a checkpoint into the run that resumes it.
 _NOT_CARRIED = ("hydra", "resume", "init_from")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run trains with, and where it starts from."""
+
+    cfg: RunConfig
+    config: dict  # cfg as plain data: what the run records everywhere
+    runtime: Runtime
+    resumed: Resume | None = None
+    init: tuple[torch.nn.Module, str] | None = None  # init_from's weights and where they came from
+    autobatch: AutoBatch | None = None  # how B=auto chose B
+
+
+def resolve_run(cfg: RunConfig, dict_cfg: DictConfig, overrides: tuple[str, ...], run_dir: Path, d: Dist,
+                threads: int | None) -> Resolved:
+    """The run's config from the command's own (`cfg`, checked), the checkpoint or weights it names, and B=auto."""
+    resumed, init = resume_target(cfg, run_dir), None
+    if resumed is not None:
+        cfg = resumed_settings(resumed, dict_cfg, overrides)
+    elif cfg.init_from:
+        init = init_weights(cfg.init_from)
+        if cfg.init_from.startswith("hf:"):
+            cfg = adopt_shape(cfg, {key: getattr(init[0].config, key) for key in MODEL_SHAPE}, cfg.init_from, overrides)
+    runtime = resolve_runtime(cfg.device, threads, local_rank=d.local_rank)
+    autobatch = probe_B(cfg, runtime, d) if cfg.B == "auto" else None
+    if autobatch is not None:
+        cfg = _build({**flatten(as_dict(cfg)), "B": autobatch.B})
+    config = as_dict(cfg)
+    if resumed is not None:
+        resumed.check(config)
+    return Resolved(cfg, config, runtime, resumed, init, autobatch)
+
+
+def resume_target(cfg: RunConfig, run_dir: Path) -> Resume | None:
+    """The checkpoint to continue from: resume=RUN_DIR or PATH.pt, or resume=auto: this run dir's newest complete
+    checkpoint when it has one (a requeued SLURM job goes on), a fresh start in a dir without a run."""
+    if cfg.resume and cfg.init_from:
+        raise ConfigError(f"resume={cfg.resume} and init_from={cfg.init_from} exclude each other: resume continues a "
+                          f"run (its optimizer, data position, step), init_from starts a new one from weights; give one")
+    if cfg.resume != "auto":
+        return open_resume(cfg.resume, run_dir) if cfg.resume else None
+    if list_checkpoints(run_dir):
+        return open_resume(str(run_dir), run_dir)
+    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
+        status = _status(run_dir)
+        if status == "completed":
+            raise Finished(f"resume=auto: the run in {run_dir} has finished; nothing to do")
+        raise ConfigError(f"resume=auto: {run_dir} holds a run ({status}) without a checkpoint to continue from; give a "
+                          f"new dir (train.ckpt_every=N keeps checkpoints to continue from)")
+    log.info("resume=auto: no checkpoint in %s yet; starting fresh", run_dir)
+    return None
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text()).get("status", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "no summary"
 
 
 def given_keys(overrides: tuple[str, ...] | list[str]) -> set[str]:
@@ -36,30 +103,14 @@ def _touched(key: str, given: set[str]) -> bool:
     return any(key == g or key.startswith(g + ".") for g in given)
 
 
-def _set(tree: dict, key: str, value: object) -> None:
-    *sections, leaf = key.split(".")
-    for section in sections:
-        tree = tree.setdefault(section, {})
-    tree[leaf] = value
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        _set(tree, key, value)
-    return tree
-
-
 def explicit_beats_default(flat: dict, given: set[str]) -> dict:
     """Of two settings that exclude each other, the one given on the command line wins over the other's value."""
     for a, b in EXCLUSIVE:
         a_given, b_given = a in given and flat.get(a) is not None, b in given and flat.get(b) is not None
         if a_given and b_given:
             raise ConfigError(f"{a}={flat[a]} and {b}={flat[b]} exclude each other; give one of them")
-        if a_given:
-            flat[b] = None
-        elif b_given:
-            flat[a] = None
+        if a_given or b_given:
+            flat[b if a_given else a] = None
     return flat
 
 
@@ -77,41 +128,36 @@ def settings_from_file(tree: object, where: str) -> dict:
 
 
 def _build(flat: dict) -> RunConfig:
-    cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), _unflatten(flat)))
+    cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), unflatten(flat)))
     validate(cfg)
     return cfg
 
 
 def fresh(dict_cfg: DictConfig, overrides: tuple[str, ...]) -> RunConfig:
-    """The config of a run that starts from scratch: what Hydra composed, with explicit-beats-default applied."""
-    given = given_keys(overrides)
-    for a, b in EXCLUSIVE:
-        a_given = a in given and OmegaConf.select(dict_cfg, a) is not None
-        b_given = b in given and OmegaConf.select(dict_cfg, b) is not None
-        if a_given and b_given:
-            raise ConfigError(f"{a}={OmegaConf.select(dict_cfg, a)} and {b}={OmegaConf.select(dict_cfg, b)} exclude "
-                              f"each other; give one of them")
-        if a_given or b_given:
-            OmegaConf.update(dict_cfg, b if a_given else a, None)
+    """The command's own config: what Hydra composed, with explicit-beats-default applied, checked."""
+    flat = explicit_beats_default({a: OmegaConf.select(dict_cfg, a) for pair in EXCLUSIVE for a in pair},
+                                  given_keys(overrides))
+    for key, value in flat.items():
+        OmegaConf.update(dict_cfg, key, value)
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     return cfg
 
 
-def resumed(saved: dict, saved_B: object, dict_cfg: DictConfig, overrides: tuple[str, ...], where: str) -> RunConfig:
+def resumed_settings(resumed: Resume, dict_cfg: DictConfig, overrides: tuple[str, ...]) -> RunConfig:
     """The config a resumed run trains with: the checkpoint's resolved settings, then what this command changes (the
     keys and groups it names, and what an experiment it adds sets), which win."""
     given = given_keys(overrides)
     current = flatten(OmegaConf.to_container(dict_cfg, resolve=True, enum_to_str=True))
     defaults = flatten(OmegaConf.to_container(compose("config"), resolve=False, enum_to_str=True))
     changed = {k for k, v in current.items() if _touched(k, given) or defaults.get(k, v) != v}
-    known = set(schema_keys())
-    saved_flat = flatten(settings_from_file(saved, where))
-    dropped = sorted(k for k in saved_flat if k not in known)
-    if dropped:  # a checkpoint of an older version: settings that no longer exist
+    saved = flatten(settings_from_file(resumed.config, f"resume: {resumed.path}"))
+    if dropped := sorted(saved.keys() - known_settings(resumed.config).keys()):  # an older version's settings
         log.info("resume: the checkpoint's settings %s no longer exist; ignored", ", ".join(dropped))
-    flat = {k: v for k, v in saved_flat.items() if k in known and not k.startswith(_NOT_CARRIED)}
-    flat.update({k: v for k, v in current.items() if k in changed or k.startswith(_NOT_CARRIED) or k not in flat})
+    flat = {k: v for k, v in known_settings(resumed.config).items() if not k.startswith(_NOT_CARRIED)}
+    flat.update({k: v for k, v in known_settings(unflatten(current)).items()
+                 if k in changed or k.startswith(_NOT_CARRIED) or k not in flat})
+    saved_B = resumed.state.get("B")
     if flat.get("B") == "auto" and isinstance(saved_B, int) and "B" not in changed:  # keep the B it chose
         flat["B"] = saved_B
     return _build(explicit_beats_default(flat, changed))
@@ -129,18 +175,6 @@ def adopt_shape(cfg: RunConfig, shape: dict, init_from: str, overrides: tuple[st
     flat = flatten(as_dict(cfg))
     flat.update({f"model.{k}": shape[k] for k in MODEL_SHAPE}, **{"model.name": Path(init_from[3:]).name or "hf"})
     return _build(flat)
-
-
-def settings_of_checkpoint(saved: dict) -> RunConfig:
-    """A checkpoint's settings as a RunConfig, as they were (its own version's keys that still exist), unchecked."""
-    known = set(schema_keys())
-    flat = {k: v for k, v in flatten(saved).items() if k in known}
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), _unflatten(flat)))
-
-
-def with_B(cfg: RunConfig, B: int) -> RunConfig:
-    """The config with B=auto's choice in place of `auto`: what the run trains with, and so what it records."""
-    return _build({**flatten(as_dict(cfg)), "B": B})
 
 
 def as_dict(cfg: RunConfig) -> dict:

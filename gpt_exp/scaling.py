@@ -2,8 +2,9 @@
 fitted as Hoffmann et al. 2022 (Chinchilla) do in their approaches 2 and 3, with bootstrap confidence intervals.
 
 N is the non-embedding parameter count (Kaplan et al. 2020's; --params total for Chinchilla's count, embeddings
-included), from the run's shape by gpt_exp/model.py's formula; D the tokens trained (summary.json); C = D x
+included), from the run's shape as gpt_exp/shapes.py counts it; D the tokens trained (summary.json); C = D x
 flops_per_token, the training FLOPs as MFU counts them (6 per matmul weight + the attention scores), not 6ND.
+The runs may differ in shape, budget and seed only: runs that differ in anything else are refused, naming the keys.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from scipy.special import huber
 from tqdm import tqdm
 
 from gpt_exp.atomic import atomic_path
+from gpt_exp.compare import short_value, varying_keys
 from gpt_exp.cli import ArgumentParser, command
-from gpt_exp.compare import RunRecord, default_out_dir, load_runs
 from gpt_exp.errors import UserError
 from gpt_exp.plots import _pyplot, _save
+from gpt_exp.run_reader import SHAPE_KEYS, RunRecord, default_out_dir, load_runs
+from gpt_exp.shapes import flops_per_token, param_counts
 
 METRICS = ("final_loss", "final_val_loss")
 PARAM_COUNTS = ("non_embedding", "total")
@@ -39,6 +42,7 @@ MIN_SHAPES, MIN_BUDGETS, MIN_RUNS = 3, 2, 5  # a parabola, a power law across bu
 STARTS = np.array(list(itertools.product([0.0, 10.0, 20.0], [0.0, 10.0, 20.0], [-1.0, 1.0], [0.1, 0.5], [0.1, 0.5])))
 BOOTSTRAP_STARTS = 1  # a random grid start per resample, besides the fit to all runs (its nearest optimum)
 CI = (2.5, 97.5)  # percentiles of the bootstrap: a 95% interval
+MIN_CI_SAMPLES = 50  # fewer samples put a 95% interval's ends on one or two of them
 
 
 class ScalingError(UserError):
@@ -46,21 +50,6 @@ class ScalingError(UserError):
 
 
 # --- what a run is: its shape, N, D, C and loss ----------------------------------------------------------------------
-
-def param_counts(n_layer: int, n_embd: int, vocab_size: int, block_size: int) -> tuple[int, int]:
-    """(non-embedding, total) parameters of gpt_exp/model.py's GPT, counted from its shape (so without torch): a
-    block holds 12 C^2 + 13 C (attention 4 C^2 + 4 C, MLP 8 C^2 + 5 C, two layernorms 4 C), ln_f 2 C; the token
-    embedding (tied with lm_head, V C) and the position embedding (block_size C) are the embedding."""
-    non_embedding = n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd
-    return non_embedding, non_embedding + (vocab_size + block_size) * n_embd
-
-
-def flops_per_token(n_layer: int, n_embd: int, vocab_size: int, block_size: int, T: int) -> int:
-    """GPT.flops_per_token(T) from the shape: 6 per weight of the matmuls (all but the position embedding, a lookup;
-    lm_head's weight is the tied token embedding) plus the attention scores, 12 L C T."""
-    total = param_counts(n_layer, n_embd, vocab_size, block_size)[1]
-    return 6 * (total - block_size * n_embd) + 12 * n_layer * n_embd * T
-
 
 @dataclass
 class Point:
@@ -79,11 +68,25 @@ class Point:
     epochs: float | None = None  # D / the training split's tokens: > 1 means D counts repeated tokens
 
 
-SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")
+# What a grid varies: the shape, the budget (and, repeated, the seed). Everything else (data, optimizer, lr,
+# parametrization, init_from, batch size, ...) must be one setting, or the fits would read its effect as scaling.
+GRID_KEYS = ("model.name", "model.n_layer", "model.n_head", "model.n_embd", "train.max_tokens", "train.max_steps",
+             "train.seed")
+
+
+def one_setting(runs: list[RunRecord]) -> None:
+    """Refuse runs that differ in more than their shape and budget (compare's bookkeeping keys aside), naming what
+    differs: one law through two settings' runs is neither's."""
+    differing = [key for key in varying_keys(runs) if key not in GRID_KEYS]
+    if differing:
+        seen = "; ".join(f"{key}: " + ", ".join(sorted({short_value(r.params.get(key)) for r in runs})[:4])
+                         for key in differing[:4])
+        raise ScalingError(f"the runs differ in more than shape and budget ({seen}); a scaling law is fitted to one "
+                           f"setting of everything else: pass the runs of each setting separately")
 
 
 def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
-    """The run as a Point, or why it is skipped (failed, still running, no such loss)."""
+    """The run as a Point, or why it is skipped (failed, still running, no such loss or one <= 0)."""
     shape = {key: run.params.get(key) for key in SHAPE_KEYS}
     for key, value in shape.items():
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -94,6 +97,8 @@ def to_point(run: RunRecord, metric: str, params: str) -> Point | str:
     loss = getattr(run, metric)
     if loss is None or not math.isfinite(loss):
         return "no val loss" if metric == "final_val_loss" else f"no {metric}"
+    if loss <= 0:  # a cross-entropy is positive; the fits take its log
+        return f"{metric} <= 0, which ln L cannot take"
     if not run.tokens:
         return "no tokens in summary.json"
     L, C, V, block, T = (shape[key] for key in SHAPE_KEYS)
@@ -151,7 +156,7 @@ def parabola_vertex(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
 def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(exponent, coefficient) of y = coefficient * x^exponent, least squares in log-log."""
     exponent, log_coefficient = np.polyfit(np.log(x), np.log(y), 1)
-    return float(exponent), float(np.exp(log_coefficient))
+    return float(exponent), _exp(float(log_coefficient))
 
 
 @dataclass
@@ -215,17 +220,45 @@ def frontier(flops: np.ndarray, n_opt: np.ndarray, d_opt: np.ndarray) -> dict[st
     return {"a": a, "k_n": k_n, "b": b, "k_d": k_d}
 
 
-def frontier_bootstrap(profiles: list[Profile], resamples: int, rng: np.random.Generator) -> list[dict[str, float]]:
-    """frontier() of resampled grids: each budget's runs drawn with replacement. A resample in which a budget
-    has fewer than 3 distinct shapes or no minimum inside its shapes is left out (how many were is reported)."""
-    fits = []
-    for _ in range(resamples):
-        drawn = [[p.runs[i] for i in rng.integers(0, len(p.runs), len(p.runs))] for p in profiles]
-        found = [vertices(runs) for runs in drawn]
-        if all(v is not None and inside(v[0], runs) for v, runs in zip(found, drawn)):
-            n_opt, d_opt, _ = np.array(found).T
-            fits.append(frontier(np.array([p.flops for p in profiles]), n_opt, d_opt))
-    return fits
+def parabola_fits(profiles: list[Profile]) -> tuple[list[tuple], float, int]:
+    """For each budget, (ln N, ln D, the fitted losses of its parabolas in ln N and in ln D), and the noise of the
+    losses about the parabolas in ln N: sigma pooled over the budgets and its degrees of freedom (runs - 3 a budget)."""
+    fits, squares, dof = [], 0.0, 0
+    for p in profiles:
+        loss = np.array([r.loss for r in p.runs])
+        ln_n, ln_d = np.log([r.params for r in p.runs]), np.log([r.tokens for r in p.runs])
+        by_n, by_d = (np.polyval(np.polyfit(x, loss, 2), x) for x in (ln_n, ln_d))
+        fits.append((ln_n, ln_d, by_n, by_d))
+        squares += float(((loss - by_n) ** 2).sum())
+        dof += len(loss) - 3
+    return fits, math.sqrt(squares / dof) if dof else math.nan, dof
+
+
+def frontier_bootstrap(profiles: list[Profile], resamples: int,
+                       rng: np.random.Generator) -> tuple[list[dict[str, float]], float, int]:
+    """(frontier() of `resamples` simulated grids that have a minimum in every budget, the noise sigma they were
+    drawn with, its degrees of freedom). A parametric bootstrap: each run's loss is its budget's fitted parabola plus
+    normal noise of the residuals' pooled sigma, itself drawn from its chi-square spread, so that a sigma estimated
+    from few residuals widens the interval as a t does. (Resampling the runs under-covers on small grids: 4 runs
+    drawn with replacement often hold 3 shapes, whose parabola has no noise left.) A minimum outside the shapes is
+    kept, since the noise can put it there; a parabola that opens downward has none, and its grid is left out. No
+    residuals (3 shapes a budget): no noise to simulate, no samples."""
+    fits, sigma, dof = parabola_fits(profiles)
+    if not dof or not resamples:
+        return [], sigma, dof
+    sigmas = sigma * np.sqrt(dof / rng.chisquare(dof, resamples))
+    ln_opt = np.empty((2, resamples, len(profiles)))  # ln N_opt and ln D_opt of each simulated grid's budgets
+    kept = np.ones(resamples, dtype=bool)
+    for j, (ln_n, ln_d, by_n, by_d) in enumerate(fits):
+        noise = rng.normal(size=(resamples, len(ln_n))) * sigmas[:, None]
+        for k, (x, fitted) in enumerate(((ln_n, by_n), (ln_d, by_d))):
+            c2, c1, _ = np.linalg.lstsq(np.vander(x, 3), (fitted + noise).T, rcond=None)[0]  # all grids at once
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ln_opt[k, :, j] = -c1 / (2 * c2)
+            kept &= (c2 > 0) & (np.abs(ln_opt[k, :, j]) < 700)  # e^700: past any size, and past float's range
+    flops = np.array([p.flops for p in profiles])
+    samples = [frontier(flops, np.exp(ln_opt[0, i]), np.exp(ln_opt[1, i])) for i in np.flatnonzero(kept)]
+    return samples, sigma, dof
 
 
 # --- approach 3: the parametric loss ---------------------------------------------------------------------------------
@@ -329,11 +362,48 @@ def fpt_law(points: list[Point]) -> tuple[float, float]:
 
 # --- the analysis, its report and its files --------------------------------------------------------------------------
 
-def estimate(value: float | None, samples: list[float | None]) -> dict:
-    """A fitted value with the 95% percentile interval of its bootstrap samples (None: none to take one from)."""
+def estimate(value: float | None, samples: list[float | None], resamples: int) -> dict:
+    """A fitted value with the 95% percentile interval of its bootstrap samples; None where fewer than
+    MIN_CI_SAMPLES or than half of the `resamples` drawn gave a finite one (the rest are a tail it would not show)."""
     finite = [s for s in samples if s is not None and math.isfinite(s)]
-    ci = [float(v) for v in np.percentile(finite, CI)] if len(finite) >= 2 else None
-    return {"value": value, "ci": ci}
+    enough = len(finite) >= MIN_CI_SAMPLES and 2 * len(finite) >= resamples
+    return {"value": value, "ci": [float(v) for v in np.percentile(finite, CI)] if enough else None}
+
+
+def interval_note(samples: list, resamples: int, dof: int) -> str | None:
+    """Why the IsoFLOP power laws have no interval, where they have none although resamples were asked for."""
+    if not resamples:
+        return None
+    if not dof:
+        return ("no interval: every budget has 3 shapes, so no residual measures the loss's noise (a 4th shape a "
+                "budget gives one)")
+    if len(samples) < MIN_CI_SAMPLES or 2 * len(samples) < resamples:
+        return (f"no interval: {len(samples)} of {resamples} simulated grids had a minimum in every budget (an "
+                f"interval needs >= {MIN_CI_SAMPLES} and at least half); the shapes do not pin the minima down: add "
+                f"shapes around them")
+    return None
+
+
+def power_laws(profiles: list[Profile], resamples: int,
+               rng: np.random.Generator) -> tuple[dict | None, list[dict], dict]:
+    """Approach 2's power laws through the minima of the budgets that bracket one: (the fit, None without two such
+    budgets; its bootstrap samples; what scaling.json says of it, intervals and why there are none included)."""
+    fitted = [p for p in profiles if p.bracketed]
+    front, samples, sigma, dof = None, [], None, 0
+    if len(fitted) >= MIN_BUDGETS:
+        front = frontier(np.array([p.flops for p in fitted]), np.array([p.n_opt for p in fitted]),
+                         np.array([p.d_opt for p in fitted]))
+        samples, sigma, dof = frontier_bootstrap(fitted, resamples, rng)
+    return front, samples, {
+        "budgets": [{"flops": p.flops, "runs": len(p.runs), "n_opt": p.n_opt, "d_opt": p.d_opt,
+                     "loss_opt": p.loss_opt, "extrapolated": p.extrapolated, "lowest_at": p.lowest_at}
+                    for p in profiles],
+        **{key: estimate(front[key] if front else None, [s[key] for s in samples], resamples)
+           for key in ("a", "k_n", "b", "k_d")},
+        "bootstrap": "parametric: each budget's parabola plus normal noise of the residuals' sigma",
+        "noise_sigma": sigma if dof else None, "noise_dof": dof, "bootstrap_fitted": len(samples),
+        "interval_note": interval_note(samples, resamples, dof) if front else None,
+    }
 
 
 def analyse(points: list[Point], budget: float | None, resamples: int, seed: int) -> dict:
@@ -352,12 +422,7 @@ def analyse(points: list[Point], budget: float | None, resamples: int, seed: int
                            f"shapes each: add budgets or shapes (python bench/isoflop_grid.py --budgets ... --shapes "
                            f"...); runs count as one budget when their C are within {BUDGET_SPREAD}x")
     rng = np.random.default_rng(seed)
-    fitted = [p for p in profiles if p.bracketed]
-    front, front_samples = None, []
-    if len(fitted) >= MIN_BUDGETS:
-        front = frontier(np.array([p.flops for p in fitted]), np.array([p.n_opt for p in fitted]),
-                         np.array([p.d_opt for p in fitted]))
-        front_samples = frontier_bootstrap(fitted, resamples, rng)
+    front, front_samples, iso = power_laws(profiles, resamples, rng)
     law, objective = fit_law(*logs(points), STARTS)
     law_samples = law_bootstrap(points, law, resamples, rng)
     fpt = fpt_law(points)
@@ -370,22 +435,17 @@ def analyse(points: list[Point], budget: float | None, resamples: int, seed: int
         return fit.optimum(budget, fpt) or (None, None)
 
     def at_budget(fit_at, fit, samples) -> dict:
-        return {key: estimate(fit_at(fit)[i], [fit_at(s)[i] for s in samples]) for i, key in enumerate(("n", "d"))}
+        return {key: estimate(fit_at(fit)[i], [fit_at(s)[i] for s in samples], resamples)
+                for i, key in enumerate(("n", "d"))}
 
     return {
-        "isoflop": {
-            "budgets": [{"flops": p.flops, "runs": len(p.runs), "n_opt": p.n_opt, "d_opt": p.d_opt,
-                         "loss_opt": p.loss_opt, "extrapolated": p.extrapolated, "lowest_at": p.lowest_at}
-                        for p in profiles],
-            **{key: estimate(front[key] if front else None, [s[key] for s in front_samples])
-               for key in ("a", "k_n", "b", "k_d")},
-            "bootstrap_fitted": len(front_samples),
-        },
+        "isoflop": iso,
         "parametric": {
-            **{key: estimate(value, [s.constants[key] for s in law_samples]) for key, value in law.constants.items()},
+            **{key: estimate(value, [s.constants[key] for s in law_samples], resamples)
+               for key, value in law.constants.items()},
             "huber_delta": HUBER_DELTA, "objective": objective, "starts": len(STARTS),
             "flops_per_token_fit": {"f0": fpt[0], "f1": fpt[1]},
-            **{key: estimate(law.exponents(fpt[1])[i], [s.exponents(fpt[1])[i] for s in law_samples])
+            **{key: estimate(law.exponents(fpt[1])[i], [s.exponents(fpt[1])[i] for s in law_samples], resamples)
                for i, key in enumerate(("a", "b"))},
         },
         "compute_optimal": {
@@ -411,8 +471,8 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
     iso, law, best = result["isoflop"], result["parametric"], result["compute_optimal"]
     lines = [f"{len(points)} runs in {len(iso['budgets'])} budgets. N = {params.replace('_', '-')} parameters, "
              f"D = tokens trained, C = D x flops_per_token (as MFU counts: 6 per matmul weight + attention), "
-             f"loss = {metric}; " + (f"[95% CI] from {resamples} bootstrap resamples of the runs" if resamples
-                                     else "no CIs (--bootstrap 0)")]
+             f"loss = {metric}; " + (f"[95% CI] from {resamples} bootstrap samples (IsoFLOP: simulated grids, "
+                                     f"parametric fit: resampled runs)" if resamples else "no CIs (--bootstrap 0)")]
     if skipped:
         lines.append(f"skipped {len(skipped)}: " + ", ".join(f"{os.path.relpath(path, out_dir)} ({why})"
                                                               for path, why in skipped))
@@ -434,7 +494,10 @@ def report(result: dict, points: list[Point], skipped: list[tuple[Path, str]], m
     if iso["a"]["value"] is not None:
         lines += [f"  N_opt = {_num(iso['k_n']['value'])} C^a, a = {_with_ci(iso['a'])}",
                   f"  D_opt = {_num(iso['k_d']['value'])} C^b, b = {_with_ci(iso['b'])}"
-                  f"   ({iso['bootstrap_fitted']} of {resamples} resamples had a minimum inside every budget's shapes)"]
+                  + (f"   ({iso['bootstrap_fitted']} of {resamples} simulated grids had a minimum in every budget)"
+                     if resamples else "")]
+        if iso["interval_note"]:
+            lines.append(f"  {iso['interval_note']}")
     else:
         sides = {p.lowest_at for p in result["profiles"] if p.n_opt is None} - {None}
         fix = " or ".join(f"{'smaller' if side == 'smallest' else 'larger'} shapes"
@@ -585,8 +648,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="where to write scaling.json, isoflop.png, frontier.png, "
                         "residuals.png (default: the sweep dir)")
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        raise ScalingError(f"--bootstrap {args.bootstrap} must be >= 0 (0: no confidence intervals)")
+    if args.bootstrap < 0 or 0 < args.bootstrap < MIN_CI_SAMPLES:
+        raise ScalingError(f"--bootstrap {args.bootstrap} must be 0 (no confidence intervals) or >= {MIN_CI_SAMPLES}: "
+                           f"a 95% interval's 2.5% tails need that many resamples")
     if args.seed < 0:
         raise ScalingError(f"--seed {args.seed} must be >= 0")
     try:
@@ -605,6 +669,7 @@ def main(argv: list[str]) -> int:
                if args.metric == "final_val_loss" else "")
         reasons = ", ".join(f"{why}: {n}" for why, n in counts.items())
         raise ScalingError(f"no run has a {args.metric} to fit ({reasons}); pass finished runs{fix}")
+    one_setting([r for r in runs if r.path in {p.path for p in points}])
     result = analyse(points, args.budget, args.bootstrap, args.seed)
     summary = {"metric": args.metric, "params": args.params, "compute": "tokens x flops_per_token",
                "bootstrap": args.bootstrap, "seed": args.seed,

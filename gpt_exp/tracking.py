@@ -11,7 +11,6 @@ import netrc
 import os
 import shutil
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from gpt_exp.config import LoggerConfig, LoggerMode
 from gpt_exp.errors import UserError, first_line
 from gpt_exp.plots import plot_loss_curve
 from gpt_exp.metrics import StepMetrics
+from gpt_exp.run_reader import run_stats
 
 log = logging.getLogger(__name__)
 
@@ -400,32 +400,19 @@ class Tracker:
                          "segment_wall_s": round(wall, 3), **self.summary_extra}
         if reason:
             summary["error"] = reason
-        train_rows = [r for r in self.rows if "loss" in r]
-        val_rows = [r for r in self.rows if "val_loss" in r]
         if hellaswag := [r for r in self.rows if "hellaswag_acc_norm" in r]:
             summary.update({k: v for k, v in hellaswag[-1].items() if k.startswith("hellaswag")})
         if core := [r for r in self.rows if "core" in r]:
             summary.update({k: v for k, v in core[-1].items() if k.startswith("core")})
-        if val_rows:
-            summary["final_val_loss"] = val_rows[-1]["val_loss"]
-            summary["best_val_loss"] = min(r["val_loss"] for r in val_rows)
-        if bpb := [r["val_bpb"] for r in val_rows if "val_bpb" in r]:  # rows of older runs lack it
-            summary["final_val_bpb"], summary["best_val_bpb"] = bpb[-1], min(bpb)
-        if train_rows:
-            losses = [r["loss"] for r in train_rows]
-            summary.update(
-                steps=len(train_rows),
-                final_loss=losses[-1],
-                best_loss=min(losses),
-                tokens=self.tokens_seen,
-                median_tok_per_s=statistics.median(r["tok_per_s"] for r in train_rows),
-            )
+        stats = run_stats(self.rows)
+        summary.update({k: v for k, v in stats.items() if v is not None})
+        if stats["steps"]:
             attempt(str(self.run_dir / "loss.png"),
                     lambda: plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name))
             log.info(
                 "%s: %d steps, final loss %.4f%s, median %s tok/s, wall %.1f s, run dir %s",
-                "done" if status == "completed" else status, len(train_rows), summary["final_loss"],
-                f", val loss {val_rows[-1]['val_loss']:.4f}" if val_rows else "",
+                "done" if status == "completed" else status, stats["steps"], summary["final_loss"],
+                f", val loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else "",
                 f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
         summary.update(flops_per_token=self.flops_per_token, runtime=self.runtime)

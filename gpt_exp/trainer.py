@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt_exp.atomic import replace_dir
 from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
                                training_step_fn)
-from gpt_exp.checkpoint import save_checkpoint
+from gpt_exp.checkpoint import Resume, save_checkpoint
 from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.core import core_results, load_bundle, metrics_row, score_tasks
 from gpt_exp.cpu import apply_cpu_fast_paths
@@ -38,7 +38,7 @@ from gpt_exp.data.loader import BatchLoader, DeviceBatches
 from gpt_exp.device import Runtime, device_name
 from gpt_exp.distributed import (all_reduce_mean, all_reduce_min, full_model_state, full_state, load_full_model_state,
                                  load_full_optimizer_state, set_grad_sync, shard_model)
-from gpt_exp.errors import ConfigError, DataError, Diverged
+from gpt_exp.errors import ConfigError, DataError, Diverged, Finished, UserError
 from gpt_exp.generation import SampleArgs, sample_texts
 from gpt_exp.hellaswag import hellaswag_scores, load_hellaswag
 from gpt_exp.hf import load_checked_weights, save_hf_gpt2
@@ -113,6 +113,32 @@ class StopOnSignal:
         if self.requested is not None:  # asked twice: stop now, whatever is being written (writes are atomic)
             raise KeyboardInterrupt
         self.requested = signum
+
+
+@contextlib.contextmanager
+def interrupt_on_signals():
+    """Before training starts, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does, so that a start they stop
+    removes what it made (their default would kill the process and leave it)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def out_of_memory(e: BaseException, cfg: RunConfig) -> UserError | None:
+    """A device or host out-of-memory as one line naming B=auto and the knobs that fix it; None for anything else."""
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or cpu_oom):
+        return None
+    B = cfg.B if isinstance(cfg.B, int) else 1
+    step = cfg.train.total_batch_size or B * cfg.T
+    return UserError(f"out of memory at B={B}, T={cfg.T} (model {cfg.model.name}); use B=auto "
+                     f"train.total_batch_size={step} (the largest micro-batch that fits, the same tokens per step), "
+                     f"or a smaller B, e.g. B={max(1, B // 2)} train.total_batch_size={step}")
 
 
 class Tracking(Protocol):
@@ -445,6 +471,30 @@ class Trainer:
                 raise ConfigError(f"{source} has another shape: {name} is {got}, this model's is {shape}; give the "
                                   f"model settings of those weights (or init_from=hf:DIR, which adopts them)")
         load_full_model_state(self.model, {k: v for k, v in weights.items() if k in expected}, self.sharded)
+
+    def resume(self, resumed: Resume) -> None:
+        """Continue from a checkpoint: its state, then one line of what this run changes (and of a schedule that puts
+        another lr at its step). A resume with no step left to train has nothing to do; one that ends before is
+        refused."""
+        self.load_state_dict(resumed.state)
+        if self.max_steps < resumed.step:
+            t = self.cfg.train
+            key, value = ("train.max_steps", t.max_steps) if t.max_steps else ("train.max_tokens", t.max_tokens)
+            raise ConfigError(f"{key}={value} ends at step {self.max_steps}, before the checkpoint's step "
+                              f"{resumed.step}; give more steps to continue, or branch from an earlier checkpoint "
+                              f"(resume=RUN_DIR/checkpoints/step_N.pt)")
+        if self.max_steps == resumed.step:
+            raise Finished(f"resume: the run has trained its {self.max_steps} steps (checkpoint {resumed.path}); "
+                           f"nothing to do")
+        log.info("resumed from %s at step %d%s", resumed.path, resumed.step,
+                 f"; changed: {', '.join(resumed.changes)}" if resumed.changes else "")
+        saved = resumed.settings
+        saved_steps = saved.train.steps(self.tokens_per_step)
+        before, after = LRSchedule.of(saved.optim, saved_steps)(resumed.step), self.schedule(resumed.step)
+        if not math.isclose(before, after, rel_tol=1e-9):  # a longer or shorter cosine moves the lr at once
+            log.info("resume: the lr at step %d is %.3g (it was %.3g under the checkpoint's schedule, train.max_steps "
+                     "%d -> %d); optim.schedule=wsd extends a run without a jump", resumed.step, after, before,
+                     saved_steps, self.max_steps)
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sharded", False) != self.sharded:

@@ -76,7 +76,7 @@ CONFIG_CASES = [
     ("min lr ratio", ["optim.min_lr_ratio=1.5"], "error: optim.min_lr_ratio=1.5 is invalid: it must be in [0, 1]"),
     ("negative warmup", ["optim.warmup_steps=-1"], "error: optim.warmup_steps=-1 is invalid: it must be >= 0"),
     ("zero steps", ["train.max_steps=0"], "error: train.max_steps=0 is invalid: it must be >= 1"),
-    ("steps and tokens", ["train.max_tokens=1000"], "error: train.max_tokens=1000 is invalid: give exactly one of train.max_steps (now 1) and train.max_tokens: e.g. train.max_steps=null train.max_tokens=1000000"),
+    ("steps and tokens", ["train.max_tokens=1000"], "error: train.max_tokens=1000 is invalid: give exactly one of train.max_steps (now 1) and train.max_tokens: e.g. train.max_tokens=1000000 alone"),
     ("neither steps nor tokens", ["train.max_steps=null"], "error: train.max_tokens=null is invalid: give exactly one of train.max_steps (now null) and train.max_tokens"),
     ("zero tokens", ["train.max_steps=null", "train.max_tokens=0"], "error: train.max_tokens=0 is invalid: it must be >= 1"),
     ("eval without val split", ["train.eval_every=10"], "error: train.eval_every=10 is invalid: there is no val split (data.val_fraction=0.0); set data.val_fraction=0.1"),

@@ -93,6 +93,12 @@ CASES = [
     pytest.param("compare unreadable dir", "compare", ["{tmp}/unreadable"],
                  "error: cannot read {tmp}/unreadable (permission denied); fix its permissions", "main",
                  marks=pytest.mark.skipif(IS_ROOT, reason="root reads every dir")),
+    ("compare glob matches no run", "compare", ["{tmp}/notes*"],
+     "error: {tmp}/notes* matches no run dir (a run dir holds .hydra/config.yaml); pass run or sweep dirs", "main"),
+    ("compare effect without baseline", "compare", ["{tmp}/run", "--effect", "0.1"],
+     "error: --effect sizes the seeds of --baseline's test; add --baseline KEY=VALUE", "main"),
+    ("compare effect not positive", "compare", ["{tmp}/run", "--baseline", "optim.lr=1e-3", "--effect", "-1"],
+     "error: --effect -1.0 must be a positive difference in the metric, e.g. --effect 0.02", "main"),
     ("compare CLI broken middle line", "compare", ["{tmp}/runs/broken_middle"],
      "error: {tmp}/runs/broken_middle/metrics.jsonl line 2 is not JSON", "cli"),
     # the Hugging Face loader (sample hf=, eval hf=, export of a HF dir)

@@ -82,6 +82,14 @@ def test_varying_keys_skip_logger_and_paths(tmp_path: Path) -> None:
     assert varying_keys(load_runs([str(tmp_path)])) == ["B", "optim.lr"]
 
 
+def test_runs_on_different_data_files_are_not_seeds_of_one_configuration(tmp_path: Path) -> None:
+    """data.path is what a run learns from, not where it writes: two corpora are two rows, never one seed group."""
+    for seed, corpus in enumerate(("a.txt", "b.txt")):
+        make_run(tmp_path / corpus, [3.0 + seed], seed=seed, config={"data": {"path": f"/data/{corpus}"}})
+    rows = compare_table(load_runs([str(tmp_path)]))
+    assert [(r["data.path"], r["n"]) for r in rows] == [("/data/a.txt", 1), ("/data/b.txt", 1)]
+
+
 def test_losses_come_from_metrics_and_summary(tmp_path: Path) -> None:
     make_run(tmp_path / "done", [5.0, 3.0, 4.0], val_losses=[4.5, 4.25])
     make_run(tmp_path / "going", [6.0, 2.5, 2.75], status=None)
@@ -267,3 +275,46 @@ def test_the_default_sort_is_the_val_loss_when_every_run_has_one(tmp_path, capsy
     assert compare.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--metric", "final_loss"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:3]] == ["0.01", "0.001"] and not lines[3].startswith("sorted by")
+
+
+def test_a_glob_skips_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`compare 'SWEEP/*'` matches the sweep's multirun.yaml and compare's own outputs too: a glob skips them (and
+    a dir without runs); a file named as a path is still an error, and so is a glob that matches no run."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", [3.0], lr=1e-3)
+    make_run(sweep / "1", [2.0], lr=3e-4)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / ".submitit").mkdir()
+    assert main([str(sweep / "*")]) == 0
+    assert [r["final_loss"] for r in json.loads((sweep / "compare.json").read_text())] == [2.0, 3.0]
+    assert main([str(sweep / "*")]) == 0  # again, now that compare.csv, .json and .png match too
+    assert len(json.loads((sweep / "compare.json").read_text())) == 2
+    capsys.readouterr()
+    assert main([str(sweep / "multirun.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {sweep / 'multirun.yaml'} is a file, not a run dir")
+    assert main([str(sweep / "*.yaml")]) == 2
+    assert capsys.readouterr().err == (f"error: {sweep / '*.yaml'} matches no run dir (a run dir holds "
+                                       f".hydra/config.yaml); pass run or sweep dirs from outputs/\n")
+
+
+def test_log_axes_leave_out_what_they_cannot_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--logx leaves out step 0, --logy a loss <= 0, each with a one-line note; a plot with nothing left on its log
+    axes is one error line, with no traceback and no files."""
+    make_run(tmp_path / "a", [3.0, 2.0, 0.0], lr=1e-3)
+    make_run(tmp_path / "b", [3.0, 2.5, 2.0], lr=3e-4)
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--logx", "--logy", "--out", str(tmp_path / "r")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["--logx: left out 2 points with step <= 0 (a log axis cannot show them)",
+                          "--logy: left out 1 point with a loss <= 0 (a log axis cannot show them)",
+                          f"wrote compare.csv, compare.json, compare.png to {tmp_path / 'r'}"]
+    for seed in (0, 1):  # a seed group of one step each: only x = 0 (a traceback from matplotlib before)
+        make_run(tmp_path / "one" / str(seed), [3.0], seed=seed)
+    make_run(tmp_path / "zero", [0.0, 0.0])
+    for run, flags, expected in (
+            ("one", ["--logx"], "--logx: every point has step <= 0, which a log axis cannot show; drop --logx"),
+            ("zero", ["--logy"], "--logy: every point has a loss <= 0, which a log axis cannot show; drop --logy"),
+            ("zero", ["--logx", "--logy"], "--logx and --logy: every point has step <= 0 or a loss <= 0, which a log "
+                                           "axis cannot show; drop --logx and --logy")):
+        assert main([str(tmp_path / run), *flags, "--out", str(tmp_path / "none")]) == 2
+        assert capsys.readouterr() == ("", f"error: {expected}\n")
+    assert not (tmp_path / "none").exists()

@@ -16,6 +16,7 @@ from gpt_exp.compare import (
     compare_table,
     curve_label,
     default_x,
+    holm,
     load_runs,
     loss_curves,
     main,
@@ -25,6 +26,7 @@ from gpt_exp.compare import (
 )
 from gpt_exp.metrics import read_metrics
 from gpt_exp.plots import loss_figure, overlay_figure, plot_loss_curve, robust_ylim
+from gpt_exp.shapes import flops_per_token
 from tests.test_compare import make_run
 
 A = [3.1, 3.3, 3.2, 3.5]  # final losses of four seeds at lr=1e-3
@@ -50,7 +52,11 @@ def welch_expected(a: list[float], b: list[float]) -> tuple[float, float, float,
 def seeds_expected(a: list[float], b: list[float]) -> int:
     """The smallest n per side at which a two-sided Student t-test at 0.05 has 80% power, by brute force."""
     pooled = math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))
-    effect = abs(np.mean(a) - np.mean(b)) / pooled
+    return seeds_for(abs(np.mean(a) - np.mean(b)) / pooled)
+
+
+def seeds_for(effect: float) -> int:
+    """The same for a difference of `effect` standard deviations."""
     for n in range(2, 10_000):
         df, nc = 2 * n - 2, effect * math.sqrt(n / 2)
         critical = stats.t.ppf(0.975, df)
@@ -227,6 +233,10 @@ def test_flops_and_time_axes_and_their_fallbacks(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().err == (f"error: --x flops needs runs made by this version of gpt_exp "
                                        f"({tmp_path / 'old' / 'metrics.jsonl'} has no flops and "
                                        f"{tmp_path / 'old' / 'summary.json'} no flops_per_token); use --x tokens\n")
+    shape = {"n_layer": 2, "n_embd": 32, "vocab_size": 50257, "block_size": 256}  # T=32: make_run's
+    make_run(tmp_path / "older", [3.0, 2.0], lr=1e-4, config={"model": shape})
+    fpt = flops_per_token(2, 32, 50257, 256, 32)  # a run older than summary.json's flops_per_token: the shape's
+    assert load_runs([str(tmp_path / "older")])[0].curve_flops.tolist() == [128 * fpt, 256 * fpt]
     make_run(tmp_path / "untimed", [3.0, 2.0], lr=1e-5, drop=("dt_ms",))
     assert main([str(tmp_path / "new"), str(tmp_path / "untimed"), "--x", "time", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: --x time needs elapsed_s or dt_ms in every row of "
@@ -318,3 +328,69 @@ def test_y_limits_ignore_one_spike() -> None:
     assert low < 3.0 and 4.0 < high < 5.0
     assert robust_ylim(np.array([3.0, 2.0])) == pytest.approx((1.95, 3.05))  # a few points: all of them
     assert robust_ylim(np.array([np.nan])) is None
+
+
+def holm_by_hand(p: list[float]) -> list[float]:
+    """Holm (1979): sorted ascending, p_(i) x (m - i + 1), each at least the one before, capped at 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    adjusted, previous = {}, 0.0
+    for rank, i in enumerate(order):
+        previous = adjusted[i] = max(previous, min(1.0, (len(p) - rank) * p[i]))
+    return [adjusted[i] for i in range(len(p))]
+
+
+def test_holm_adjusts_the_p_values_of_several_groups_against_one_baseline(tmp_path, capsys) -> None:
+    C, D = [3.55, 3.45, 3.7], [3.0, 3.1, 2.95, 3.05]
+    seed_groups(tmp_path / "sweep", {1e-3: A, 3e-4: BASE, 1e-4: C, 3e-3: D})
+    assert main([str(tmp_path / "sweep"), "--baseline", "optim.lr=3e-4", "--out", str(tmp_path)]) == 0
+    rows = {r["optim.lr"]: r for r in json.loads((tmp_path / "compare.json").read_text())}
+    raw = [stats.ttest_ind(g, BASE, equal_var=False).pvalue for g in (A, C, D)]
+    assert [rows[lr]["baseline_p"] for lr in (1e-3, 1e-4, 3e-3)] == pytest.approx(raw, rel=1e-12)
+    adjusted = holm_by_hand(raw)
+    assert [rows[lr]["baseline_p_holm"] for lr in (1e-3, 1e-4, 3e-3)] == pytest.approx(adjusted, rel=1e-12)
+    # D the smallest p (0.047) x 3 = 0.14, then A's (0.114) x 2 = 0.23, then C's (0.71) x 1
+    assert adjusted == pytest.approx([2 * raw[0], raw[1], 3 * raw[2]]) and adjusted[2] > 0.05 > raw[2]
+    assert rows[3e-4]["baseline_p_holm"] is None
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0]
+    assert "p (Welch)  p (Holm)  seeds/side (post hoc)" in header
+    d_line = next(line for line in lines if line.startswith("0.003 "))
+    assert d_line.split()[8:10] == [f"{raw[2]:.3g}", f"{adjusted[2]:.3g}"] == ["0.0467", "0.14"]
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.2]) == [0.5, 0.4] and holm([0.6, 0.7]) == [1.0, 1.0]  # non-decreasing, capped at 1
+
+
+def test_seeds_needed_is_post_hoc_unless_an_effect_is_given(tmp_path, capsys) -> None:
+    seed_groups(tmp_path / "sweep", {1e-3: A, 3e-4: BASE})
+    assert main([str(tmp_path / "sweep"), "--baseline", "optim.lr=3e-4", "--effect", "0.1", "--out",
+                 str(tmp_path)]) == 0
+    assert "seeds/side for Δ=0.1" in capsys.readouterr().out.splitlines()[0]
+    row = next(r for r in json.loads((tmp_path / "compare.json").read_text()) if r["optim.lr"] == 1e-3)
+    pooled = math.sqrt((3 * np.var(A, ddof=1) + 2 * np.var(BASE, ddof=1)) / 5)
+    observed = seeds_expected(A, BASE)  # 7 for the observed difference of 0.358
+    assert row["seeds_needed"] == seeds_for(0.1 / pooled) == 69 > observed
+    assert (row["seeds_needed_effect"], row["seeds_needed_post_hoc"]) == (0.1, False)
+    rows = compare_table(load_runs([str(tmp_path / "sweep")]), baseline=["optim.lr=3e-4"])
+    assert rows[0]["seeds_needed"] == observed and rows[0]["seeds_needed_post_hoc"] is True
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--baseline", "optim.lr=3e-4", "--effect", "0"], "--effect 0.0 must be a positive difference in the metric, "
+                                                       "e.g. --effect 0.02"),
+    (["--effect", "0.1"], "--effect sizes the seeds of --baseline's test; add --baseline KEY=VALUE"),
+])
+def test_bad_effect_is_one_line(tmp_path, capsys, args, expected) -> None:
+    seed_groups(tmp_path / "sweep", {1e-3: A, 3e-4: BASE})
+    assert main([str(tmp_path / "sweep"), *args, "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr() == ("", f"error: {expected}\n")
+
+
+def test_a_line_says_when_seeds_share_the_data_order(tmp_path, capsys) -> None:
+    line = ("seeds share the data order (data.order=sequential: every seed reads the same batches), so the spread "
+            "over seeds and the tests measure the init's variance alone; data.order=shuffled gives each seed its own "
+            "order")
+    for order in ("sequential", "shuffled"):
+        for seed in (0, 1):
+            make_run(tmp_path / order / str(seed), [3.0 + seed], seed=seed, config={"data": {"order": order}})
+        assert main([str(tmp_path / order)]) == 0
+        assert (line in capsys.readouterr().out.splitlines()) == (order == "sequential")

@@ -60,3 +60,17 @@ def test_commands_that_do_not_train_start_without_torch():
     code = "import sys, gpt_exp.compare, gpt_exp.prepare, gpt_exp.scaling, gpt_exp.data.cache; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# The commands (python -m gpt_exp.X), the run command's own helper and the boundary itself: the only modules that
+# may import the CLI layer. Everything else is library: usable and testable without a command line.
+COMMANDS = {"gpt_exp.run", "gpt_exp.job", "gpt_exp.prepare", "gpt_exp.sample", "gpt_exp.eval", "gpt_exp.export",
+            "gpt_exp.compare", "gpt_exp.scaling", "gpt_exp.coord_check", "gpt_exp.cli"}
+
+
+def test_no_library_module_imports_the_cli_layer():
+    modules = _modules()
+    offenders = sorted(name for name, path in modules.items() if name not in COMMANDS
+                       and any(m in COMMANDS for m, _ in _imports(path, modules)))
+    assert offenders == []
+    assert {"gpt_exp.trainer", "gpt_exp.rundir", "gpt_exp.resolve", "gpt_exp.generation"} <= modules.keys()

@@ -277,13 +277,13 @@ def test_an_interrupted_run_without_checkpoints_offers_no_continue_line(tmp_path
 
 
 def test_sigterm_during_the_start_leaves_no_skeleton(tmp_path, cache_dir, monkeypatch):
-    import gpt_exp.run as run_module
+    import gpt_exp.resolve as resolve_module
 
     def probe(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
 
-    monkeypatch.setattr(run_module, "probe_B", probe)
+    monkeypatch.setattr(resolve_module, "probe_B", probe)
     result = run_cli("run", *tiny(cache_dir, "B=auto", "train.total_batch_size=256"), cwd=tmp_path)
     assert result.returncode == 130 and result.stderr.strip().endswith("interrupted")
     assert not (tmp_path / "outputs").exists()
@@ -397,3 +397,43 @@ def test_steps_of_a_token_budget_are_computed_in_one_place():
     assert TrainConfig(max_steps=None, max_tokens=1000).steps(128) == 8
     assert TrainConfig(max_steps=5).steps(128) == 5
     assert "train.max_tokens" in schema_keys()
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(tmp_path, cache_dir, delay):
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_exp.run", *tiny(cache_dir, "train.max_steps=2")],
+                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(delay)  # within the imports (torch takes seconds), or Hydra's start
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err  # 0: the tiny run finished before the signal came
+    assert "Traceback" not in out + err
+    if proc.returncode == 130:
+        assert err.strip().endswith("interrupted")
+
+
+def test_a_killed_in_place_resume_leaves_no_stale_completed_summary(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    assert run_cli("run", *tiny(cache_dir, "train.max_steps=4", "train.ckpt_every=2", f"hydra.run.dir={run}"),
+                   cwd=tmp_path).returncode == 0
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    proc = run_cli_async("run", "logger.mode=disabled", f"resume={run}", f"hydra.run.dir={run}", "train.max_steps=400",
+                         cwd=tmp_path)
+    wait_for_rows(run, 8, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["resumed_at_step"] == 4  # not the first segment's `completed`
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sample.seed=4294967296"], "error: sample.seed=4294967296 is invalid: it must be in [0, 2**32)"),
+    (["train.sample_every=1", "model.block_size=8", "T=8", "sample.prompts=[one two three four five six seven eight]"],
+     "error: sample.prompts=[one two three four f...] is invalid: a prompt of 8 tokens fills model.block_size=8"),
+    (["init_from=no/such/run"], "error: init_from=no/such/run does not exist"),
+])
+def test_settings_that_would_fail_mid_run_fail_before_it(tmp_path, cache_dir, args, expected):
+    result = run_cli("run", *tiny(cache_dir, "train.max_steps=2"), *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(expected), result.stderr
+    assert not (tmp_path / "outputs").exists()
