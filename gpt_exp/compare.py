@@ -28,7 +28,7 @@ from gpt_exp.run_reader import RUNNING, RunRecord, default_out_dir, load_runs
 SEED_KEY = "train.seed"
 # Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
-METRICS = (*LOSS_METRICS, "steps", "tokens", "median_tok_per_s", "wall_s")
+METRICS = (*LOSS_METRICS, "final_val_bpb", "steps", "tokens", "median_tok_per_s", "wall_s")
 AXES = ("step", "tokens", "flops", "time")
 # Logger settings and the cache's path decide where a run writes, not what it learns, and often differ per run; so
 # do the settings of how often it saves, logs and evaluates, and its CPU threads. data.path is what it learns from.

@@ -217,6 +217,7 @@ class TrainConfig:
     eval_batches: int = 20  # (B, T) batches of the val split per evaluation
     sample_every: int = 0  # N > 0: a few samples every N steps and at the end (the `sample` section says which)
     hellaswag_every: int = 0  # N > 0: HellaSwag acc every N steps and at the end (needs eval.hellaswag_path)
+    core_every: int = 0  # N > 0: CORE every N steps and at the end (needs eval.core_bundle)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (not applied) before the run stops
     save_model: SaveModel = SaveModel.final  # the weights a run leaves as a Hugging Face GPT-2 dir in its run dir
 
@@ -242,7 +243,7 @@ class TrainConfig:
         _require(self.keep_ckpts >= 1, "train.keep_ckpts", self.keep_ckpts, "keep at least 1 checkpoint")
         _require(self.autobatch_probe_s > 0, "train.autobatch_probe_s", self.autobatch_probe_s,
                  "it must be > 0 seconds, e.g. 120 on a busy machine")
-        for key in ("sample_every", "hellaswag_every"):
+        for key in ("sample_every", "hellaswag_every", "core_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "it must be >= 0 (0: never)")
         _require(self.save_model != SaveModel.best or self.eval_every > 0, "train.save_model", self.save_model.value,
                  "best needs a val loss: set train.eval_every=N (and data.val_fraction), or train.save_model=final")
@@ -333,9 +334,12 @@ class SampleConfig:
 class EvalConfig:
     hellaswag_path: Optional[str] = None  # a local copy of the official hellaswag_val.jsonl
     hellaswag_limit: int = 0  # the first N examples (0: all 10,042)
+    core_bundle: Optional[str] = None  # a local DCLM eval bundle dir (core.yaml, eval_meta_data.csv, eval_data/)
+    core_limit: int = 0  # N > 0: each task's first N rows after a fixed shuffle (0: all)
 
     def check(self) -> None:
         _require(self.hellaswag_limit >= 0, "eval.hellaswag_limit", self.hellaswag_limit, "it must be >= 0 (0: all)")
+        _require(self.core_limit >= 0, "eval.core_limit", self.core_limit, "it must be >= 0 (0: every row)")
 
 
 @dataclass
@@ -433,6 +437,9 @@ def validate(cfg: RunConfig) -> None:
              f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.hellaswag_every == 0 or cfg.eval.hellaswag_path is not None, "train.hellaswag_every", t.hellaswag_every,
              "it needs the examples: eval.hellaswag_path=PATH/hellaswag_val.jsonl (the official file, local)")
+    _require(t.core_every == 0 or cfg.eval.core_bundle is not None, "train.core_every", t.core_every,
+             "it needs the tasks: eval.core_bundle=DIR (a local DCLM eval bundle: core.yaml, eval_meta_data.csv, "
+             "eval_data/)")
     if t.sample_every:
         for prompt in cfg.sample.prompts:  # a prompt must leave room for new tokens in the model's context
             n = len(encode_text(prompt)) if len(prompt.encode()) >= m.block_size else 0  # tokens <= bytes

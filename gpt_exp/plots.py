@@ -133,6 +133,10 @@ def loss_figure(rows: list[dict], title: str):
     if (ylim := robust_ylim(np.concatenate([loss, val_loss]))) is not None:
         ax.set_ylim(*ylim)
     ax.set_ylabel("loss")
+    if len(val) and all("val_bpb" in r for r in val) and val[-1]["val_loss"] > 0:
+        # the same val batches every time: bits per byte is the val loss times one number, read on a right axis
+        k = val[-1]["val_bpb"] / val[-1]["val_loss"]
+        ax.secondary_yaxis("right", functions=(lambda y: y * k, lambda y: y / k)).set_ylabel("val bits per byte")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper right")

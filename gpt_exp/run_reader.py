@@ -53,6 +53,7 @@ class RunRecord:
     median_tok_per_s: float | None
     wall_s: float | None
     train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
+    final_val_bpb: float | None = None  # the last val loss in bits per byte (None: older runs)
 
 
 # --- a run's summary statistics ----------------------------------------------------------------------------------
@@ -68,6 +69,7 @@ def run_stats(rows: list[dict]) -> dict:
     trained and the median tok/s; None where the rows do not say."""
     train, val = rows_by_step(rows, "loss"), rows_by_step(rows, "val_loss")
     finite = [r["loss"] for r in train if math.isfinite(r["loss"])]
+    bpb = [r["val_bpb"] for r in val if "val_bpb" in r]  # rows of older runs lack it
     tok_per_s = [r["tok_per_s"] for r in train if "tok_per_s" in r]
     return {
         "steps": len(train),
@@ -77,6 +79,8 @@ def run_stats(rows: list[dict]) -> dict:
         "median_tok_per_s": float(statistics.median(tok_per_s)) if tok_per_s else None,
         "final_val_loss": float(val[-1]["val_loss"]) if val else None,
         "best_val_loss": float(min(r["val_loss"] for r in val)) if val else None,
+        "final_val_bpb": float(bpb[-1]) if bpb else None,
+        "best_val_bpb": float(min(bpb)) if bpb else None,
     }
 
 
@@ -187,6 +191,7 @@ def load_run(run_dir: Path) -> RunRecord:
         val_steps=np.array([r["step"] for r in val], dtype=float),
         val_losses=np.array([r["val_loss"] for r in val], dtype=float),
         final_val_loss=so_far["final_val_loss"],
+        final_val_bpb=so_far["final_val_bpb"],
         **numbers,
     )
 

@@ -56,3 +56,11 @@ def encode_text(text: str) -> list[int]:
     """Tokens of a user's text (a prompt, an eval example). `<|endoftext|>` in it becomes the end-of-text token,
     which is what the text means; tiktoken's plain `encode` raises on it instead."""
     return gpt2_encoding().encode(text, allowed_special={"<|endoftext|>"})
+
+
+@functools.lru_cache(maxsize=1)
+def token_byte_lengths() -> tuple[int, ...]:
+    """The UTF-8 length in bytes of each gpt2 token id (what bits per byte divides by); `<|endoftext|>` counts 0
+    bytes: it marks a document boundary and is no text. A token may hold part of a character: its own bytes count."""
+    enc = gpt2_encoding()
+    return tuple(0 if i == EOT_TOKEN else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab))

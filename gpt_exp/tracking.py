@@ -182,8 +182,9 @@ class WandbRun:
         if self.run is None:
             return
         try:
-            # loss and val_loss keep W&B's min summary (define_metric); the rest describes the run
-            self._run.summary.update({k: v for k, v in (summary or {}).items() if k not in ("loss", "val_loss")})
+            # loss, val_loss and val_bpb keep W&B's min summary (define_metric); the rest describes the run
+            self._run.summary.update({k: v for k, v in (summary or {}).items()
+                                      if k not in ("loss", "val_loss", "val_bpb")})
         except Exception as e:  # noqa: BLE001
             log.warning("W&B summary failed (%s)", first_line(e, 200))
         run, self._run = self._run, None
@@ -204,7 +205,7 @@ def _define_metrics(run) -> None:
     """Curves against tokens (runs with other batch shapes stay comparable), and loss summaries that keep the best
     value instead of the last, noisy one."""
     run.define_metric("tokens")
-    for name, summary in (("loss", "min"), ("val_loss", "min"), ("lr", None), ("grad_norm", None)):
+    for name, summary in (("loss", "min"), ("val_loss", "min"), ("val_bpb", "min"), ("lr", None), ("grad_norm", None)):
         run.define_metric(name, step_metric="tokens", **({"summary": summary} if summary else {}))
 
 
@@ -326,13 +327,13 @@ class Tracker:
         if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
             self.progress.update(m)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        """A val_loss row (no `loss` key: rows are counted as training steps by `loss`)."""
-        row = {"step": step, "val_loss": val_loss, "tokens": self.tokens_seen}
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
+        """A val_loss row with its bits per byte (no `loss` key: rows are counted as training steps by `loss`)."""
+        row = {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}
         self.rows.append(row)
         self._write(row)
-        self.wandb.log({"val_loss": val_loss, "tokens": self.tokens_seen}, step=step)
-        log.info("step %d | val loss %.4f", step + 1, val_loss)
+        self.wandb.log({"val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}, step=step)
+        log.info("step %d | val loss %.4f | val bpb %.4f", step + 1, val_loss, val_bpb)
 
     def _write(self, row: dict) -> None:
         try:
@@ -363,6 +364,15 @@ class Tracker:
         log.info("step %d | hellaswag acc_norm %.4f (%d examples)", step + 1, scores["hellaswag_acc_norm"],
                  scores["hellaswag_examples"])
 
+    def log_core(self, step: int, scores: dict) -> None:
+        """CORE during training: a metrics row (no `loss`: not a training step), W&B and the summary."""
+        row = {"step": step, "tokens": self.tokens_seen, **scores}
+        self.rows.append(row)
+        self._write(row)
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        log.info("step %d | CORE %.4f (%d tasks, %d examples)", step + 1, scores["core"],
+                 sum(k.startswith("core_acc/") for k in scores), scores["core_examples"])
+
     def log_skip(self, step: int, reason: str) -> None:
         """A step that was not applied (non-finite loss or gradient norm): a row without `loss`, and a warning."""
         row = {"step": step, "skipped": reason}
@@ -392,6 +402,8 @@ class Tracker:
             summary["error"] = reason
         if hellaswag := [r for r in self.rows if "hellaswag_acc_norm" in r]:
             summary.update({k: v for k, v in hellaswag[-1].items() if k.startswith("hellaswag")})
+        if core := [r for r in self.rows if "core" in r]:
+            summary.update({k: v for k, v in core[-1].items() if k.startswith("core")})
         stats = run_stats(self.rows)
         summary.update({k: v for k, v in stats.items() if v is not None})
         if stats["steps"]:
@@ -427,7 +439,7 @@ class RankTracker:
     def log_step(self, m: StepMetrics) -> None:
         self.tokens_seen = m.tokens
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
         pass
 
     def log_skip(self, step: int, reason: str) -> None:
@@ -437,6 +449,9 @@ class RankTracker:
         pass
 
     def log_hellaswag(self, step: int, scores: dict) -> None:
+        pass
+
+    def log_core(self, step: int, scores: dict) -> None:
         pass
 
     def close(self, status: str = "completed", reason: str | None = None, raise_errors: bool = True) -> dict:

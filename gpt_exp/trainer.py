@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.atomic import replace_dir
@@ -30,6 +31,7 @@ from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_ba
                                training_step_fn)
 from gpt_exp.checkpoint import Resume, save_checkpoint
 from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
+from gpt_exp.core import core_results, load_bundle, metrics_row, score_tasks
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
@@ -44,6 +46,7 @@ from gpt_exp.launch import Dist
 from gpt_exp.model import GPT, GPTConfig, fit_padding, is_gpt2_arch
 from gpt_exp.optim import build_optimizer, describe_optimizer
 from gpt_exp.metrics import StepMetrics
+from gpt_exp.tokenizer import token_byte_lengths
 
 log = logging.getLogger("gpt_exp")
 
@@ -145,10 +148,11 @@ class Tracking(Protocol):
     elapsed_s: float  # the run's wall time so far, over all its segments
 
     def log_step(self, m: StepMetrics) -> None: ...
-    def log_eval(self, step: int, val_loss: float) -> None: ...
+    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None: ...
     def log_skip(self, step: int, reason: str) -> None: ...
     def log_samples(self, step: int, samples: list[dict]) -> None: ...
     def log_hellaswag(self, step: int, scores: dict) -> None: ...
+    def log_core(self, step: int, scores: dict) -> None: ...
 
 
 @dataclass
@@ -196,19 +200,22 @@ class Trainer:
         self.max_steps = cfg.train.steps(self.tokens_per_step)
         self.cadence = Cadence(self.max_steps, {"eval": cfg.train.eval_every if self.val_loader else 0,
                                                 "sample": cfg.train.sample_every,
-                                                "hellaswag": cfg.train.hellaswag_every, "ckpt": cfg.train.ckpt_every})
+                                                "hellaswag": cfg.train.hellaswag_every, "core": cfg.train.core_every,
+                                                "ckpt": cfg.train.ckpt_every})
         self.schedule = LRSchedule.of(o, self.max_steps)
         self.step_model = torch.compile(self.model) if runtime.compile else self.model
         if d.enabled and not self.sharded:
             self.step_model = DDP(self.step_model, device_ids=[d.local_rank] if runtime.device_type == "cuda" else None)
         self.batches = DeviceBatches(self.loader, runtime.device)
-        if self.sharded and (cfg.train.sample_every or cfg.train.hellaswag_every):
-            raise ConfigError("train.sample_every and train.hellaswag_every run on one rank's whole model: not with "
-                              "train.strategy=fsdp; sample and score the run's weights after it (python -m "
-                              "gpt_exp.sample, python -m gpt_exp.eval)")
+        if self.sharded and (cfg.train.sample_every or cfg.train.hellaswag_every or cfg.train.core_every):
+            raise ConfigError("train.sample_every, train.hellaswag_every and train.core_every run on one rank's whole "
+                              "model: not with train.strategy=fsdp; sample and score the run's weights after it "
+                              "(python -m gpt_exp.sample, python -m gpt_exp.eval)")
         # loaded now, so that a missing or damaged file is one line before step 0, not hours in
         self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
                           if cfg.train.hellaswag_every else [])
+        self.core_tasks = (load_bundle(Path(cfg.eval.core_bundle).expanduser(), cfg.eval.core_limit)
+                           if cfg.train.core_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
         # on a GPU a step's loss is read after the next step is queued, so the host never waits on the hot path
         self.defer = runtime.device_type == "cuda"
@@ -275,7 +282,7 @@ class Trainer:
 
     def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
         """What happens after a step, as the lecture's loop does it: log it, then evaluate, sample, score HellaSwag
-        and checkpoint when their turn has come."""
+        and CORE, and checkpoint when their turn has come."""
         t = self.cfg.train
         if isinstance(result, Skipped):
             tracker.log_skip(result.step, result.reason)
@@ -283,8 +290,8 @@ class Trainer:
         tracker.log_step(result)
         done, due = result.step + 1, self.cadence.due
         if due("eval", done):
-            val_loss = self.evaluate()
-            tracker.log_eval(result.step, val_loss)
+            val_loss, val_bpb = self.evaluate()
+            tracker.log_eval(result.step, val_loss, val_bpb)
             if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
                 self.best_val_loss = val_loss
                 self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
@@ -292,6 +299,8 @@ class Trainer:
             tracker.log_samples(result.step, self.samples())
         if due("hellaswag", done):
             tracker.log_hellaswag(result.step, self.hellaswag_scores())
+        if due("core", done):
+            tracker.log_core(result.step, self.core_scores())
         if due("ckpt", done) and done < self.max_steps:  # the last checkpoint is fit()'s, after the loop
             self.save_checkpoint(tracker)
 
@@ -348,20 +357,28 @@ class Trainer:
         return Skipped(step, f"{reason} (skipped {self.skipped} of at most {self.cfg.train.skip_nonfinite})")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first train.eval_batches batches of the val split (the same batches every time; each
-        rank reads its own stride and the ranks average)."""
-        model, loader, batches = self.model, self.val_loader, self.cfg.train.eval_batches
+    def evaluate(self) -> tuple[float, float]:
+        """(val loss, val bits per byte) over the first train.eval_batches batches of the val split (the same batches
+        every time; each rank reads its own stride). Both are exact for those batches: the summed token losses over
+        the summed tokens, and over ln 2 times the summed UTF-8 bytes of the target tokens, summed over the ranks."""
+        model, loader, batches, device = self.model, self.val_loader, self.cfg.train.eval_batches, self.runtime.device
+        byte_lengths = torch.tensor(token_byte_lengths(), device=device)
         model.eval()
         loader.reset()
-        total = torch.zeros((), device=self.runtime.device)
+        # nats, tokens, bytes; float64 keeps the byte and token counts exact (MPS has no float64)
+        totals = torch.zeros(3, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         for _ in range(batches):
             x, y = loader.next_batch()
-            with self.runtime.autocast():
-                _, loss = model(x.to(self.runtime.device), y.to(self.runtime.device))
-            total += loss.detach()
+            x, y = x.to(device), y.to(device)
+            with self.runtime.autocast():  # the per-token losses the model's own loss averages (fp32 under autocast)
+                logits, _ = model(x)
+                losses = F.cross_entropy(logits.flatten(0, 1), y.view(-1), reduction="none")
+            totals[0] += losses.sum()
+            totals[1] += y.numel()
+            totals[2] += byte_lengths[y].sum()
         model.train()
-        return all_reduce_mean(total / batches, self.d).item()
+        nats, tokens, n_bytes = all_reduce_mean(totals, self.d).tolist()  # means over the ranks: their ratios are exact
+        return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else math.nan
 
     @torch.no_grad()
     def samples(self) -> list[dict]:
@@ -390,6 +407,16 @@ class Trainer:
         self.model.train()
         n, correct, correct_norm = (all_reduce_mean(counts, self.d) * self.d.world_size).tolist()
         return {"hellaswag_examples": int(n), "hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+
+    @torch.no_grad()
+    def core_scores(self) -> dict:
+        """CORE on eval.core_bundle's tasks, each task's items split over the ranks and the counts summed on all."""
+        self.model.eval()
+        correct = score_tasks(self.model, self.core_tasks, self.runtime.device, self.d.rank, self.d.world_size)
+        self.model.train()
+        counts = torch.tensor(correct, dtype=torch.float32, device=self.runtime.device)
+        correct = [round(c) for c in (all_reduce_mean(counts, self.d) * self.d.world_size).tolist()]
+        return metrics_row(core_results(self.core_tasks, correct))
 
     def save_weights(self, name: str) -> None:
         """The model as a Hugging Face GPT-2 dir RUN_DIR/NAME (weights, config, tokenizer: what sample, eval and
@@ -504,8 +531,8 @@ class Trainer:
 
 @dataclass(frozen=True)
 class Cadence:
-    """When each periodic event (eval, sample, hellaswag, ckpt) happens: after step `done` (counted from 1) when its
-    every-N divides it, and after the last step. The loop and the deferred read on a GPU both ask here."""
+    """When each periodic event (eval, sample, hellaswag, core, ckpt) happens: after step `done` (counted from 1) when
+    its every-N divides it, and after the last step. The loop and the deferred read on a GPU both ask here."""
 
     max_steps: int
     every: dict[str, int]  # event -> N (0: never)

@@ -131,12 +131,14 @@ class Collect:
 
     def __init__(self):
         self.steps, self.evals, self.skips, self.samples, self.hellaswag = [], [], [], [], []
+        self.val_bpb, self.core = [], []
 
     def log_step(self, m):
         self.steps.append(m)
 
-    def log_eval(self, step, val_loss):
+    def log_eval(self, step, val_loss, val_bpb):
         self.evals.append((step, val_loss))
+        self.val_bpb.append((step, val_bpb))
 
     def log_skip(self, step, reason):
         self.skips.append((step, reason))
@@ -146,6 +148,9 @@ class Collect:
 
     def log_hellaswag(self, step, scores):
         self.hellaswag.append((step, scores))
+
+    def log_core(self, step, scores):
+        self.core.append((step, scores))
 
     @property
     def losses(self):

@@ -56,18 +56,18 @@ def test_tracker_and_the_reader_compute_the_same_summary(tmp_path):
     for step, loss in ((1, 6.0), (2, 5.0), (3, 5.5)):
         tracker.log_step(StepMetrics(step=step, loss=loss, lr=1e-3, grad_norm=1.0, dt_ms=10.0,
                                      tok_per_s=20.0 * step, tokens=64 * (step + 1)))
-    tracker.log_eval(3, 5.25)
+    tracker.log_eval(3, 5.25, 2.5)
     summary = tracker.close()
     expected = {"steps": 4, "final_loss": 5.5, "best_loss": 5.0, "tokens": 256, "median_tok_per_s": 30.0,
-                "final_val_loss": 5.25, "best_val_loss": 5.25}
+                "final_val_loss": 5.25, "best_val_loss": 5.25, "final_val_bpb": 2.5, "best_val_bpb": 2.5}
     assert {k: summary[k] for k in expected} == expected
     assert run_stats(read_metrics(tmp_path / "metrics.jsonl")) == expected
     (tmp_path / "summary.json").unlink()  # what compare shows of a run that is still going
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("train:\n  seed: 1\n")
     run = load_run(tmp_path)
-    assert (run.steps, run.final_loss, run.best_loss, run.tokens, run.median_tok_per_s, run.final_val_loss) == (
-        4, 5.5, 5.0, 256, 30.0, 5.25)
+    assert (run.steps, run.final_loss, run.best_loss, run.tokens, run.median_tok_per_s, run.final_val_loss,
+            run.final_val_bpb) == (4, 5.5, 5.0, 256, 30.0, 5.25, 2.5)
 
 
 @pytest.mark.parametrize("tool", [compare, scaling])

@@ -27,6 +27,7 @@ from gpt_exp.checkpoint import load_model, save_checkpoint
 from gpt_exp.hf import SAFETENSORS, load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
 from gpt_exp.model import GPT, GPTConfig
 from tests.helpers import cli_env, run_cli
+from tests.test_core import MC, SCHEMA, write_bundle
 
 MAINS = {"compare": compare.main, "sample": sample.main, "eval": evals.main, "export": export.main,
          "coord_check": coord_check.main}
@@ -37,6 +38,7 @@ EXAMPLE = {"ctx": "A man is sitting on a roof. he", "label": 3,
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 CKPT = "{tmp}/run/checkpoints/step_0000002.pt"
 HELLASWAG = "path={tmp}/hellaswag.jsonl"
+CORE_FIX = "give the DCLM eval bundle's dir (core.yaml, eval_meta_data.csv, eval_data/)"
 
 # (case, tool, arguments, the error line's expected text, how: "main" in-process or "cli" as a subprocess);
 # {tmp} is the fixture's folder, where every input below is built.
@@ -203,6 +205,46 @@ CASES = [
     ("eval without path", "eval", ["hellaswag", "resume={tmp}/run"], "error: hellaswag needs path=FILE", "main"),
     ("eval unknown task", "eval", ["hellaswg", HELLASWAG], "error: unknown eval 'hellaswg'; choose one of: hellaswag",
      "main"),
+    # eval core: damaged eval bundles
+    ("eval core without bundle", "eval", ["core", "resume={tmp}/run"], f"error: core needs bundle=DIR; {CORE_FIX}",
+     "main"),
+    ("eval core given path", "eval", ["core", "path={tmp}/core_good", "resume={tmp}/run"],
+     "error: path={tmp}/core_good is not read by eval core; give bundle=DIR", "main"),
+    ("eval core bundle missing", "eval", ["core", "bundle={tmp}/no_such_bundle", "resume={tmp}/run"],
+     f"error: bundle={{tmp}}/no_such_bundle is not a dir; {CORE_FIX}", "main"),
+    ("eval core no core.yaml", "eval", ["core", "bundle={tmp}/core_no_yaml", "resume={tmp}/run"],
+     f"error: {{tmp}}/core_no_yaml/core.yaml does not exist; {CORE_FIX}", "main"),
+    ("eval core core.yaml not YAML", "eval", ["core", "bundle={tmp}/core_yaml_text", "resume={tmp}/run"],
+     "error: {tmp}/core_yaml_text/core.yaml is not valid YAML (ParserError)", "main"),
+    ("eval core no tasks", "eval", ["core", "bundle={tmp}/core_no_tasks", "resume={tmp}/run"],
+     "error: {tmp}/core_no_tasks/core.yaml lists no icl_tasks (a list of tasks with label, dataset_uri, num_fewshot, "
+     "icl_task_type)", "main"),
+    ("eval core task file missing", "eval", ["core", "bundle={tmp}/core_no_file", "resume={tmp}/run"],
+     "error: {tmp}/core_no_file/eval_data/demo/schema_demo.jsonl does not exist (a dataset_uri of core.yaml, under "
+     "eval_data/)", "main"),
+    ("eval core malformed row", "eval", ["core", "bundle={tmp}/core_bad_row", "resume={tmp}/run"],
+     "error: {tmp}/core_bad_row/eval_data/demo/mc_demo.jsonl:2: not a multiple_choice row (a query string, a list of "
+     "at least 2 choice strings and gold, an index into them); repair or delete that line", "main"),
+    ("eval core row not JSON", "eval", ["core", "bundle={tmp}/core_text_row", "resume={tmp}/run"],
+     "error: {tmp}/core_text_row/eval_data/demo/schema_demo.jsonl:4: not JSON; repair or delete that line", "main"),
+    ("eval core unknown task type", "eval", ["core", "bundle={tmp}/core_bad_type", "resume={tmp}/run"],
+     "error: {tmp}/core_bad_type/core.yaml: icl_tasks[0] (mc_demo): unknown icl_task_type='ranking'; use one of "
+     "multiple_choice, schema, language_modeling", "main"),
+    ("eval core bad num_fewshot", "eval", ["core", "bundle={tmp}/core_bad_shots", "resume={tmp}/run"],
+     "error: {tmp}/core_bad_shots/core.yaml: icl_tasks[1] (schema_demo): num_fewshot=['two'] is not a count >= 0",
+     "main"),
+    ("eval core missing baseline", "eval", ["core", "bundle={tmp}/core_no_baseline", "resume={tmp}/run"],
+     "error: {tmp}/core_no_baseline/eval_meta_data.csv has no Random baseline for task schema_demo; add its row "
+     "(Eval Task: schema_demo)", "main"),
+    ("eval core baseline not a number", "eval", ["core", "bundle={tmp}/core_baseline_text", "resume={tmp}/run"],
+     "error: {tmp}/core_baseline_text/eval_meta_data.csv:2: Random baseline='a quarter' for 'mc_demo' is not a "
+     "percentage in [0, 100); repair that row", "main"),
+    ("eval core no meta data", "eval", ["core", "bundle={tmp}/core_no_csv", "resume={tmp}/run"],
+     "error: {tmp}/core_no_csv/eval_meta_data.csv does not exist (it holds each task's random baseline)", "main"),
+    ("eval core limit negative", "eval", ["core", "bundle={tmp}/core_good", "resume={tmp}/run", "limit=-1"],
+     "error: limit=-1 is invalid: it must be >= 0", "main"),
+    ("eval CLI core unknown task type", "eval", ["core", "bundle={tmp}/core_bad_type", "resume={tmp}/run"],
+     "error: {tmp}/core_bad_type/core.yaml: icl_tasks[0] (mc_demo): unknown icl_task_type='ranking'", "cli"),
     # coord_check's options: refused before any tokens are read or any model is built
     ("coord_check lr nan", "coord_check", ["--lr", "nan"],
      "error: --lr nan is invalid: it must be a positive number, e.g. --lr 0.01", "main"),
@@ -330,6 +372,24 @@ def tmp(tmp_path_factory):
     (tmp / "hs_empty.jsonl").write_text("")
     (tmp / "hs_binary.jsonl").write_bytes(b"\xff\xfe\x00\x01" * 64)
 
+    # CORE eval bundles: a good one, then one damage each
+    good = {"mc_demo": ("multiple_choice", MC, 1, None), "schema_demo": ("schema", SCHEMA, 0, None)}
+    baselines = {"mc_demo": 25.0, "schema_demo": 50.0}
+    write_bundle(tmp / "core_good", good, baselines)
+    (write_bundle(tmp / "core_no_yaml", good, baselines) / "core.yaml").unlink()
+    (write_bundle(tmp / "core_yaml_text", good, baselines) / "core.yaml").write_text("icl_tasks: [\n  - {label: ")
+    (write_bundle(tmp / "core_no_tasks", good, baselines) / "core.yaml").write_text("icl_tasks: []\n")
+    (write_bundle(tmp / "core_no_file", good, baselines) / "eval_data" / "demo" / "schema_demo.jsonl").unlink()
+    write_bundle(tmp / "core_bad_row", {**good, "mc_demo": ("multiple_choice", [MC[0], {**MC[1], "gold": 3}], 1, None)},
+                 baselines)
+    bad = write_bundle(tmp / "core_text_row", good, baselines) / "eval_data" / "demo" / "schema_demo.jsonl"
+    bad.write_text(bad.read_text() + "{context_options: [\n")
+    write_bundle(tmp / "core_bad_type", {**good, "mc_demo": ("ranking", MC, 1, None)}, baselines)
+    write_bundle(tmp / "core_bad_shots", {**good, "schema_demo": ("schema", SCHEMA, "two", None)}, baselines)
+    write_bundle(tmp / "core_no_baseline", good, {"mc_demo": 25.0})
+    write_bundle(tmp / "core_baseline_text", good, {"mc_demo": "a quarter", "schema_demo": 50.0})
+    (write_bundle(tmp / "core_no_csv", good, baselines) / "eval_meta_data.csv").unlink()
+
     if not IS_ROOT:
         (tmp / "unreadable").chmod(0)
     yield tmp
@@ -378,6 +438,7 @@ def test_the_base_inputs_work(tmp, tmp_path, capsys):
     assert sample.main([f"resume={tmp}/run", "max_new_tokens=2", "num_samples=1"]) == 0
     assert sample.main([f"hf={tmp}/hf", "max_new_tokens=2", "num_samples=1"]) == 0
     assert evals.main(["hellaswag", f"path={tmp}/hellaswag.jsonl", f"resume={tmp}/run"]) == 0
+    assert evals.main(["core", f"bundle={tmp}/core_good", f"resume={tmp}/run"]) == 0
     assert compare.main([f"{tmp}/run", "--out", str(tmp_path / "report")]) == 0
     assert export.main([f"{tmp}/run", str(tmp_path / "export")]) == 0
     sharded, whole = load_hf_gpt2(tmp / "hf_sharded"), load_model(str(tmp / "run"))[0]

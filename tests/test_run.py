@@ -169,7 +169,7 @@ def test_validation_loss_rows(tmp_path, cache_dir):
     rows = read_metrics(run_dir)
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 5, 6]  # every 3 steps and at the end
-    assert all(set(r) == {"step", "val_loss", "tokens"} for r in val)  # `loss` stays the training loss only
+    assert all(set(r) == {"step", "val_loss", "val_bpb", "tokens"} for r in val)  # `loss` stays the training loss only
     assert [r["tokens"] for r in val] == [384, 768, 896]  # the val curve has the tokens axis too
     assert len([r for r in rows if "loss" in r]) == 7
     summary = json.loads((run_dir / "summary.json").read_text())
