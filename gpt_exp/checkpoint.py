@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -167,8 +168,22 @@ _FIELDS = {
 }
 
 
+def _is_loss(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# Fields a checkpoint of an older version may lack; when present they must be what the trainer reads back.
+_OPTIONAL_FIELDS = {
+    "skipped": (_is_count, "a whole number >= 0"),
+    "best_val_loss": (_is_loss, "a number (inf before the first eval)"),
+    "weights_at": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_count(s) for k, s in v.items()),
+                   "the steps of model/ and model_best/ (names to whole numbers)"),
+}
+
+
 def check_fields(state: dict, path: Path) -> None:
-    for key, (ok, what) in _FIELDS.items():
+    optional = {key: check for key, check in _OPTIONAL_FIELDS.items() if key in state}
+    for key, (ok, what) in {**_FIELDS, **optional}.items():
         if not ok(state.get(key)):
             raise ConfigError(f"resume: {path} is damaged: its {key} is {_short(state.get(key))}, where {what} belongs; "
                               f"resume from another checkpoint of the run")
