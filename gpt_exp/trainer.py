@@ -233,8 +233,10 @@ class Trainer:
                 if stop.requested:
                     self.stop_signal = stop.requested
                     break
-            if self.keeps_checkpoints and self.step > self.start_step:
-                self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
+            # the end, or where Ctrl-C / SIGTERM stopped the run (unless its cadence has just written this very step:
+            # twice would double the writing in a preemption's grace time)
+            if self.keeps_checkpoints and self.step > self.start_step and self.checkpointed_at != self.step:
+                self.save_checkpoint(tracker)
             if t.save_model == SaveModel.final and self.step > self.start_step and self.run_dir is not None:
                 self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
@@ -269,6 +271,7 @@ class Trainer:
             self.save_checkpoint(tracker)
 
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
+    checkpointed_at: int | None = None  # the step of the last checkpoint this process wrote
     stop_signal: int | None = None  # the signal that stopped the run early
 
     def train_step(self) -> StepMetrics | Skipped:
@@ -399,6 +402,7 @@ class Trainer:
         if self.d.is_main:
             state.update(config=self.config, wandb_id=tracker.wandb_id, elapsed_s=tracker.elapsed_s)
             log.info("checkpoint: %s", save_checkpoint(self.run_dir, state, self.cfg.train.keep_ckpts))
+        self.checkpointed_at = self.step
 
     def state_dict(self) -> dict:
         """Whole tensors on the CPU (gathered from the shards under FSDP: every rank must call this), so that a

@@ -57,3 +57,24 @@ def test_a_checkpoint_without_the_optional_fields_still_resumes(tmp_path, cache_
     torch.save(state, tmp_path / "old.pt")
     result = run_cli("run", *tiny(cache_dir, f"resume={tmp_path / 'old.pt'}", "train.max_steps=3"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+# ---- the last seconds of a run ----
+
+def test_a_stop_right_after_a_cadence_checkpoint_writes_it_once(tmp_path, cache_dir, monkeypatch):
+    import signal
+
+    from gpt_exp import trainer as trainer_module
+    from gpt_exp.trainer import StopOnSignal
+    from tests.helpers import Collect, make_trainer
+
+    written = []
+    real = trainer_module.save_checkpoint
+    monkeypatch.setattr(trainer_module, "save_checkpoint",
+                        lambda run_dir, state, keep: written.append(state["step"]) or real(run_dir, state, keep))
+    trainer = make_trainer(cache_dir, "train.max_steps=10", "train.ckpt_every=1", run_dir=tmp_path)
+    stop = StopOnSignal()
+    stop.requested = signal.SIGTERM  # SLURM's SIGTERM during step 1, whose checkpoint is due
+    assert trainer.fit(Collect(), stop) == "interrupted"
+    assert written == [1]  # not [1, 1]: a 124M run's 1.5 GB written twice in a preemption's grace time
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001.pt"]
