@@ -78,3 +78,22 @@ def test_a_stop_right_after_a_cadence_checkpoint_writes_it_once(tmp_path, cache_
     assert trainer.fit(Collect(), stop) == "interrupted"
     assert written == [1]  # not [1, 1]: a 124M run's 1.5 GB written twice in a preemption's grace time
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001.pt"]
+
+
+def test_a_second_signal_during_the_plot_leaves_a_true_summary(tmp_path, monkeypatch):
+    import json
+
+    from gpt_exp import tracking
+    from gpt_exp.config import LoggerConfig, LoggerMode
+    from gpt_exp.metrics import StepMetrics
+
+    def interrupted(*args, **kwargs):  # the second Ctrl-C or SIGTERM, while loss.png is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "plot_loss_curve", interrupted)
+    tracker = tracking.Tracker(tmp_path, LoggerConfig(mode=LoggerMode.disabled), "run", None, {}, total_steps=1)
+    tracker.log_step(StepMetrics(0, 10.9, 6e-4, 1.0, 10.0, 1000.0, 128))
+    with pytest.raises(KeyboardInterrupt):
+        tracker.close("completed")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 1  # not `running` beside a run that has ended
