@@ -106,7 +106,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
     old, new = flatten(saved), flatten(current)
     # a setting the checkpoint's version did not have yet takes its default: not a change
-    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+    changes = [_change(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if k not in ("resume", "init_from") and k in old and old.get(k) != new.get(k)]
     fixed = [c for c in changes if c.split(":")[0] in FIXED_KEYS]
     if fixed:
@@ -117,6 +117,13 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         raise ConfigError(f"resume: the checkpoint was trained with optim={old.get('optim.name', 'adamw')}; resume "
                           f"with it, or start a new run from its weights with init_from=")
     return changes
+
+
+def _change(key: str, old: object, new: object) -> str:
+    """'key: old -> new', quoted where the two would print alike ('2' in a hand-edited checkpoint against 2)."""
+    if str(old) == str(new):
+        return f"{key}: {old!r} -> {new!r}"
+    return f"{key}: {old} -> {new}"
 
 
 class Resume:

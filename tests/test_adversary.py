@@ -59,6 +59,15 @@ def test_a_checkpoint_without_the_optional_fields_still_resumes(tmp_path, cache_
     assert result.returncode == 0, result.stderr
 
 
+def test_a_changed_setting_that_prints_alike_is_quoted(tmp_path, cache_dir, finished_run):
+    state = torch.load(list_checkpoints(finished_run)[-1], weights_only=True)
+    state["config"]["model"]["n_layer"] = "2"  # edited by hand: a string where the run wrote 2
+    torch.save(state, tmp_path / "edited.pt")
+    result = run_cli("run", *tiny(cache_dir, f"resume={tmp_path / 'edited.pt'}", "train.max_steps=4"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "(model.n_layer: '2' -> 2)" in result.stderr  # it read "model.n_layer: 2 -> 2": no change to see
+
+
 # ---- the last seconds of a run ----
 
 def test_a_stop_right_after_a_cadence_checkpoint_writes_it_once(tmp_path, cache_dir, monkeypatch):
