@@ -384,7 +384,9 @@ class Trainer:
             model = GPT(self.model.config)
             model.load_state_dict(state)
         target = self.run_dir / name
-        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}", step=self.step)
+        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}", step=self.step,
+                           elsewhere="train in another dir (hydra.run.dir=DIR), or keep no weights "
+                                     "(train.save_model=none)")
         replace_dir(new, target)
         self.weights_at[name] = self.step
         log.info("weights: %s (step %d)", target, self.step)

@@ -108,6 +108,26 @@ def test_a_second_signal_during_the_plot_leaves_a_true_summary(tmp_path, monkeyp
     assert summary["status"] == "completed" and summary["steps"] == 1  # not `running` beside a run that has ended
 
 
+def test_a_run_that_cannot_write_its_weights_names_a_fix_of_the_run(tmp_path, cache_dir, monkeypatch):
+    import errno
+
+    from gpt_exp import hf
+    from gpt_exp.errors import UserError
+    from tests.helpers import make_trainer
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hf, "atomic_write_bytes", disk_full)
+    trainer = make_trainer(cache_dir, "train.max_steps=1", run_dir=tmp_path)
+    with pytest.raises(UserError) as e:
+        trainer.save_weights("model")
+    assert "export" not in str(e.value)  # it said "or export elsewhere": a run is not an export
+    assert str(e.value).endswith("or train in another dir (hydra.run.dir=DIR), or keep no weights "
+                                 "(train.save_model=none)")
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".*"))
+
+
 # ---- known bugs of run.py, resolve.py and rundir.py (another engineer is restructuring them) ----
 
 @pytest.mark.xfail(strict=True, reason="rundir.lock opens .gpt_exp.lock following a symlink and truncates and writes "
