@@ -98,8 +98,15 @@ def load_checkpoint(path: Path, key: str = "resume") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: whatever torch raises, it is the user's file
-        raise ConfigError(f"{key}: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); "
-                          f"use another one in {path.parent}") from None
+        siblings = list_checkpoints(path.parent.parent) if path.parent.name == CKPT_DIR else []
+        older = [p for p in siblings if p.resolve() != path.resolve()]
+        if older and path.resolve() == siblings[-1].resolve():
+            # the newest of its run: resume=RUN_DIR (and resume=auto) would pick it again, and an older one is
+            # refused in the run's own dir as another history, so the way on is to move this one aside
+            fix = f"move it out of {path.parent} and the run continues from {older[-1].name}"
+        else:
+            fix = f"use another one in {path.parent}"
+        raise ConfigError(f"{key}: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); {fix}") from None
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

@@ -68,6 +68,24 @@ def test_a_changed_setting_that_prints_alike_is_quoted(tmp_path, cache_dir, fini
     assert "(model.n_layer: '2' -> 2)" in result.stderr  # it read "model.n_layer: 2 -> 2": no change to see
 
 
+def test_a_damaged_newest_checkpoint_names_the_way_on(tmp_path, cache_dir):
+    run = tmp_path / "job"
+    args = tiny(cache_dir, "train.max_steps=3", "train.ckpt_every=1", f"hydra.run.dir={run}")
+    assert run_cli("run", *args, cwd=tmp_path).returncode == 0
+    newest = list_checkpoints(run)[-1]
+    newest.write_bytes(newest.read_bytes()[:90])  # a disk that lost its end
+    requeue = run_cli("run", *tiny(cache_dir, "train.max_steps=5", "train.ckpt_every=1", "resume=auto",
+                                   f"hydra.run.dir={run}"), cwd=tmp_path)
+    assert requeue.returncode == 2
+    # "use another one in checkpoints/" led nowhere: resume=.../step_0000002.pt in the run's own dir is refused as
+    # another history while the damaged step_0000003.pt is the newest
+    assert requeue.stderr.strip().endswith(f"move it out of {run / 'checkpoints'} and the run continues from "
+                                           f"step_0000002.pt")
+    newest.rename(tmp_path / "damaged.pt")
+    assert run_cli("run", *tiny(cache_dir, "train.max_steps=5", "train.ckpt_every=1", "resume=auto",
+                                f"hydra.run.dir={run}"), cwd=tmp_path).returncode == 0
+
+
 # ---- the last seconds of a run ----
 
 def test_a_stop_right_after_a_cadence_checkpoint_writes_it_once(tmp_path, cache_dir, monkeypatch):
