@@ -12,8 +12,8 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
-import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt_exp.atomic import replace_dir
+from gpt_exp.atomic import make_temp_dir, replace_dir
 from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
                                training_step_fn)
 from gpt_exp.checkpoint import save_checkpoint
@@ -384,10 +384,14 @@ class Trainer:
             model = GPT(self.model.config)
             model.load_state_dict(state)
         target = self.run_dir / name
-        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}", step=self.step,
-                           elsewhere="train in another dir (hydra.run.dir=DIR), or keep no weights "
-                                     "(train.save_model=none)")
-        replace_dir(new, target)
+        # named as atomic writes' temp dirs are, so that the next start in this dir removes one a kill -9 left
+        staging = make_temp_dir(target)
+        try:
+            save_hf_gpt2(model, staging, step=self.step, elsewhere="train in another dir (hydra.run.dir=DIR), or "
+                         "keep no weights (train.save_model=none)")
+            replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # made by this call: gone once renamed, else half a model
         self.weights_at[name] = self.step
         log.info("weights: %s (step %d)", target, self.step)
 
