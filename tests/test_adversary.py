@@ -295,3 +295,14 @@ def test_a_checkpoint_setting_of_the_wrong_type_names_the_checkpoint(tmp_path, c
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert str(tmp_path / "edited.pt") in line
+
+
+@pytest.mark.xfail(strict=True, reason="rundir._key expands ~ in hydra.run.dir, which Hydra does not: with "
+                   "hydra.run.dir=\"~/r\" the run is written into ./~/r while the guard checks, creates and locks "
+                   "$HOME/r, and leaves a .gpt_exp.lock there; take the dir as Hydra does (or refuse a ~ in one line)")
+def test_a_run_dir_with_a_tilde_is_guarded_where_it_is_written(tmp_path, cache_dir):
+    result = run_cli("run", *tiny(cache_dir, "train.max_steps=1", 'hydra.run.dir="~/r"'), cwd=tmp_path)  # HOME: cwd
+    written = tmp_path / "~" / "r"
+    if result.returncode == 0:
+        assert (written / "summary.json").is_file()
+    assert not (tmp_path / "r").exists()  # a dir of the user's home the run never wrote into
