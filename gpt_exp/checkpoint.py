@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -99,15 +100,22 @@ def load_checkpoint(path: Path, key: str = "resume") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: whatever torch raises, it is the user's file
-        raise ConfigError(f"{key}: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); "
-                          f"use another one in {path.parent}") from None
+        siblings = list_checkpoints(path.parent.parent) if path.parent.name == CKPT_DIR else []
+        older = [p for p in siblings if p.resolve() != path.resolve()]
+        if older and path.resolve() == siblings[-1].resolve():
+            # the newest of its run: resume=RUN_DIR (and resume=auto) would pick it again, and an older one is
+            # refused in the run's own dir as another history, so the way on is to move this one aside
+            fix = f"move it out of {path.parent} and the run continues from {older[-1].name}"
+        else:
+            fix = f"use another one in {path.parent}"
+        raise ConfigError(f"{key}: {path} is not a readable gpt_exp checkpoint ({type(e).__name__}); {fix}") from None
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
     old, new = flatten(saved), flatten(current)
     # a setting the checkpoint's version did not have yet takes its default: not a change
-    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+    changes = [_change(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if k not in ("resume", "init_from") and k in old and old.get(k) != new.get(k)]
     fixed = [c for c in changes if c.split(":")[0] in FIXED_KEYS]
     if fixed:
@@ -118,6 +126,13 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         raise ConfigError(f"resume: the checkpoint was trained with optim={old.get('optim.name', 'adamw')}; resume "
                           f"with it, or start a new run from its weights with init_from=")
     return changes
+
+
+def _change(key: str, old: object, new: object) -> str:
+    """'key: old -> new', quoted where the two would print alike ('2' in a hand-edited checkpoint against 2)."""
+    if str(old) == str(new):
+        return f"{key}: {old!r} -> {new!r}"
+    return f"{key}: {old} -> {new}"
 
 
 class Resume:
@@ -174,8 +189,22 @@ _FIELDS = {
 }
 
 
+def _is_loss(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# Fields a checkpoint of an older version may lack; when present they must be what the trainer reads back.
+_OPTIONAL_FIELDS = {
+    "skipped": (_is_count, "a whole number >= 0"),
+    "best_val_loss": (_is_loss, "a number (inf before the first eval)"),
+    "weights_at": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_count(s) for k, s in v.items()),
+                   "the steps of model/ and model_best/ (names to whole numbers)"),
+}
+
+
 def check_fields(state: dict, path: Path) -> None:
-    for key, (ok, what) in _FIELDS.items():
+    optional = {key: check for key, check in _OPTIONAL_FIELDS.items() if key in state}
+    for key, (ok, what) in {**_FIELDS, **optional}.items():
         if not ok(state.get(key)):
             raise ConfigError(f"resume: {path} is damaged: its {key} is {_short(state.get(key))}, where {what} belongs; "
                               f"resume from another checkpoint of the run")

@@ -322,13 +322,15 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Path:
+def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None,
+                 elsewhere: str = "export elsewhere") -> Path:
     """Write `model` as a Hugging Face GPT-2 dir (model.safetensors, config.json, generation_config.json and the
     tokenizer's vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) that
     `GPT2LMHeadModel.from_pretrained(out_dir)`, `AutoTokenizer` and `pipeline` load; returns the dir. `out_dir` must
     be new or empty; the files are written into a hidden temp dir beside it, renamed into place once all are whole,
     so an export that fails midway (a full disk, Ctrl-C) leaves no dir that looks complete. `step`: the training step
-    the weights are from, recorded in config.json (recorded_step reads it back)."""
+    the weights are from, recorded in config.json (recorded_step reads it back); `elsewhere`: the last fix a failed
+    write names (a run writes its weights elsewhere with hydra.run.dir, not by exporting)."""
     if not model.config.is_gpt2:
         raise ConfigError("export writes GPT-2's architecture only, and this model has another (model.pos, "
                           "model.norm, model.mlp, ... not GPT-2's); sample and eval read its checkpoints directly")
@@ -336,10 +338,11 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, step: int | None = None) -> Pa
                for name, t in model.state_dict().items() if name != "lm_head.weight"}  # tied: HF re-ties it to wte
     # GPT-2's vocabulary exactly: a padded model's zero rows are no tokens (config.json says vocab_size 50257)
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][: model.config.vocab_size]
-    return _write_hf_dir(tensors, hf_files(model.config, step), out_dir)
+    return _write_hf_dir(tensors, hf_files(model.config, step), out_dir, elsewhere)
 
 
-def _write_hf_dir(tensors: dict[str, torch.Tensor], files: dict[str, bytes], out_dir: str | Path) -> Path:
+def _write_hf_dir(tensors: dict[str, torch.Tensor], files: dict[str, bytes], out_dir: str | Path,
+                  elsewhere: str = "export elsewhere") -> Path:
     """`tensors` and `files` into `out_dir` (new or empty), all or nothing: a hidden temp dir renamed into place."""
     out_dir = check_out_dir(out_dir)
     tmp = None
@@ -355,7 +358,7 @@ def _write_hf_dir(tensors: dict[str, torch.Tensor], files: dict[str, bytes], out
         tmp = None
     except OSError as e:
         raise UserError(f"cannot write {e.filename or out_dir} ({e.strerror}); free disk space, fix its permissions, "
-                        f"or export elsewhere") from None
+                        f"or {elsewhere}") from None
     finally:
         if tmp is not None:  # this call created it: nothing of the user's is inside
             shutil.rmtree(tmp, ignore_errors=True)

@@ -407,8 +407,6 @@ class Tracker:
         stats = run_stats(self.rows)
         summary.update({k: v for k, v in stats.items() if v is not None})
         if stats["steps"]:
-            attempt(str(self.run_dir / "loss.png"),
-                    lambda: plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name))
             log.info(
                 "%s: %d steps, final loss %.4f%s, median %s tok/s, wall %.1f s, run dir %s",
                 "done" if status == "completed" else status, stats["steps"], summary["final_loss"],
@@ -416,8 +414,13 @@ class Tracker:
                 f"{summary['median_tok_per_s']:,.0f}", wall, self.run_dir,
             )
         summary.update(flops_per_token=self.flops_per_token, runtime=self.runtime)
-        self.wandb.finish(summary)
+        # the record first: a second Ctrl-C or SIGTERM during the slow sinks after it (the plot, W&B's upload) must
+        # not leave a summary that says `running` beside a run that has ended
         attempt(str(self.run_dir / "summary.json"), lambda: write_summary(self.run_dir, summary))
+        if stats["steps"]:
+            attempt(str(self.run_dir / "loss.png"),
+                    lambda: plot_loss_curve(self.rows, self.run_dir / "loss.png", title=self.name))
+        self.wandb.finish(summary)
         if problems and raise_errors:
             raise UserError(f"{problems[0]}; free disk space or fix permissions (metrics.jsonl holds every step)")
         return summary

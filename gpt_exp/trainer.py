@@ -12,8 +12,8 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
-import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt_exp.atomic import replace_dir
+from gpt_exp.atomic import make_temp_dir, replace_dir
 from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
                                training_step_fn)
 from gpt_exp.checkpoint import Resume, save_checkpoint
@@ -266,8 +266,10 @@ class Trainer:
                 if stop.requested:
                     self.stop_signal = stop.requested
                     break
-            if self.keeps_checkpoints and self.step > self.start_step:
-                self.save_checkpoint(tracker)  # the end, or where Ctrl-C / SIGTERM stopped the run
+            # the end, or where Ctrl-C / SIGTERM stopped the run (unless its cadence has just written this very step:
+            # twice would double the writing in a preemption's grace time)
+            if self.keeps_checkpoints and self.step > self.start_step and self.checkpointed_at != self.step:
+                self.save_checkpoint(tracker)
             if t.save_model == SaveModel.final and self.step > self.start_step and self.run_dir is not None:
                 self.save_weights("model")
         return "completed" if self.step == max_steps else "interrupted"
@@ -305,6 +307,7 @@ class Trainer:
             self.save_checkpoint(tracker)
 
     start_step = 0  # where this process started (after a resume: the checkpoint's step)
+    checkpointed_at: int | None = None  # the step of the last checkpoint this process wrote
     stop_signal: int | None = None  # the signal that stopped the run early
 
     def train_step(self) -> StepMetrics | Skipped:
@@ -440,8 +443,14 @@ class Trainer:
             model = GPT(self.model.config)
             model.load_state_dict(state)
         target = self.run_dir / name
-        new = save_hf_gpt2(model, self.run_dir / f".{name}.new-{os.getpid()}", step=self.step)
-        replace_dir(new, target)
+        # named as atomic writes' temp dirs are, so that the next start in this dir removes one a kill -9 left
+        staging = make_temp_dir(target)
+        try:
+            save_hf_gpt2(model, staging, step=self.step, elsewhere="train in another dir (hydra.run.dir=DIR), or "
+                         "keep no weights (train.save_model=none)")
+            replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # made by this call: gone once renamed, else half a model
         self.weights_at[name] = self.step
         log.info("weights: %s (step %d)", target, self.step)
 
@@ -458,6 +467,7 @@ class Trainer:
         if self.d.is_main:
             state.update(config=self.config, wandb_id=tracker.wandb_id, elapsed_s=tracker.elapsed_s)
             log.info("checkpoint: %s", save_checkpoint(self.run_dir, state, self.cfg.train.keep_ckpts))
+        self.checkpointed_at = self.step
 
     def state_dict(self) -> dict:
         """Whole tensors on the CPU (gathered from the shards under FSDP: every rank must call this), so that a
