@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp import atomic
 from gpt_exp.atomic import atomic_path
@@ -150,8 +151,14 @@ class Resume:
 
     @property
     def settings(self) -> RunConfig:
-        """The checkpoint's settings as they were (its version's keys that still exist), unchecked: what it trained with."""
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), unflatten(known_settings(self.config))))
+        """The checkpoint's settings as they were (its version's keys that still exist): what it trained with. Their
+        types are checked (a damaged or hand-edited file is one line naming it); their values were, when it ran."""
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                       unflatten(known_settings(self.config))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"resume: {self.path} is damaged: its setting {e.full_key}={e.child_node!r} does not fit "
+                              f"its type; resume from another checkpoint of the run") from None
 
     def check(self, current_config: dict) -> None:
         """What this run changes against the checkpoint's settings; a change the weights cannot take is refused."""

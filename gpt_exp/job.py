@@ -97,14 +97,14 @@ def wandb_identity(cfg: RunConfig, hc, run_dir: Path) -> tuple[str, str | None]:
     return cfg.logger.name or below_outputs(run_dir), cfg.logger.group
 
 
-def fit(trainer: Trainer, r: Resolved, launch: Launch, run_dir: Path, started_at: float) -> float:
+def fit(trainer: Trainer, r: Resolved, launch: Launch, run_dir: Path, started_at: float, history: list[dict]) -> float:
     """Train, with the run's end (checkpoint, weights, summary) protected from signals like its middle."""
     cfg, d, status, error = r.cfg, trainer.d, "failed", None
     with StopOnSignal() as stop:
         tracker = Tracker(
             run_dir, cfg.logger, launch.name, launch.group, {**r.config, "overrides": list(launch.overrides)},
             trainer.max_steps, cfg.train.log_every, started_at=started_at,
-            previous_rows=r.resumed.metrics_before() if r.resumed else [],
+            previous_rows=history,
             wandb_id=r.resumed.wandb_id if r.resumed else None,
             summary_extra={**(r.resumed.summary() if r.resumed else {}), "train_split_tokens": len(trainer.loader.source)},
             flops_per_token=trainer.model.flops_per_token(cfg.T), runtime=trainer.what_runs(),

@@ -52,6 +52,8 @@ def resolve_run(cfg: RunConfig, dict_cfg: DictConfig, overrides: tuple[str, ...]
     resumed, init = resume_target(cfg, run_dir), None
     if resumed is not None:
         cfg = resumed_settings(resumed, dict_cfg, overrides)
+    elif cfg.resume is not None:  # resume=auto in a dir without a run yet: the command's own settings
+        validate(cfg)
     elif cfg.init_from:
         init = init_weights(cfg.init_from)
         if cfg.init_from.startswith("hf:"):
@@ -134,13 +136,15 @@ def _build(flat: dict) -> RunConfig:
 
 
 def fresh(dict_cfg: DictConfig, overrides: tuple[str, ...]) -> RunConfig:
-    """The command's own config: what Hydra composed, with explicit-beats-default applied, checked."""
+    """The command's own config: what Hydra composed, with explicit-beats-default applied; checked unless it resumes
+    (a resume's settings are the checkpoint's with this command's on top: those are checked once merged)."""
     flat = explicit_beats_default({a: OmegaConf.select(dict_cfg, a) for pair in EXCLUSIVE for a in pair},
                                   given_keys(overrides))
     for key, value in flat.items():
         OmegaConf.update(dict_cfg, key, value)
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
-    validate(cfg)
+    if cfg.resume is None:
+        validate(cfg)
     return cfg
 
 
@@ -152,6 +156,7 @@ def resumed_settings(resumed: Resume, dict_cfg: DictConfig, overrides: tuple[str
     defaults = flatten(OmegaConf.to_container(compose("config"), resolve=False, enum_to_str=True))
     changed = {k for k, v in current.items() if _touched(k, given) or defaults.get(k, v) != v}
     saved = flatten(settings_from_file(resumed.config, f"resume: {resumed.path}"))
+    resumed.settings  # noqa: B018 -- their types checked now, naming the file, before any work
     if dropped := sorted(saved.keys() - known_settings(resumed.config).keys()):  # an older version's settings
         log.info("resume: the checkpoint's settings %s no longer exist; ignored", ", ".join(dropped))
     flat = {k: v for k, v in known_settings(resumed.config).items() if not k.startswith(_NOT_CARRIED)}

@@ -60,11 +60,12 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
             elif r.init is not None:
                 trainer.load_weights(r.init[0].state_dict(), f"init_from={r.cfg.init_from}")
                 log.info("initialized from %s (weights only: a fresh optimizer, step 0)", r.init[1])
+            history = r.resumed.metrics_before() if r.resumed and d.is_main else []  # a broken one: before a record
         if d.is_main:
             rundir.record(run_dir, r.config, launch.overrides)  # only now: a start that failed records nothing
             rundir.mark_started(run_dir)  # from here on, whatever fails, the run's files stay
             remove_stale_temp_files(run_dir)
-        return fit(trainer, r, launch, run_dir, started_at)
+        return fit(trainer, r, launch, run_dir, started_at, history)
     except BaseException as e:
         if (oom := out_of_memory(e, cfg)) is not None:
             raise oom from None
@@ -118,6 +119,7 @@ def main() -> None:
         rundir.discard_all()
         fail(e)
     except rundir.Refused as refused:
+        rundir.discard_all()  # what the guard made before it refused (its lock, a dir): nothing else
         fail(refused.error)
     except KeyboardInterrupt:
         rundir.discard_all()  # a start stopped before training leaves nothing; a run that trained keeps its files

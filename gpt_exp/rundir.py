@@ -64,7 +64,7 @@ sweep_failures: list[str] = []  # "3 jobs: 2 completed, 1 diverged" when a sweep
 
 
 def _key(path: str | Path) -> str:
-    return os.path.abspath(os.path.expanduser(str(path)))
+    return os.path.abspath(str(path))  # no ~ expansion: Hydra writes hydra.run.dir="~/r" into ./~/r, so guard that
 
 
 def claim_dir(path: str) -> str:
@@ -125,22 +125,22 @@ def guard(path: str | Path, resume: str | None = None) -> None:
     existing = Path(key)
     if existing.exists() and not existing.is_dir():
         raise ConfigError(f"hydra.run.dir={path} is a file, not a dir; give a new dir or leave hydra.run.dir unset")
-    if key in _fresh:  # claim_dir created it just now, empty
-        _fresh.discard(key)
-    else:
-        markers = holds_run(existing)
-        resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
-        in_place = resume_dir is not None and _key(resume_dir) == key
-        if markers and in_place and not is_run_dir(existing):
-            raise ConfigError(f"hydra.run.dir={path} holds files a run writes ({', '.join(markers)}) but no gpt_exp run "
-                              f"to continue (no {RECORD} beside metrics, summary or checkpoints); give a new dir")
-        if markers and not in_place:
-            raise ConfigError(f"hydra.run.dir={path} already holds another run or the files one writes "
-                              f"({', '.join(markers)}); continue that run with resume={path} hydra.run.dir={path}, or "
-                              f"give a new dir (or leave hydra.run.dir unset)")
+    fresh = key in _fresh  # claim_dir created it just now, empty
+    _fresh.discard(key)
+    if not fresh:
         _claims[key] = _Claim(created=not existing.exists(), new_parents=_missing_parents(key))  # this start's own
         existing.mkdir(parents=True, exist_ok=True)
-    lock(existing)
+    lock(existing)  # first: a dir another process holds is refused naming the holder, whatever it holds now
+    markers = [] if fresh else holds_run(existing)
+    resume_dir = existing if resume == "auto" else _resume_dir(resume)  # auto: this dir's own run goes on
+    in_place = resume_dir is not None and _key(resume_dir) == key
+    if markers and in_place and not is_run_dir(existing):
+        raise ConfigError(f"hydra.run.dir={path} holds files a run writes ({', '.join(markers)}) but no gpt_exp run "
+                          f"to continue (no {RECORD} beside metrics, summary or checkpoints); give a new dir")
+    if markers and not in_place:
+        raise ConfigError(f"hydra.run.dir={path} already holds another run or the files one writes "
+                          f"({', '.join(markers)}); continue that run with resume={path} hydra.run.dir={path}, or "
+                          f"give a new dir (or leave hydra.run.dir unset)")
     if not (existing / _JOB_LOG).exists():
         created(existing, _JOB_LOG)  # Hydra opens it next
 
@@ -180,7 +180,11 @@ def lock(run_dir: Path) -> None:
     path = Path(key) / LOCK
     while True:
         is_new = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock's JSON would overwrite what it points to
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot take {path}, the run dir's lock ({e.strerror}); it must be a file gpt_exp makes: "
+                              f"remove it if no gpt_exp process runs there, or give a new dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -221,11 +225,6 @@ def unlock(run_dir: str | Path) -> None:
     except OSError:
         pass  # a dir that is gone or read-only: the flock still ends with the descriptor
     os.close(fd)
-
-
-def unlock_all() -> None:
-    for key in list(_locks):
-        unlock(key)
 
 
 def record(run_dir: Path, config: dict, overrides: tuple[str, ...] | list[str]) -> None:
@@ -302,10 +301,11 @@ def sweep_tally(sweep_dir: Path) -> tuple[str, bool]:
 
 
 class Refused(BaseException):
-    """A ConfigError from a Hydra callback. Hydra turns a callback's Exception into a warning and carries on (into
-    the very dir it should not touch), so the refusal travels as a BaseException to the entry point."""
+    """A user's error (a ConfigError, or an OSError of a dir it cannot write) from a Hydra callback. Hydra turns a
+    callback's Exception into a warning and carries on (into the very dir it should not touch), so the refusal
+    travels as a BaseException to the entry point."""
 
-    def __init__(self, error: ConfigError):
+    def __init__(self, error: ConfigError | OSError):
         super().__init__(str(error))
         self.error = error
 
@@ -317,7 +317,7 @@ class RunDirGuard(Callback):
         if is_main_process():
             try:
                 guard(config.hydra.run.dir, OmegaConf.select(config, "resume"))
-            except ConfigError as e:
+            except (ConfigError, OSError) as e:  # OSError: a dir it cannot make or write (read-only, a file in its path)
                 raise Refused(e) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """Adversarial inputs at the seams where one run meets another: checkpoints edited by hand, signals in a run's last
 seconds, two processes and odd files in one run dir. Each test reproduces one way a record lied, work was lost or a
-mistake ended in a traceback. The xfail ones are known bugs whose fix belongs to run.py, resolve.py or rundir.py."""
+mistake ended in a traceback."""
 
 import math
 
@@ -172,10 +172,8 @@ def test_a_kill_before_model_is_renamed_into_place_leaves_nothing_the_next_start
     assert (run / "model" / "config.json").is_file()
 
 
-# ---- known bugs of run.py, resolve.py and rundir.py (another engineer is restructuring them) ----
+# ---- found at the seams of run.py, resolve.py and rundir.py ----
 
-@pytest.mark.xfail(strict=True, reason="rundir.lock opens .gpt_exp.lock following a symlink and truncates and writes "
-                   "its target, then unlock removes the link: open it with O_NOFOLLOW and refuse a lock that is a link")
 def test_a_lock_file_that_is_a_symlink_never_writes_through(tmp_path, cache_dir, finished_run):
     precious = tmp_path / "notes.txt"
     precious.write_text("my notes\n")
@@ -184,9 +182,6 @@ def test_a_lock_file_that_is_a_symlink_never_writes_through(tmp_path, cache_dir,
     assert precious.read_text() == "my notes\n"
 
 
-@pytest.mark.xfail(strict=True, reason="rundir.guard reads the dir's entries before it takes the lock: a requeue that "
-                   "comes while the first job is still loading its data (run.log there, no .hydra yet) is told the dir "
-                   "holds no gpt_exp run and to give a new dir, instead of who holds it; take the lock first")
 def test_a_requeue_while_the_first_job_starts_names_the_holder(tmp_path, cache_dir):
     import fcntl
     import os
@@ -206,9 +201,6 @@ def test_a_requeue_while_the_first_job_starts_names_the_holder(tmp_path, cache_d
     assert "in use by another gpt_exp process (host node1, pid 4242" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="an OSError in RunDirGuard.on_run_start (the lock path a dir, a read-only "
-                   "parent) is not wrapped in Refused, so Hydra prints a UserWarning and its source line before the "
-                   "error line; wrap every user error there (cli.is_user_error), not only ConfigError")
 def test_a_lock_path_that_is_a_dir_is_one_error_line(tmp_path, cache_dir, finished_run):
     import subprocess
     import sys
@@ -225,10 +217,6 @@ def test_a_lock_path_that_is_a_dir_is_one_error_line(tmp_path, cache_dir, finish
     assert line.startswith("error: ") and ".gpt_exp.lock" in line
 
 
-@pytest.mark.xfail(strict=True, reason="run.train builds the Trainer (tokenizing the corpus, minutes on a big one) "
-                   "after interrupt_on_signals has ended and before StopOnSignal begins: SIGTERM or SIGHUP there kills "
-                   "the process with its run.log and lock left behind, and resume=auto refuses that dir ever after (no "
-                   "gpt_exp run to continue); keep interrupt_on_signals until StopOnSignal takes over")
 def test_sigterm_while_the_data_loads_leaves_a_dir_a_requeue_can_use(tmp_path, cache_dir):
     import subprocess
     import sys
@@ -251,10 +239,6 @@ def test_sigterm_while_the_data_loads_leaves_a_dir_a_requeue_can_use(tmp_path, c
     assert requeued.returncode == 0, requeued.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="run.run validates the command's settings alone (resolve.fresh) before the "
-                   "checkpoint's are merged in: resuming a muP run with model.mup_embed_lr_mult=2 is refused as 'set "
-                   "model.parametrization=mup' (the checkpoint's), and resume=DIR B=auto as 'give "
-                   "train.total_batch_size' (the checkpoint has it); validate only the merged config of a resume")
 def test_a_resume_is_checked_against_the_checkpoints_settings(tmp_path, cache_dir):
     run = tmp_path / "mup"
     assert run_cli("run", *tiny(cache_dir, "model.parametrization=mup", "train.max_steps=2", "train.ckpt_every=2",
@@ -264,10 +248,6 @@ def test_a_resume_is_checked_against_the_checkpoints_settings(tmp_path, cache_di
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="run.train writes .hydra/config.yaml (rundir.record) before the Tracker reads "
-                   "the resumed run's history (Resume.metrics_before): a broken line there ends the resume in one line, "
-                   "but the record already says the new settings (max_steps 6) beside a summary of 4 completed steps; "
-                   "read the history before recording")
 def test_a_resume_refused_for_its_history_keeps_the_record(tmp_path, cache_dir, finished_run):
     import yaml
 
@@ -282,11 +262,6 @@ def test_a_resume_refused_for_its_history_keeps_the_record(tmp_path, cache_dir, 
     assert (finished_run / ".hydra" / "config.yaml").read_text() == before
 
 
-@pytest.mark.xfail(strict=True, reason="run.schedule_change reads the checkpoint's settings unchecked "
-                   "(resolve.settings_of_checkpoint): a hand-edited train.max_steps: ten ends as 'train.max_steps: "
-                   "Value ten could not be converted; fix the value of train.max_steps', which names neither the "
-                   "checkpoint nor a fix the user can make on the command line; name the file, as the other damaged "
-                   "fields do")
 def test_a_checkpoint_setting_of_the_wrong_type_names_the_checkpoint(tmp_path, cache_dir, finished_run):
     state = torch.load(list_checkpoints(finished_run)[-1], weights_only=True)
     state["config"]["train"]["max_steps"] = "ten"
@@ -297,9 +272,6 @@ def test_a_checkpoint_setting_of_the_wrong_type_names_the_checkpoint(tmp_path, c
     assert str(tmp_path / "edited.pt") in line
 
 
-@pytest.mark.xfail(strict=True, reason="rundir._key expands ~ in hydra.run.dir, which Hydra does not: with "
-                   "hydra.run.dir=\"~/r\" the run is written into ./~/r while the guard checks, creates and locks "
-                   "$HOME/r, and leaves a .gpt_exp.lock there; take the dir as Hydra does (or refuse a ~ in one line)")
 def test_a_run_dir_with_a_tilde_is_guarded_where_it_is_written(tmp_path, cache_dir):
     result = run_cli("run", *tiny(cache_dir, "train.max_steps=1", 'hydra.run.dir="~/r"'), cwd=tmp_path)  # HOME: cwd
     written = tmp_path / "~" / "r"

@@ -84,7 +84,7 @@ CONFIG_CASES = [
     ("grad accumulation", ["train.total_batch_size=1000"], "error: train.total_batch_size=1000 is invalid: it must be a positive multiple of B*T=128"),
     ("bad schedule", ["optim.schedule=linear"], "error: optim.schedule=linear: Invalid value 'linear', expected one of [cosine, constant, wsd]"),
     ("bad cpu matmul", ["device.cpu_matmul=mkl"], "error: device.cpu_matmul=mkl: Invalid value 'mkl', expected one of [onednn, blas]"),
-    ("unknown group option", ["model=gpt3"], "error: unknown option model=gpt3; choose one of: gpt2, gpt2-large, gpt2-medium, gpt2-xl, tiny"),
+    ("unknown group option", ["model=gpt3"], "error: unknown option model=gpt3; choose one of: gpt2, gpt2-large, gpt2-medium, gpt2-xl, modern, modern_tiny, tiny"),
     ("unknown experiment", ["+experiment=nope"], "error: unknown option experiment=nope; choose one of:"),
     ("text without path", ["data=text"], "error: data.path=null is invalid: data=text needs data.path=FILE_OR_DIR"),
     # seeds: numpy takes [0, 2**32); a bad data.shuffle_seed would fail only at the first epoch wrap, hours in

@@ -140,8 +140,10 @@ def test_a_chain_of_three_resumes_equals_a_straight_run_with_its_settings(tmp_pa
     assert result.returncode == 0, result.stderr
     losses = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
     assert losses(c) == losses(straight)  # bitwise
+    # the val loss sums per-token losses (for val_bpb); a subprocess and this test process may reduce them in
+    # another order (their thread counts differ), so it agrees to float rounding rather than bitwise
     assert [r["val_loss"] for r in read_metrics(c) if "val_loss" in r] == \
-        [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r]
+        pytest.approx([r["val_loss"] for r in read_metrics(straight) if "val_loss" in r], rel=1e-6)
     for run in (b, c):  # every segment records the settings it trained with, not the command line's defaults
         config = recorded(run)
         assert (config["model"]["n_layer"], config["optim"]["lr"], config["train"]["ckpt_every"]) == (3, 1e-3, 4)
