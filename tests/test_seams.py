@@ -439,3 +439,28 @@ def test_settings_that_would_fail_mid_run_fail_before_it(tmp_path, cache_dir, ar
     result = run_cli("run", *tiny(cache_dir, "train.max_steps=2"), *args, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(expected), result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_resumed_and_requeued_runs_are_read_as_what_trained_by_the_tools(tmp_path, cache_dir):
+    """compare's and scaling's reader (run_reader), and scaling's N, see the 3-layer model a resume and a requeue
+    trained, not the command line's default (gpt2: 12 layers)."""
+    from gpt_exp.run_reader import architecture, load_run
+    from gpt_exp.shapes import param_counts
+
+    a, b, auto = tmp_path / "a", tmp_path / "b", tmp_path / "auto"
+    shape = ("model.n_layer=3", "optim.lr=1e-3", "train.ckpt_every=2")
+    assert run_cli("run", *tiny(cache_dir, *shape, "train.max_steps=4", f"hydra.run.dir={a}"), cwd=tmp_path).returncode == 0
+    assert run_cli("run", "logger.mode=disabled", f"resume={a}", "train.max_steps=6", f"hydra.run.dir={b}",
+                   cwd=tmp_path).returncode == 0
+    assert stop_at(tmp_path, [*tiny(cache_dir, *shape, "train.max_steps=400", "resume=auto")], auto, 3) == 143
+    # the requeue's line is the job's own, with a shorter budget (a group such as model=tiny names the whole section:
+    # given alone on a resume it would bring tiny's 2 layers, which the checkpoint's weights refuse)
+    requeue = run_cli("run", *tiny(cache_dir, *shape, "resume=auto", "train.max_steps=6", f"hydra.run.dir={auto}"),
+                      cwd=tmp_path)
+    assert requeue.returncode == 0, requeue.stderr
+    for run in (b, auto):
+        record = load_run(run)
+        assert record.params["model.n_layer"] == 3 and record.params["optim.lr"] == 1e-3
+        assert record.status == "completed"
+        n = param_counts(3, 24, 50257, 256, **architecture(record.params))[0]
+        assert n == param_counts(3, 24, 50257, 256)[0] != param_counts(12, 24, 50257, 256)[0]
