@@ -3,7 +3,8 @@ fused AdamW, through the real run path (`python -m gpt_exp.run` in a child proce
 GPU's dense bf16 peak (gpt_exp/device.py) and the peak of torch.cuda.max_memory_allocated. Goal on one H100: MFU >= 55%.
     python bench/gpu.py [--model gpt2] [--B 16 32 64 auto] [--steps 30] [overrides...]
     python bench/gpu.py --check      # every GPU figure in one go (bench/gpu_check.sh runs it after the CUDA tests)
---check: the main job on device=cuda, 124M at B=16/32/64 (and B=auto where this gpt_exp has it), gpt2-medium,
+--check: the main job on device=cuda, 124M at B=16/32/64 (and B=auto where this gpt_exp has it), model=modern at
+B=16 (rope, RMSNorm, QK-norm, ReLU^2, softcap, value embeddings: tok/s, MFU and peak memory beside GPT-2's), gpt2-medium,
 and a resume across a restart (SIGTERM at the first checkpoint, resume, losses against the straight run).
 """
 
@@ -39,7 +40,8 @@ atexit.register(write_peaks)
 runpy.run_module("gpt_exp.run", run_name="__main__", alter_sys=True)
 """
 GiB = 2**30
-NAMES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1.5B", "tiny": "tiny"}
+NAMES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1.5B", "tiny": "tiny",
+         "modern": "modern 124M-shape (nanochat's architecture)"}
 
 
 class Jobs:
@@ -202,7 +204,7 @@ def check(jobs: Jobs, args: argparse.Namespace, extra: list[str]) -> None:
     main = [f"model={args.main_model}", f"train.max_steps={args.main_steps}"]
     label = f"main job on {jobs.device} ({NAMES.get(args.main_model, args.main_model)}, B=4 T=32, {args.main_steps} steps)"
     straight = main_job(jobs, label, main, extra) if due("main job") else None
-    for model, Bs in ((args.model, args.B), (args.medium_model, args.medium_B)):
+    for model, Bs in ((args.model, args.B), (args.modern_model, args.modern_B), (args.medium_model, args.medium_B)):
         for B in Bs:
             if B == "auto" and missing:
                 print(f"{NAMES.get(model, model)} B=auto: skipped (this gpt_exp has no B=auto yet: {missing})",
@@ -225,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out (compilation, allocator warm-up)")
     parser.add_argument("--check", action="store_true", help="every GPU figure: main job, 124M, medium, resume")
+    parser.add_argument("--modern-model", default="modern", help="--check: nanochat's architecture beside GPT-2's")
+    parser.add_argument("--modern-B", nargs="*", default=["16"], help="--check: its micro-batches (none: skip it)")
     parser.add_argument("--medium-model", default="gpt2-medium", help="--check: the second model")
     parser.add_argument("--medium-B", nargs="*", default=["16"], help="--check: its micro-batches (none: skip it)")
     parser.add_argument("--main-model", default="gpt2", help="--check: the main job's model (B=4, T=32)")
