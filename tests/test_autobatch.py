@@ -324,7 +324,8 @@ def test_gpu_check_figures_on_a_cpu_with_the_tiny_model(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "gpu.py"), "--check", "--device", "cpu", "--main-model", "tiny", "--main-steps",
          "10", "--model", "tiny", "--B", "2", "auto", "--medium-B", "--T", "64", "--steps", "3", "--warmup", "1",
-         "--auto-total", "256", "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+         "--auto-total", "256", "--modern-model", "modern_tiny", "--modern-B", "2", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"main job on cpu \(tiny, B=4 T=32, 10 steps\): completed, final loss 10\.\d+, median [\d,]+ "
@@ -332,7 +333,9 @@ def test_gpu_check_figures_on_a_cpu_with_the_tiny_model(tmp_path):
     assert re.fullmatch(r"tiny B=2 T=64: [\d,]+ tok/s, MFU unknown \(no peak\), peak unknown \(median of steps 1-2\)",
                         lines[1])
     assert lines[2].startswith("tiny B=auto")
+    assert re.fullmatch(r"modern_tiny B=2 T=64: [\d,]+ tok/s, MFU unknown \(no peak\), peak unknown \(median of steps "
+                        r"1-2\)", lines[3])  # nanochat's architecture beside GPT-2's
     assert re.fullmatch(r"resume across a restart on cpu: stopped by SIGTERM at step \d \(exit code 143\), resumed to "
                         r"step 9: max \|loss - straight run's\| = 0 over \d steps after the restart: bitwise equal",
-                        lines[3])
+                        lines[4])
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
