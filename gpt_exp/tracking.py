@@ -356,22 +356,22 @@ class Tracker:
                              step=step)
 
     def log_hellaswag(self, step: int, scores: dict) -> None:
-        """HellaSwag during training: a metrics row (no `loss`: not a training step), W&B and the summary."""
-        row = {"step": step, "tokens": self.tokens_seen, **scores}
-        self.rows.append(row)
-        self._write(row)
-        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self._log_scores(step, scores)
         log.info("step %d | hellaswag acc_norm %.4f (%d examples)", step + 1, scores["hellaswag_acc_norm"],
                  scores["hellaswag_examples"])
 
     def log_core(self, step: int, scores: dict) -> None:
-        """CORE during training: a metrics row (no `loss`: not a training step), W&B and the summary."""
+        self._log_scores(step, scores)
+        log.info("step %d | CORE %.4f (%d tasks, %d examples)", step + 1, scores["core"],
+                 sum(k.startswith("core_acc/") for k in scores), scores["core_examples"])
+
+    def _log_scores(self, step: int, scores: dict) -> None:
+        """An evaluation during training (HellaSwag, CORE): a metrics row (no `loss`: not a training step), W&B, and
+        the summary's last scores."""
         row = {"step": step, "tokens": self.tokens_seen, **scores}
         self.rows.append(row)
         self._write(row)
         self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        log.info("step %d | CORE %.4f (%d tasks, %d examples)", step + 1, scores["core"],
-                 sum(k.startswith("core_acc/") for k in scores), scores["core_examples"])
 
     def log_skip(self, step: int, reason: str) -> None:
         """A step that was not applied (non-finite loss or gradient norm): a row without `loss`, and a warning."""
