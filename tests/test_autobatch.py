@@ -293,9 +293,10 @@ def test_gpu_check_dry_run_prints_the_installs_tests_and_runs_without_running_th
     auto = [line for line in runs if " B=auto " in line] or [line for line in lines if line.startswith("124M B=auto:")]
     assert len(auto) == 1 and ("train.total_batch_size=131072" in auto[0] or "skipped" in auto[0])
     runs = [line for line in runs if " B=auto " not in line]
-    assert [re.search(r"model=(\S+)", line).group(1) for line in runs] == ["gpt2"] * 4 + ["gpt2-medium"] + ["gpt2"] * 2
-    assert [re.search(r" B=(\d+) T=1024", line).group(1) for line in runs[1:5]] == ["16", "32", "64", "16"]
-    assert "train.ckpt_every=10" in runs[5] and "resume=" in runs[6]
+    assert [re.search(r"model=(\S+)", line).group(1) for line in runs] == \
+        ["gpt2"] * 4 + ["modern", "gpt2-medium"] + ["gpt2"] * 2  # nanochat's architecture beside GPT-2's
+    assert [re.search(r" B=(\d+) T=1024", line).group(1) for line in runs[1:6]] == ["16", "32", "64", "16", "16"]
+    assert "train.ckpt_every=10" in runs[6] and "resume=" in runs[7]
 
 
 def test_gpu_check_stage_copies_the_wheels_into_a_git_excluded_folder(tmp_path):
