@@ -115,9 +115,9 @@ def load_checkpoint(path: Path, key: str = "resume") -> dict:
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for each setting that differs; raises if a change makes the weights unloadable."""
     old, new = flatten(saved), flatten(current)
-    # a setting the checkpoint's version did not have yet takes its default: not a change
-    changes = [_change(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-               if k not in ("resume", "init_from") and k in old and old.get(k) != new.get(k)]
+    # a setting only one version has (new since the checkpoint, or gone from this version) is not a change
+    changes = [_change(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
+               if k not in ("resume", "init_from") and old[k] != new[k]]
     fixed = [c for c in changes if c.split(":")[0] in FIXED_KEYS]
     if fixed:
         raise ConfigError(f"resume: the checkpoint's model has another shape or parametrization ({'; '.join(fixed)}); "

@@ -464,3 +464,15 @@ def test_resumed_and_requeued_runs_are_read_as_what_trained_by_the_tools(tmp_pat
         assert record.status == "completed"
         n = param_counts(3, 24, 50257, 256, **architecture(record.params))[0]
         assert n == param_counts(3, 24, 50257, 256)[0] != param_counts(12, 24, 50257, 256)[0]
+
+
+def test_a_setting_this_version_lacks_is_ignored_not_listed_as_a_change(tmp_path, finished_run):
+    state = torch.load(list_checkpoints(finished_run)[-1], weights_only=True)
+    state["config"]["train"]["max_stepz"] = 9  # a key of another version
+    torch.save(state, tmp_path / "older.pt")
+    result = run_cli("run", "logger.mode=disabled", f"resume={tmp_path / 'older.pt'}", "train.max_steps=6",
+                     f"hydra.run.dir={tmp_path / 'next'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "next" / "run.log").read_text()
+    assert "the checkpoint's settings train.max_stepz no longer exist; ignored" in log
+    assert "; changed: train.max_steps: 4 -> 6\n" in log  # and nothing about max_stepz
