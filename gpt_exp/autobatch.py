@@ -2,8 +2,9 @@
 accumulation that keeps train.total_batch_size (tokens per optimizer step) what the config says.
 
 CUDA: the largest candidate whose forward, backward and optimizer step fit in memory, with a margin. CPU: the
-fastest per token within a memory budget, by a short timed probe. The probe trains real steps on the real model;
-`preserve_state` puts the weights, the optimizer state and the RNG back afterwards, bitwise.
+fastest per token within a memory budget, by a short timed probe. The probe trains real steps of the run's model:
+a throwaway copy (the Trainer's `probe_B`), or a live model whose weights, optimizer state and RNG `preserve_state`
+puts back afterwards, bitwise.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def choose_micro_batch(step_fn: StepFn, candidate_Bs: list[int], device: torch.d
                        max_probe_s: float = 60.0) -> AutoBatch:
     """Probe candidate_Bs with step_fn and choose B: on CUDA the largest that fits, elsewhere the fastest per token.
 
-    step_fn must leave nothing behind that matters: wrap the call in `preserve_state`. Under DDP every rank probes
+    step_fn must leave nothing behind that matters: probe a throwaway copy of the model, or wrap the call in
+    `preserve_state`. Under DDP every rank probes
     its own GPU with the unwrapped model (no collectives: an OOM on one rank must not hang the others), then the
     ranks agree, e.g. on the smallest choice (all_reduce MIN), which fits everywhere.
     """
@@ -254,7 +256,7 @@ def preserve_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     count against the GPU's."""
     weights = _host_copy(model.state_dict())
     optimizer_state = _host_copy(optimizer.state_dict())
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    devices = cuda_devices(model)
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -262,10 +264,20 @@ def preserve_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
             optimizer.zero_grad(set_to_none=True)
             model.load_state_dict(weights)  # copies into the same parameters: the optimizer and wrappers keep them
             optimizer.load_state_dict(optimizer_state)
-            gc.collect()
-            for index in devices:  # the probe's activations and gradients go back to the GPU, not to the cache
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(index)
+            release_probe_memory(devices)
+
+
+def cuda_devices(model: torch.nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def release_probe_memory(devices: list[int]) -> None:
+    """The probe's activations and gradients go back to the GPU, not to the cache, and its peak is forgotten: a
+    run's peak memory is its training's."""
+    gc.collect()
+    for index in devices:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(index)
 
 
 def training_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, T: int, vocab_size: int,

@@ -27,8 +27,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_exp.atomic import make_temp_dir, replace_dir
-from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, preserve_state,
-                               training_step_fn)
+from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, cuda_devices,
+                               release_probe_memory, training_step_fn)
 from gpt_exp.checkpoint import Resume, save_checkpoint
 from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.core import core_results, load_bundle, metrics_row, score_tasks
@@ -578,9 +578,13 @@ def probe_B(cfg: RunConfig, runtime: Runtime, d: Dist) -> AutoBatch:
     Bs = candidates(cfg.train.total_batch_size, cfg.T, d.world_size, max_B=CPU_MAX_B if device.type == "cpu" else 1024)
     step = training_step_fn(model, optimizer, cfg.T, cfg.model.vocab_size, device, runtime.autocast,
                             clip=lambda: clip_gradients(model, cfg.train.grad_clip, device.type == "cpu"))
-    with preserve_state(model, optimizer):
+    devices = cuda_devices(model)
+    try:  # nothing to put back: the copy goes, and the Trainer seeds its own model after
         choice = choose_micro_batch(step, Bs, device, total_batch_size=cfg.train.total_batch_size, T=cfg.T,
                                     world_size=d.world_size, max_probe_s=cfg.train.autobatch_probe_s)
+    finally:
+        del step, optimizer, model
+        release_probe_memory(devices)
     agreed = int(all_reduce_min(torch.tensor(choice.B, device=device), d).item())
     if agreed != choice.B:
         choice = AutoBatch(agreed, cfg.train.total_batch_size // (agreed * cfg.T * d.world_size),
