@@ -214,6 +214,8 @@ class Trainer:
         # loaded now, so that a missing or damaged file is one line before step 0, not hours in
         self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
                           if cfg.train.hellaswag_every else [])
+        # each token id's UTF-8 bytes, on the device once: what every evaluation's bits per byte divides by
+        self.byte_lengths = torch.tensor(token_byte_lengths(), device=runtime.device) if self.val_loader else None
         self.core_tasks = (load_bundle(Path(cfg.eval.core_bundle).expanduser(), cfg.eval.core_limit)
                            if cfg.train.core_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
@@ -365,7 +367,6 @@ class Trainer:
         every time; each rank reads its own stride). Both are exact for those batches: the summed token losses over
         the summed tokens, and over ln 2 times the summed UTF-8 bytes of the target tokens, summed over the ranks."""
         model, loader, batches, device = self.model, self.val_loader, self.cfg.train.eval_batches, self.runtime.device
-        byte_lengths = torch.tensor(token_byte_lengths(), device=device)
         model.eval()
         loader.reset()
         # nats, tokens, bytes; float64 keeps the byte and token counts exact (MPS has no float64)
@@ -378,7 +379,7 @@ class Trainer:
                 losses = F.cross_entropy(logits.flatten(0, 1), y.view(-1), reduction="none")
             totals[0] += losses.sum()
             totals[1] += y.numel()
-            totals[2] += byte_lengths[y].sum()
+            totals[2] += self.byte_lengths[y].sum()
         model.train()
         nats, tokens, n_bytes = all_reduce_mean(totals, self.d).tolist()  # means over the ranks: their ratios are exact
         return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else math.nan
