@@ -278,11 +278,11 @@ class Trainer:
 
     @property
     def keeps_checkpoints(self) -> bool:
-        """Checkpoints on (train.ckpt_every), or a muP run that keeps its weights: it has no Hugging Face dir, so
-        its final checkpoint is where they stay (train.save_model=none opts out)."""
-        mup_weights = ((self.cfg.model.parametrization != "sp" or not is_gpt2_arch(self.cfg.model))
-                       and self.cfg.train.save_model != SaveModel.none)
-        return bool(self.cfg.train.ckpt_every) or (mup_weights and self.run_dir is not None)
+        """Checkpoints on (train.ckpt_every), or a model that no Hugging Face GPT-2 dir holds (muP's scales, another
+        architecture): its final checkpoint is where its weights stay (train.save_model=none opts out)."""
+        no_hf_dir = self.cfg.model.parametrization != "sp" or not is_gpt2_arch(self.cfg.model)
+        keeps_weights = no_hf_dir and self.cfg.train.save_model != SaveModel.none and self.run_dir is not None
+        return bool(self.cfg.train.ckpt_every) or keeps_weights
 
     def report(self, result: StepMetrics | Skipped, tracker: Tracking) -> None:
         """What happens after a step, as the lecture's loop does it: log it, then evaluate, sample, score HellaSwag
