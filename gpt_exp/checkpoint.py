@@ -7,6 +7,7 @@ config and the W&B run id, so that a resumed run continues exactly where the ori
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,8 @@ from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, RunConfig, flatten, known_s
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2, recorded_step
 from gpt_exp.metrics import read_metrics
-from gpt_exp.model import GPT, arch_settings
+from gpt_exp.model import GPT
+from gpt_exp.shapes import arch_settings
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class Resume:
         # checkpoints live in RUN_DIR/checkpoints/; a file copied elsewhere has no run dir to take metrics from
         self.source_run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
 
-    @property
+    @functools.cached_property
     def settings(self) -> RunConfig:
         """The checkpoint's settings as they were (its version's keys that still exist): what it trained with. Their
         types are checked (a damaged or hand-edited file is one line naming it); their values were, when it ran."""

@@ -157,9 +157,10 @@ def resumed_settings(resumed: Resume, dict_cfg: DictConfig, overrides: tuple[str
     changed = {k for k, v in current.items() if _touched(k, given) or defaults.get(k, v) != v}
     saved = flatten(settings_from_file(resumed.config, f"resume: {resumed.path}"))
     resumed.settings  # noqa: B018 -- their types checked now, naming the file, before any work
-    if dropped := sorted(saved.keys() - known_settings(resumed.config).keys()):  # an older version's settings
+    known = known_settings(resumed.config)
+    if dropped := sorted(saved.keys() - known.keys()):  # an older version's settings
         log.info("resume: the checkpoint's settings %s no longer exist; ignored", ", ".join(dropped))
-    flat = {k: v for k, v in known_settings(resumed.config).items() if not k.startswith(_NOT_CARRIED)}
+    flat = {k: v for k, v in known.items() if not k.startswith(_NOT_CARRIED)}
     flat.update({k: v for k, v in known_settings(unflatten(current)).items()
                  if k in changed or k.startswith(_NOT_CARRIED) or k not in flat})
     saved_B = resumed.state.get("B")
@@ -177,9 +178,8 @@ def adopt_shape(cfg: RunConfig, shape: dict, init_from: str, overrides: tuple[st
         asked = ", ".join(f"model.{k}={getattr(cfg.model, k)}" for k in clash)
         raise ConfigError(f"{asked} contradicts init_from={init_from} ({', '.join(f'{k}={shape[k]}' for k in clash)}); "
                           f"drop the model override to take the shape of the weights")
-    flat = flatten(as_dict(cfg))
-    flat.update({f"model.{k}": shape[k] for k in MODEL_SHAPE}, **{"model.name": Path(init_from[3:]).name or "hf"})
-    return _build(flat)
+    adopted = {f"model.{k}": shape[k] for k in MODEL_SHAPE}
+    return _build({**flatten(as_dict(cfg)), **adopted, "model.name": Path(init_from[3:]).name or "hf"})
 
 
 def as_dict(cfg: RunConfig) -> dict:
