@@ -107,6 +107,10 @@ class DataConfig:
                      f"data={self.source.value} reads no path; add data=text to train on {self.path}")
 
 
+# The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
+MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+
+
 @dataclass
 class ModelConfig:
     name: str = "gpt2"
@@ -141,7 +145,7 @@ class ModelConfig:
     zero_init_proj: bool = False  # attention's and the MLP's output projections start at zero
 
     def check(self) -> None:
-        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for key in MODEL_SHAPE:
             _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "it must be >= 1")
         _require(self.vocab_size >= GPT2_VOCAB, "model.vocab_size", self.vocab_size,
                  f"the gpt2 tokenizer has {GPT2_VOCAB} tokens; use model.vocab_size>={GPT2_VOCAB} "
@@ -176,8 +180,6 @@ class ModelConfig:
                  "model.logit_softcap", self.logit_softcap, "it must be a finite number > 0, e.g. 15, or null for none")
 
 
-# The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
-MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # Settings a resume cannot change: the weights' shape, and what their values mean (muP's scales are set by its
 # parametrization and base width; another would silently rescale the logits and every lr).
 MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width", "mup_output_mult", "mup_attn_mult",
