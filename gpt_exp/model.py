@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gpt_exp.errors import ConfigError
-from gpt_exp.shapes import (GPT2_ARCH, VE_GATE_CHANNELS, flops_per_token, mlp_hidden, param_counts,
+from gpt_exp.shapes import (GPT2_ARCH, VE_GATE_CHANNELS, arch_settings, flops_per_token, mlp_hidden, param_counts,
                              value_embedding_layers)
 
 if TYPE_CHECKING:
@@ -53,13 +53,6 @@ _PAD_CHOICES = {"auto": None, "true": True, "false": False}
 
 
 RMS_EPS = 1e-6  # RMSNorm's epsilon (Llama's rms_norm_eps)
-
-
-def arch_settings(m: object) -> dict:
-    """The architecture settings of `m` (a ModelConfig, a GPTConfig or a checkpoint's model dict), each missing one
-    GPT-2's: a checkpoint of a version without them is a GPT-2."""
-    get = m.get if isinstance(m, dict) else lambda key, default: getattr(m, key, default)
-    return {key: get(key, default) for key, default in GPT2_ARCH.items()}
 
 
 def is_gpt2_arch(m: object) -> bool:

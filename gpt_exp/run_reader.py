@@ -22,7 +22,7 @@ import yaml
 from gpt_exp.config import flatten
 from gpt_exp.errors import UserError
 from gpt_exp.metrics import is_number, read_metrics
-from gpt_exp.shapes import GPT2_ARCH, flops_per_token
+from gpt_exp.shapes import arch_settings, flops_per_token
 
 RUNNING = "running/incomplete"
 SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.vocab_size", "model.block_size", "T")  # what shapes.py counts
@@ -207,8 +207,8 @@ def shape_flops_per_token(params: dict) -> int | None:
 def architecture(params: dict) -> dict:
     """The run's architecture settings (model.pos, model.mlp, ...) and n_head, as shapes.py counts them; a config
     of a version before them has GPT-2's."""
-    arch = {key: params.get(f"model.{key}", default) for key, default in GPT2_ARCH.items()}
-    return {"n_head": params.get("model.n_head"), **arch}
+    model = {key.removeprefix("model."): value for key, value in params.items() if key.startswith("model.")}
+    return {"n_head": model.get("n_head"), **arch_settings(model)}
 
 
 def read_summary(path: Path, keys) -> dict:

@@ -13,6 +13,13 @@ GPT2_ARCH = {
 VE_GATE_CHANNELS = 32  # the value embeddings' gate reads the first 32 channels of a block's input (nanochat)
 
 
+def arch_settings(m: object) -> dict:
+    """The architecture settings of `m` (a ModelConfig, a GPTConfig or a checkpoint's model dict), each missing one
+    GPT-2's: a checkpoint of a version without them is a GPT-2."""
+    get = m.get if isinstance(m, dict) else lambda key, default: getattr(m, key, default)
+    return {key: get(key, default) for key, default in GPT2_ARCH.items()}
+
+
 def mlp_hidden(mlp: str, n_embd: int) -> int:
     """The MLP's hidden width: 4C for gelu and relu2 (two C x 4C matrices, 8 C^2); SwiGLU's three matrices (gate, up,
     down) take round(2/3 * 4C) = round(8C/3), so it has the same 8 C^2 weights (2048 at C=768, as Llama's rule)."""
