@@ -149,15 +149,14 @@ def guard_sweep(path: str | Path) -> None:
     """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into."""
     key = _key(path)
     existing = Path(key)
-    if key in _fresh:
+    if key in _fresh:  # claim_dir created it just now, empty
         _fresh.discard(key)
-        created(existing, "multirun.yaml")  # the launcher writes it next
-        return
-    jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []
-    if holds_run(existing) or jobs:
-        raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run ({', '.join(holds_run(existing) + jobs)}); "
-                          f"give a new dir (or leave hydra.sweep.dir unset)")
-    _claims[key] = _Claim(created=not existing.exists())
+    else:
+        jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []
+        if holds_run(existing) or jobs:
+            raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run "
+                              f"({', '.join(holds_run(existing) + jobs)}); give a new dir (or leave hydra.sweep.dir unset)")
+        _claims[key] = _Claim(created=not existing.exists())
     if not (existing / "multirun.yaml").exists():
         created(existing, "multirun.yaml")  # the launcher writes it next
 
