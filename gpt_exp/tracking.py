@@ -400,10 +400,9 @@ class Tracker:
                          "segment_wall_s": round(wall, 3), **self.summary_extra}
         if reason:
             summary["error"] = reason
-        if hellaswag := [r for r in self.rows if "hellaswag_acc_norm" in r]:
-            summary.update({k: v for k, v in hellaswag[-1].items() if k.startswith("hellaswag")})
-        if core := [r for r in self.rows if "core" in r]:
-            summary.update({k: v for k, v in core[-1].items() if k.startswith("core")})
+        for marker, prefix in (("hellaswag_acc_norm", "hellaswag"), ("core", "core")):  # the last scores of each eval
+            if scored := [r for r in self.rows if marker in r]:
+                summary.update({k: v for k, v in scored[-1].items() if k.startswith(prefix)})
         stats = run_stats(self.rows)
         summary.update({k: v for k, v in stats.items() if v is not None})
         if stats["steps"]:
