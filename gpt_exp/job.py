@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt_exp import rundir
+from gpt_exp.checkpoint import list_checkpoints
 from gpt_exp.cli import is_user_error, user_error_line
 from gpt_exp.config import RunConfig
 from gpt_exp.errors import Diverged, Finished, UserError, first_line
 from gpt_exp.launch import is_main_process
-from gpt_exp.rundir import below_outputs, overrides_name, sweep_group, swept_keys
-from gpt_exp.checkpoint import list_checkpoints
 from gpt_exp.resolve import Resolved
+from gpt_exp.rundir import below_outputs, overrides_name, sweep_group, swept_keys
 from gpt_exp.tracking import RankTracker, Tracker, write_summary
 from gpt_exp.trainer import StopOnSignal, Trainer, out_of_memory
 
@@ -103,8 +103,7 @@ def fit(trainer: Trainer, r: Resolved, launch: Launch, run_dir: Path, started_at
     with StopOnSignal() as stop:
         tracker = Tracker(
             run_dir, cfg.logger, launch.name, launch.group, {**r.config, "overrides": list(launch.overrides)},
-            trainer.max_steps, cfg.train.log_every, started_at=started_at,
-            previous_rows=history,
+            trainer.max_steps, cfg.train.log_every, started_at=started_at, previous_rows=history,
             wandb_id=r.resumed.wandb_id if r.resumed else None,
             summary_extra={**(r.resumed.summary() if r.resumed else {}), "train_split_tokens": len(trainer.loader.source)},
             flops_per_token=trainer.model.flops_per_token(cfg.T), runtime=trainer.what_runs(),
