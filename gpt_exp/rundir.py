@@ -350,7 +350,9 @@ def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> set[str] | None:
     path = sweep_dir / "multirun.yaml"
     if not path.exists():  # a sweeper that writes none (Optuna's): its search space is what varies
         return set(sweeper_params) if sweeper_params else None
-    overrides = OverridesParser.create().parse_overrides(list(OmegaConf.load(path).hydra.overrides.task))
+    # read as data: an override's own ${...} (data.path=${oc.env:DATA}) stays as typed, resolved by no one here
+    task = yaml.safe_load(path.read_text())["hydra"]["overrides"]["task"]
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in task])
     return {o.key_or_group for o in overrides if o.is_sweep_override()} | set(sweeper_params or {})
 
 
