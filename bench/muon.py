@@ -1,78 +1,109 @@
-"""Muon against AdamW on tiny shakespeare: each optimizer's best lr from a 3-lr sweep at 2 seeds, compared at equal
-tokens with `python -m gpt_exp.compare --baseline optim=adamw` (Welch's t-test on the final val loss and on the
-smoothed training loss at the last common token count).
+"""Muon against AdamW at equal tokens, each arm tuned on seeds other than those it is tested on.
 
-A 4-layer, 128-wide GPT-2 (7.26M params, 0.79M of them in the blocks' matrices that Muon trains) with the lecture's
-schedule (10 warmup steps, cosine to 0.1x), B=8 x T=64, 150 steps (77k tokens), one CPU thread per run (two
-threads on a shared 2-core machine wait on each other). optim=muon keeps optim.muon_lr null: optim.lr sets both
-of its parts (match_rms_adamw gives Muon's updates AdamW's RMS). Each default grid brackets its optimizer's best lr
-(bench/RESULTS.md: AdamW's best was at the low edge of 3e-3..3e-2, then of 1e-3..1e-2). ~13 min on 2 shared cores.
+Protocol (a reviewer's, bench/RESULTS.md):
+1. tune AdamW: sweep optim.lr on the tuning seeds; its best is the lowest mean final val loss;
+2. tune Muon: its AdamW part (embeddings, readout, gains, biases) at AdamW's best optim.lr, sweep the matrices'
+   optim.muon_lr on the same tuning seeds;
+3. test: each arm at its best lr on the test seeds (none of them a tuning seed), every run reading its own block
+   order (data.order=shuffled), then `python -m gpt_exp.compare --baseline optim=adamw` (Welch's t-test on the
+   final val loss and on the smoothed training loss at the last common token count).
 
-    python bench/muon.py                                    # the sweeps, the best lrs, the tests; prints every command
-    python bench/muon.py --steps 8 --adamw-lrs 0.01 --muon-lrs 0.01 --seeds 1   # a quick check that it all runs
+A 4-layer, 128-wide GPT-2 (7.26M params, 0.79M of them in the blocks' matrices that Muon trains), 10 warmup steps
+then cosine to 0.1x, B=8 x T=64, one CPU thread per run. The corpus is a path (a file or folder `data=text` reads);
+the default is the three-domain corpus beside the repository, which no run here repeats (300 steps read 154k of its
+~28M training tokens). The val split is 1% of its documents, 20 batches per evaluation.
+
+    python bench/muon.py --out /tmp/bench_muon     # 8 + 8 tuning runs, 10 test runs: ~60 min on 2 shared cores
+    python bench/muon.py --data-path FILE --steps 8 --adamw-lrs 0.01 --muon-lrs 0.01 --tune-seeds 101 \
+        --test-seeds 1,2 --out /tmp/x              # a quick check that it all runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 MODEL = ["model=tiny", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "B=8", "T=64"]
 QUIET = ["logger.mode=disabled", "device.threads=1", "train.save_model=none", "train.log_every=50"]
 
 
 def call(cmd: list[str]) -> None:
-    print("$", shlex.join(cmd), flush=True)
+    print("$", shlex.join(cmd), f"   # load {os.getloadavg()[0]:.1f}", flush=True)
     subprocess.run(cmd, check=True)
 
 
-def best_runs(out: Path) -> dict[str, list[str]]:
-    """Each optimizer's run dirs at its best optim.lr (the lowest mean final val loss over the seeds), from the
-    compare.json that compare wrote into OUT."""
-    rows = json.loads((out / "compare.json").read_text())
-    best: dict[str, dict] = {}
-    for row in sorted((r for r in rows if r["final_val_loss"] is not None), key=lambda r: r["final_val_loss"]):
-        best.setdefault(row["optim.name"], row)
-    for name, row in best.items():
-        lr = OmegaConf.load(Path(row["run_dirs"][0]) / ".hydra" / "config.yaml").optim.lr
-        print(f"best {name}: optim.lr={lr}, final val loss {row['final_val_loss']:.4f} "
-              f"over {len(row['run_dirs'])} seeds")
-    return {name: row["run_dirs"] for name, row in best.items()}
+def final_val_losses(sweep: Path, key: str) -> dict[float, list[float]]:
+    """Each swept value of KEY (optim.lr or optim.muon_lr) -> the final val losses of its runs, read from the runs'
+    own summary.json and recorded config."""
+    import yaml
+
+    losses: dict[float, list[float]] = {}
+    for run in sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file()):
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        section, name = key.split(".")
+        loss = json.loads((run / "summary.json").read_text()).get("final_val_loss")
+        losses.setdefault(float(config[section][name]), []).append(float("nan") if loss is None else loss)
+    return losses
+
+
+def best_value(sweep: Path, key: str) -> float:
+    """The value of KEY with the lowest mean final val loss over the tuning seeds (a diverged run counts as nan and
+    rules its value out). An optimum at the grid's edge is said: the grid should be widened."""
+    losses = final_val_losses(sweep, key)
+    means = {value: sum(v) / len(v) for value, v in losses.items()}
+    for value, mean in sorted(means.items()):
+        print(f"  {key}={value:g}: mean final val loss {mean:.4f} over {len(losses[value])} tuning seeds")
+    best = min((v for v in means if means[v] == means[v]), key=means.get)
+    if best in (min(means), max(means)):
+        print(f"  note: the best {key} ({best:g}) is at the edge of the grid; widen it", flush=True)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adamw-lrs", default="0.0003,0.001,0.003", help="optim.lr values swept for optim=adamw")
-    parser.add_argument("--muon-lrs", default="0.003,0.01,0.03", help="optim.lr values swept for optim=muon")
-    parser.add_argument("--seeds", default="1,2", help="train.seed values")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--data-path", default=str(CORPUS), help="the corpus (data=text data.path=...)")
+    parser.add_argument("--adamw-lrs", default="0.0005,0.001,0.002,0.004", help="optim.lr values tuned for adamw")
+    parser.add_argument("--muon-lrs", default="0.005,0.01,0.02,0.04", help="optim.muon_lr values tuned for muon")
+    parser.add_argument("--tune-seeds", default="101,102", help="train.seed values the lrs are chosen on")
+    parser.add_argument("--test-seeds", default="1,2,3,4,5", help="train.seed values the arms are compared on")
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, help="where the sweeps go (default: a new temp dir)")
     parser.add_argument("--cache-dir", help="data.cache_dir (default: the usual token cache)")
     args = parser.parse_args()
+    overlap = set(args.tune_seeds.split(",")) & set(args.test_seeds.split(","))
+    if overlap:
+        sys.exit(f"error: --test-seeds shares {sorted(overlap)} with --tune-seeds; test on seeds not tuned on")
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_muon_"))
-    common = [*MODEL, *QUIET, f"train.max_steps={args.steps}", "data.val_fraction=0.1",
-              f"train.eval_every={args.steps}", f"train.seed={args.seeds}"]
+    common = [*MODEL, *QUIET, "data=text", f"data.path={args.data_path}", "data.val_fraction=0.01",
+              "data.order=shuffled", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
     if args.cache_dir:
         common.append(f"data.cache_dir={args.cache_dir}")
-    for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-        call([sys.executable, "-m", "gpt_exp.run", "-m", f"optim={name}", f"optim.lr={lrs}", *common,
-              f"hydra.sweep.dir={out / name}"])
-    compare = [sys.executable, "-m", "gpt_exp.compare"]
-    call([*compare, str(out / "adamw"), str(out / "muon"), "--metric", "final_val_loss", "--x", "tokens"])
-    best = best_runs(out)
-    if len(best) == 2:
-        runs = best["adamw"] + best["muon"]
-        for metric in ("final_val_loss", "loss_at_x"):
-            call([*compare, *runs, "--baseline", "optim=adamw", "--metric", metric, "--x", "tokens", "--smooth", "10",
-                  "--out", str(out / f"best_{metric}")])
+    run = [sys.executable, "-m", "gpt_exp.run", "-m"]
+
+    call([*run, "optim=adamw", f"optim.lr={args.adamw_lrs}", *common, f"train.seed={args.tune_seeds}",
+          f"hydra.sweep.dir={out / 'tune_adamw'}"])
+    adamw_lr = best_value(out / "tune_adamw", "optim.lr")
+    call([*run, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={args.muon_lrs}", *common,
+          f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={out / 'tune_muon'}"])
+    muon_lr = best_value(out / "tune_muon", "optim.muon_lr")
+
+    call([*run, "optim=adamw", f"optim.lr={adamw_lr}", *common, f"train.seed={args.test_seeds}",
+          f"hydra.sweep.dir={out / 'test_adamw'}"])
+    call([*run, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={muon_lr}", *common,
+          f"train.seed={args.test_seeds}", f"hydra.sweep.dir={out / 'test_muon'}"])
+    compare = [sys.executable, "-m", "gpt_exp.compare", str(out / "test_adamw"), str(out / "test_muon"),
+               "--baseline", "optim=adamw", "--x", "tokens"]
+    for metric in ("final_val_loss", "loss_at_x"):
+        call([*compare, "--metric", metric, "--smooth", "10", "--out", str(out / f"compare_{metric}")])
+    print(f"tuned: adamw optim.lr={adamw_lr:g}; muon optim.muon_lr={muon_lr:g} with optim.lr={adamw_lr:g}")
 
 
 if __name__ == "__main__":
