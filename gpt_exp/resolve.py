@@ -8,6 +8,7 @@ are data: a value holding `${...}` there is refused, never resolved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ def resolve_run(cfg: RunConfig, dict_cfg: DictConfig, overrides: tuple[str, ...]
                 threads: int | None) -> Resolved:
     """The run's config from the command's own (`cfg`, checked), the checkpoint or weights it names, and B=auto."""
     resumed, init = resume_target(cfg, run_dir), None
+    notes = {**(saved_notes(resumed.config) if resumed is not None else {}), **user_notes(cfg)}
     if resumed is not None:
         cfg = resumed_settings(resumed, dict_cfg, overrides)
     elif cfg.resume is not None:  # resume=auto in a dir without a run yet: the command's own settings
@@ -62,7 +64,7 @@ def resolve_run(cfg: RunConfig, dict_cfg: DictConfig, overrides: tuple[str, ...]
     autobatch = probe_B(cfg, runtime, d) if cfg.B == "auto" else None
     if autobatch is not None:
         cfg = _build({**flatten(as_dict(cfg)), "B": autobatch.B})
-    config = as_dict(cfg)
+    config = {**as_dict(cfg), **notes}
     if resumed is not None:
         resumed.check(config)
     return Resolved(cfg, config, runtime, resumed, init, autobatch)
@@ -158,7 +160,8 @@ def resumed_settings(resumed: Resume, dict_cfg: DictConfig, overrides: tuple[str
     saved = flatten(settings_from_file(resumed.config, f"resume: {resumed.path}"))
     resumed.settings  # noqa: B018 -- their types checked now, naming the file, before any work
     known = known_settings(resumed.config)
-    if dropped := sorted(saved.keys() - known.keys()):  # an older version's settings
+    schema = {f.name for f in dataclasses.fields(RunConfig)}
+    if dropped := sorted(k for k in saved.keys() - known.keys() if k.split(".")[0] in schema):  # an older version's
         log.info("resume: the checkpoint's settings %s no longer exist; ignored", ", ".join(dropped))
     flat = {k: v for k, v in known.items() if not k.startswith(_NOT_CARRIED)}
     flat.update({k: v for k, v in known_settings(unflatten(current)).items()
@@ -180,6 +183,20 @@ def adopt_shape(cfg: RunConfig, shape: dict, init_from: str, overrides: tuple[st
                           f"drop the model override to take the shape of the weights")
     adopted = {f"model.{k}": shape[k] for k in MODEL_SHAPE}
     return _build({**flatten(as_dict(cfg)), **adopted, "model.name": Path(init_from[3:]).name or "hf"})
+
+
+def user_notes(cfg: RunConfig) -> dict:
+    """The command's own top-level keys that no setting has (`+note=baseline`, `+arm=rope`): the user's labels,
+    recorded beside the settings so that compare can group and pick runs by them. The run never reads them."""
+    schema = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in vars(cfg).items() if k not in schema}
+
+
+def saved_notes(config: dict) -> dict:
+    """A checkpoint's recorded labels (its top-level keys that no setting has), carried into the run resuming it."""
+    schema = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in config.items() if k not in schema}
 
 
 def as_dict(cfg: RunConfig) -> dict:

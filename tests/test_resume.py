@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import yaml
 import torch
 
 from gpt_exp.checkpoint import list_checkpoints
@@ -171,3 +172,35 @@ def test_a_damaged_checkpoint_resumes_as_one_line(tmp_path, cache_dir, damage):
     assert line.endswith("the file is damaged: resume from another checkpoint of the run")
     assert ("e.g. transformer.wte.weight" if damage == "drop the embedding" else "1 of another shape") in line
     assert len(list((tmp_path / "outputs").glob("*/*/.hydra"))) == 1  # the failed resume left no run dir
+
+
+def test_the_users_labels_are_recorded_carried_on_resume_and_pick_a_compare_baseline(tmp_path, cache_dir):
+    """`+arm=rope` is the user's label, not a setting: it is recorded beside the settings (config.yaml, checkpoint),
+    a resume keeps it unless the command gives another, and compare groups and picks its baseline by it."""
+    common = ["model=tiny", "B=2", "T=16", "logger.mode=disabled", "train.ckpt_every=2", f"data.cache_dir={cache_dir}"]
+    for arm, seed in (("gpt2", 1), ("gpt2", 2), ("rope", 1), ("rope", 2)):
+        extra = ["model.pos=rope"] if arm == "rope" else []
+        result = run_cli("run", *common, "train.max_steps=2", f"+arm={arm}", f"train.seed={seed}", *extra,
+                         f"hydra.run.dir={arm}{seed}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    recorded = yaml.safe_load((tmp_path / "rope1" / ".hydra" / "config.yaml").read_text())
+    assert recorded["arm"] == "rope" and recorded["model"]["pos"] == "rope"
+    ckpt = list_checkpoints(tmp_path / "rope1")[-1]
+    assert torch.load(ckpt, weights_only=False)["config"]["arm"] == "rope"
+
+    resumed = run_cli("run", "resume=rope1", "train.max_steps=3", "hydra.run.dir=rope1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no longer exist" not in resumed.stdout + resumed.stderr  # a label is not an old version's setting
+    assert yaml.safe_load((tmp_path / "rope1" / ".hydra" / "config.yaml").read_text())["arm"] == "rope"
+    relabelled = run_cli("run", "resume=rope1", "train.max_steps=4", "+arm=rope_long", "hydra.run.dir=rope1",
+                         cwd=tmp_path)
+    assert relabelled.returncode == 0, relabelled.stderr
+    assert "arm: rope -> rope_long" in relabelled.stdout
+    assert yaml.safe_load((tmp_path / "rope1" / ".hydra" / "config.yaml").read_text())["arm"] == "rope_long"
+
+    compared = run_cli("compare", "gpt21", "gpt22", "rope2", "rope1", "--baseline", "arm=gpt2", "--out", "cmp",
+                       cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert sorted((row["arm"], row["n"]) for row in rows) == [("gpt2", 2), ("rope", 1), ("rope_long", 1)]
+    assert [row["baseline_note"] for row in rows if row["arm"] == "gpt2"] == ["baseline"]
