@@ -21,49 +21,15 @@ the default is the three-domain corpus beside the repository, which no run here 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tuning import COMPARE, RUN, best_value, call, check_seeds
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 MODEL = ["model=tiny", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "B=8", "T=64"]
 QUIET = ["logger.mode=disabled", "device.threads=1", "train.save_model=none", "train.log_every=50"]
-
-
-def call(cmd: list[str]) -> None:
-    print("$", shlex.join(cmd), f"   # load {os.getloadavg()[0]:.1f}", flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def final_val_losses(sweep: Path, key: str) -> dict[float, list[float]]:
-    """Each swept value of KEY (optim.lr or optim.muon_lr) -> the final val losses of its runs, read from the runs'
-    own summary.json and recorded config."""
-    import yaml
-
-    losses: dict[float, list[float]] = {}
-    for run in sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file()):
-        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-        section, name = key.split(".")
-        loss = json.loads((run / "summary.json").read_text()).get("final_val_loss")
-        losses.setdefault(float(config[section][name]), []).append(float("nan") if loss is None else loss)
-    return losses
-
-
-def best_value(sweep: Path, key: str) -> float:
-    """The value of KEY with the lowest mean final val loss over the tuning seeds (a diverged run counts as nan and
-    rules its value out). An optimum at the grid's edge is said: the grid should be widened."""
-    losses = final_val_losses(sweep, key)
-    means = {value: sum(v) / len(v) for value, v in losses.items()}
-    for value, mean in sorted(means.items()):
-        print(f"  {key}={value:g}: mean final val loss {mean:.4f} over {len(losses[value])} tuning seeds")
-    best = min((v for v in means if means[v] == means[v]), key=means.get)
-    if best in (min(means), max(means)):
-        print(f"  note: the best {key} ({best:g}) is at the edge of the grid; widen it", flush=True)
-    return best
 
 
 def main() -> None:
@@ -77,29 +43,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where the sweeps go (default: a new temp dir)")
     parser.add_argument("--cache-dir", help="data.cache_dir (default: the usual token cache)")
     args = parser.parse_args()
-    overlap = set(args.tune_seeds.split(",")) & set(args.test_seeds.split(","))
-    if overlap:
-        sys.exit(f"error: --test-seeds shares {sorted(overlap)} with --tune-seeds; test on seeds not tuned on")
+    check_seeds(args.tune_seeds, args.test_seeds)
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_muon_"))
     common = [*MODEL, *QUIET, "data=text", f"data.path={args.data_path}", "data.val_fraction=0.01",
               "data.order=shuffled", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
     if args.cache_dir:
         common.append(f"data.cache_dir={args.cache_dir}")
-    run = [sys.executable, "-m", "gpt_exp.run", "-m"]
 
-    call([*run, "optim=adamw", f"optim.lr={args.adamw_lrs}", *common, f"train.seed={args.tune_seeds}",
+
+    call([*RUN, "optim=adamw", f"optim.lr={args.adamw_lrs}", *common, f"train.seed={args.tune_seeds}",
           f"hydra.sweep.dir={out / 'tune_adamw'}"])
     adamw_lr = best_value(out / "tune_adamw", "optim.lr")
-    call([*run, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={args.muon_lrs}", *common,
+    call([*RUN, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={args.muon_lrs}", *common,
           f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={out / 'tune_muon'}"])
     muon_lr = best_value(out / "tune_muon", "optim.muon_lr")
 
-    call([*run, "optim=adamw", f"optim.lr={adamw_lr}", *common, f"train.seed={args.test_seeds}",
+    call([*RUN, "optim=adamw", f"optim.lr={adamw_lr}", *common, f"train.seed={args.test_seeds}",
           f"hydra.sweep.dir={out / 'test_adamw'}"])
-    call([*run, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={muon_lr}", *common,
+    call([*RUN, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={muon_lr}", *common,
           f"train.seed={args.test_seeds}", f"hydra.sweep.dir={out / 'test_muon'}"])
-    compare = [sys.executable, "-m", "gpt_exp.compare", str(out / "test_adamw"), str(out / "test_muon"),
+    compare = [*COMPARE, str(out / "test_adamw"), str(out / "test_muon"),
                "--baseline", "optim=adamw", "--x", "tokens"]
     for metric in ("final_val_loss", "loss_at_x"):
         call([*compare, "--metric", metric, "--smooth", "10", "--out", str(out / f"compare_{metric}")])
