@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from gpt_exp import rundir
 from gpt_exp.checkpoint import list_checkpoints
 from gpt_exp.cli import is_user_error, user_error_line
-from gpt_exp.config import RunConfig
-from gpt_exp.errors import Diverged, Finished, UserError, first_line
+from gpt_exp.config import RunConfig, flatten
+from gpt_exp.errors import ConfigError, Diverged, Finished, UserError, first_line
 from gpt_exp.launch import is_main_process
 from gpt_exp.resolve import Resolved
 from gpt_exp.rundir import below_outputs, overrides_name, sweep_group, swept_keys
@@ -43,14 +43,30 @@ class Launch:
     overrides: tuple[str, ...] = ()
     threads: int | None = None  # CPU threads; None: every core
     job: int | None = None  # the job's number in a sweep
+    swept: frozenset[str] = frozenset()  # the keys (or groups) its sweep varies
 
     @classmethod
     def from_hydra(cls, cfg: RunConfig) -> "Launch":
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         name, group = wandb_identity(cfg, hc, run_dir)
-        job = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-        return cls(run_dir, name, group, tuple(hc.overrides.task), launcher_threads(hc), job)
+        if hc.mode != RunMode.MULTIRUN:
+            return cls(run_dir, name, group, tuple(hc.overrides.task), launcher_threads(hc))
+        swept = swept_keys(Path(hc.sweep.dir), hc.sweeper.get("params")) or set()
+        return cls(run_dir, name, group, tuple(hc.overrides.task), launcher_threads(hc), hc.job.num, frozenset(swept))
+
+
+def same_job(saved: dict, config: dict, swept: frozenset[str], job: int) -> None:
+    """A requeued sweep's job goes on only from its own run: every key (or group) the sweep varies must be what the
+    job dir's checkpoint trained with. A resubmission that reorders or changes the values would otherwise continue
+    one configuration's run under another's name."""
+    old, new = flatten(saved), flatten(config)
+    differ = sorted(k for k in old.keys() | new.keys() if any(k == s or k.startswith(f"{s}.") for s in swept)
+                    and old.get(k) != new.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in differ)
+        raise ConfigError(f"resume=auto: job {job}'s dir holds another configuration of the sweep ({shown}); resubmit "
+                          f"the sweep with the same values in the same order, or give a new hydra.sweep.dir")
 
 
 class JobPrefix(logging.Filter):
@@ -139,6 +155,8 @@ def failure_line(e: BaseException | None) -> str | None:
 def sweep_job(run: Callable[[DictConfig], float], cfg: DictConfig, hc, run_dir: Path) -> float:
     """One job of a sweep: whatever fails ends this job alone, as a failed row with its reason; the sweep goes on.
     Returns NaN for a failed job, which Optuna records as a failed trial."""
+    summary = run_dir / "summary.json"
+    earlier = summary.read_bytes() if summary.is_file() else None  # a requeued job's: kept unless the run starts
     try:
         return run(cfg)
     except Finished as done:  # a requeued job whose run has trained all its steps
@@ -147,7 +165,9 @@ def sweep_job(run: Callable[[DictConfig], float], cfg: DictConfig, hc, run_dir: 
     except Exception as e:  # noqa: BLE001 -- even a bug must not take the other jobs down
         if not is_user_error(e):
             log.error("job %d failed:\n%s", hc.job.num, traceback.format_exc())
-        if is_main_process() and not (run_dir / "summary.json").exists():  # failed before the run's own summary
+        if is_main_process() and earlier is not None and summary.is_file() and summary.read_bytes() == earlier:
+            rundir.jobs_failed_beside_results.append(hc.job.num)  # refused before it started: the summary is not its
+        if is_main_process() and not summary.exists():  # failed before the run's own summary
             write_summary(run_dir, {"status": "diverged" if isinstance(e, Diverged) else "failed",
                                     "error": failure_line(e)})
             if not (run_dir / rundir.RECORD).exists():  # what the job was asked to train, so compare shows its row

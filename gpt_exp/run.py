@@ -27,7 +27,7 @@ from gpt_exp.config import register_schema
 from gpt_exp.device import resolve_runtime
 from gpt_exp.distributed import broadcast, destroy, init_process_group
 from gpt_exp.errors import EXIT_SWEEP_FAILED, Finished
-from gpt_exp.job import Launch, fit, prefix_console_lines, sweep_job
+from gpt_exp.job import Launch, fit, prefix_console_lines, same_job, sweep_job
 from gpt_exp.launch import is_main_process, launch_env
 from gpt_exp.trainer import Trainer, interrupt_on_signals, out_of_memory
 
@@ -53,6 +53,8 @@ def run(dict_cfg: DictConfig, launch: Launch | None = None) -> float:
             if d.is_main:
                 rundir.lock(run_dir)
             r = resolve.resolve_run(cfg, dict_cfg, launch.overrides, run_dir, d, launch.threads)
+            if r.resumed is not None and launch.job is not None and cfg.resume == "auto":
+                same_job(r.resumed.config, r.config, launch.swept, launch.job)
             trainer = Trainer(r.cfg, r.runtime, d, run_dir, r.config, autobatch=r.autobatch,
                               saved_vocab_rows=embedding_rows(r.resumed.state["model"]) if r.resumed else None)
             if r.resumed:

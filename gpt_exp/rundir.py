@@ -61,6 +61,9 @@ _claims: dict[str, _Claim] = {}
 _fresh: set[str] = set()  # dirs claim_dir has just made, not yet checked by a guard
 _locks: dict[str, int] = {}  # run dir -> the open file descriptor holding its lock
 sweep_failures: list[str] = []  # "3 jobs: 2 completed, 1 diverged" when a sweep of this process had a failed job
+# Jobs of this process's sweep that failed where an earlier attempt's summary.json stays (a requeued sweep's job
+# refused): their dirs' summaries do not show this attempt's failure, so the tally adds them.
+jobs_failed_beside_results: list[int] = []
 
 
 def _key(path: str | Path) -> str:
@@ -145,17 +148,21 @@ def guard(path: str | Path, resume: str | None = None) -> None:
         created(existing, _JOB_LOG)  # Hydra opens it next
 
 
-def guard_sweep(path: str | Path) -> None:
-    """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into."""
+def guard_sweep(path: str | Path, resume: str | None = None) -> None:
+    """Before a sweep starts: its dir must not hold another sweep, whose job dirs the new jobs would write into.
+    With resume=auto it may hold this sweep, resubmitted (a requeued array job): each job goes on from its own dir's
+    checkpoint, and a job whose dir holds another configuration is refused (job.same_job)."""
     key = _key(path)
     existing = Path(key)
     if key in _fresh:  # claim_dir created it just now, empty
         _fresh.discard(key)
     else:
         jobs = [p.name for p in existing.iterdir() if holds_run(p)] if existing.is_dir() else []
-        if holds_run(existing) or jobs:
+        requeued = resume == "auto" and (existing / "multirun.yaml").is_file()
+        if (holds_run(existing) or jobs) and not requeued:
             raise ConfigError(f"hydra.sweep.dir={path} already holds a sweep or run "
-                              f"({', '.join(holds_run(existing) + jobs)}); give a new dir (or leave hydra.sweep.dir unset)")
+                              f"({', '.join(holds_run(existing) + jobs)}); give a new dir (or leave hydra.sweep.dir "
+                              f"unset), or resubmit that very sweep there with resume=auto")
         _claims[key] = _Claim(created=not existing.exists())
     if not (existing / "multirun.yaml").exists():
         created(existing, "multirun.yaml")  # the launcher writes it next
@@ -321,8 +328,9 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_main_process():
+            jobs_failed_beside_results.clear()
             try:
-                guard_sweep(config.hydra.sweep.dir)
+                guard_sweep(config.hydra.sweep.dir, OmegaConf.select(config, "resume"))
             except ConfigError as e:
                 raise Refused(e) from None
 
@@ -331,6 +339,10 @@ class RunDirGuard(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         tally, failed = sweep_tally(sweep_dir)
+        if jobs_failed_beside_results:
+            tally += (f"; this time job{'s' * (len(jobs_failed_beside_results) > 1)} "
+                      f"{', '.join(map(str, jobs_failed_beside_results))} failed beside earlier results")
+            failed = True
         print(f"{tally}; compare them with: python -m gpt_exp.compare {sweep_dir}", file=sys.stderr)
         if failed:
             sweep_failures.append(tally)

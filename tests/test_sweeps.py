@@ -159,3 +159,30 @@ def test_names_round_floats_and_named_experiments_group_by_name(tmp_path):
     sweep_dir = tmp_path / "outputs" / "multirun" / "2026-11-25" / "10-00-00"
     assert sweep_group(sweep_dir, ["+experiment=tiny_smoke", "optim.lr=1e-3"]) == "tiny_smoke/2026-11-25/10-00-00"
     assert sweep_group(sweep_dir, ["optim.lr=1e-3,2e-3"]) == "multirun/2026-11-25/10-00-00"
+
+
+def test_a_requeued_sweep_continues_each_job_and_refuses_a_reordered_one(tmp_path, cache_dir):
+    """A sweep resubmitted into its own dir with resume=auto (a requeued array job) goes on from each job's own
+    checkpoint; resubmitted with its values in another order, every job is refused (it would continue another
+    configuration's run) and the sweep exits non-zero, its results untouched; without resume=auto, refused whole."""
+    common = ["model=tiny", "B=2", "T=16", "train.ckpt_every=2", "logger.mode=disabled", "resume=auto",
+              f"data.cache_dir={cache_dir}", "hydra.sweep.dir=sweep"]
+    first = run_cli("run", "-m", *common, "train.max_steps=4", "optim.lr=1e-3,2e-3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("run", "-m", *common, "train.max_steps=6", "optim.lr=1e-3,2e-3", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    for job, lr in (("0", 1e-3), ("1", 2e-3)):
+        assert [r["step"] for r in read_metrics(tmp_path / "sweep" / job)] == list(range(6))
+        assert yaml.safe_load((tmp_path / "sweep" / job / ".hydra" / "config.yaml").read_text())["optim"]["lr"] == lr
+    assert "resumed from" in (tmp_path / "sweep" / "1" / "run.log").read_text()
+
+    before = {job: (tmp_path / "sweep" / job / "metrics.jsonl").read_bytes() for job in ("0", "1")}
+    reordered = run_cli("run", "-m", *common, "train.max_steps=8", "optim.lr=2e-3,1e-3", cwd=tmp_path)
+    assert reordered.returncode != 0
+    assert ("error: job 0 (" in reordered.stderr
+            and "job 0's dir holds another configuration of the sweep (optim.lr: 0.001 -> 0.002)" in reordered.stderr)
+    assert "this time jobs 0, 1 failed beside earlier results" in reordered.stderr
+    assert {job: (tmp_path / "sweep" / job / "metrics.jsonl").read_bytes() for job in ("0", "1")} == before
+
+    plain = run_cli("run", "-m", *[c for c in common if c != "resume=auto"], "optim.lr=1e-3,2e-3", cwd=tmp_path)
+    assert plain.returncode != 0 and "or resubmit that very sweep there with resume=auto" in plain.stderr
