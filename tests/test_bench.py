@@ -1,9 +1,12 @@
 """Smoke runs of the benchmarks at tiny sizes, so that they do not rot; no assertion on speed."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -35,3 +38,38 @@ def test_step_profile_splits_the_step_into_phases():
     assert float(phases["forward"]) > 0 and float(phases["backward"]) > 0 and float(phases["logging"]) > 0
     timed = sum(float(ms) for name, ms in phases.items() if name != "other")
     assert timed <= float(match.group(1)) * 1.05  # medians of parts need not add up exactly, but cannot exceed it
+
+
+def _tuning_run(path: Path, lr: float, seed: int, loss: float | None) -> None:
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(f"optim:\n  lr: {lr}\ntrain:\n  seed: {seed}\n")
+    (path / "summary.json").write_text(json.dumps({"status": "completed" if loss else "diverged",
+                                                   "final_val_loss": loss}))
+
+
+def test_tuning_picks_the_lowest_mean_and_rules_out_a_value_with_a_diverged_seed(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from tuning import best_value, check_seeds
+
+    runs = {(1e-3, 1): 5.0, (1e-3, 2): 5.2, (2e-3, 1): 4.9, (2e-3, 2): 5.1, (4e-3, 1): 3.0, (4e-3, 2): None}
+    for i, ((lr, seed), loss) in enumerate(runs.items()):
+        _tuning_run(tmp_path / str(i), lr, seed, loss)
+    assert best_value(tmp_path, "optim.lr") == 2e-3  # means 5.1, 5.0; 4e-3 diverged on one seed
+    assert "edge of the grid" not in capsys.readouterr().out
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({"final_val_loss": 4.0}))
+    assert best_value(tmp_path, "optim.lr") == 1e-3  # mean 4.6
+    assert "the best optim.lr (0.001) is at the edge of the grid; widen it" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--test-seeds shares \['2'\] with --tune-seeds"):
+        check_seeds("101,2", "1,2,3")
+
+
+@pytest.mark.slow
+def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(20000)))
+    out = bench(str(BENCH / "arch_ablation.py"), "--arms", "gpt2,rope", "--lrs", "0.001,0.01", "--tune-seeds", "7",
+                "--test-seeds", "1,2", "--steps", "3", "--data-path", str(corpus), "--out", str(tmp_path / "out"))
+    assert re.search(r"tuned optim.lr: gpt2 0.0?1, rope 0.0?1", out), out
+    rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
+    assert sorted((row["arm"], row["n"]) for row in rows) == [("gpt2", 2), ("rope", 2)]
+    assert [row["baseline_note"] for row in rows if row["arm"] == "gpt2"] == ["baseline"]
