@@ -526,10 +526,10 @@ def known_settings(tree: dict) -> dict:
     """The flat settings of `tree` that this version's schema has (a checkpoint of an older one may hold others); the
     keys inside a mapping of the schema (data.sources.web.weight) count as its own."""
     known = set(schema_keys())
-    return {k: v for k, v in flatten(tree).items() if k in known or k.startswith(_MAPPING_KEYS)}
+    return {k: v for k, v in flatten(tree).items() if k in known or k.startswith(tuple(f"{m}." for m in MAPPINGS))}
 
 
-_MAPPING_KEYS = ("data.sources.",)  # the schema's mappings: their keys are the user's names
+MAPPINGS = ("data.sources",)  # the schema's mappings: their keys are the user's names
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

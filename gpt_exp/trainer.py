@@ -557,6 +557,10 @@ class Trainer:
             saved = "fsdp" if state.get("sharded") else "ddp or one process"
             fix = "train.strategy=fsdp under torchrun" if state.get("sharded") else "train.strategy=ddp"
             raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
+        if ("source_tokens" in state) != self.mixed:  # one loader's state means nothing to the other
+            saved = "a data=mix mixture" if "source_tokens" in state else "one corpus"
+            raise ConfigError(f"resume: the checkpoint was trained on {saved}; resume with its data settings, or "
+                              f"start a new run from its weights with init_from=")
         self.loader.load_state_dict(state["loader"])  # first: a position past this corpus is refused before all else
         if self.sharded:
             load_full_model_state(self.model, state["model"], self.sharded)

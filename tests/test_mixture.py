@@ -34,7 +34,8 @@ def write_corpora(root: Path) -> dict[str, Path]:
     web = root / "web.jsonl.gz"
     with gzip.open(web, "wt") as f:
         for i in range(60):
-            f.write(json.dumps({"text": f"Web page {i}: the weather today is sunny with a chance of rain later."}) + "\n")
+            text = f"Web page {i}: the weather today is sunny with a chance of rain later."
+            f.write(json.dumps({"text": text}) + "\n")
     code = root / "code"
     code.mkdir(exist_ok=True)
     for i in range(40):
@@ -169,7 +170,8 @@ def test_a_run_logs_tokens_per_source_exactly_and_evaluates_weight_0(tmp_path, c
     assert (summary["tokens/web"], summary["tokens/code"], summary["tokens/books"]) == (192, 64, 0)
     assert summary["final_val_bpb/books"] == val[-1]["val_bpb/books"]
     assert summary["best_val_loss/web"] == min(r["val_loss/web"] for r in val)
-    splits = dict(re.findall(r"source (\w+) \(weight \S+\): [\d,]+ tokens \(train ([\d,]+)", (run_dir / "run.log").read_text()))
+    log = (run_dir / "run.log").read_text()
+    splits = dict(re.findall(r"source (\w+) \(weight \S+\): [\d,]+ tokens \(train ([\d,]+)", log))
     assert sorted(splits) == ["books", "code", "web"]
     # web's and code's train splits (books is not trained on)
     assert summary["train_split_tokens"] == sum(int(splits[n].replace(",", "")) for n in ("web", "code"))
@@ -178,7 +180,7 @@ def test_a_run_logs_tokens_per_source_exactly_and_evaluates_weight_0(tmp_path, c
 # ---- resume ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_stopped_and_resumed_mixture_gives_the_straight_losses_bitwise(tmp_path, corpora):
+def test_a_stopped_and_resumed_mixture_gives_the_straight_losses_bitwise(tmp_path, corpora, cache_dir):
     common = [*TINY, "data=mix", sources_arg(corpora, {"web": 2, "code": 1, "books": 0}), "data.order=shuffled",
               "optim.schedule=constant", f"data.cache_dir={tmp_path / 'cache'}"]
     for name in ("straight", "stopped", "resumed"):
@@ -208,6 +210,17 @@ def test_a_stopped_and_resumed_mixture_gives_the_straight_losses_bitwise(tmp_pat
                                      "{weight: 2}} is how the checkpoint mixed its data, not {books: {weight: 0}, "
                                      "code: {weight: 1}, web: {weight: 5}}") and changed.stderr.count("\n") == 1
     assert not (tmp_path / "changed" / "outputs").exists() or not find_run_dirs(tmp_path / "changed" / "outputs")
+    # the command's mapping replaces the checkpoint's: one source fewer is a change, refused too
+    (tmp_path / "fewer").mkdir()
+    fewer = run_cli("run", f"resume={checkpointed}", "train.max_steps=6", "logger.mode=disabled",
+                    sources_arg(corpora, {"web": 2, "code": 1}), cwd=tmp_path / "fewer")
+    assert fewer.returncode == 2 and "mixed its data, not {code: {weight: 1}, web: {weight: 2}};" in fewer.stderr
+    # and so is another kind of data
+    (tmp_path / "other").mkdir()
+    other = run_cli("run", f"resume={checkpointed}", "train.max_steps=6", "logger.mode=disabled", "data=shakespeare",
+                    f"data.cache_dir={cache_dir}", cwd=tmp_path / "other")
+    assert other.returncode == 2 and other.stderr.startswith(
+        "error: resume: the checkpoint was trained on a data=mix mixture; resume with its data settings")
 
 
 # ---- caches, sweeps, compare ---------------------------------------------------------------------------------------
@@ -297,7 +310,8 @@ def test_a_bad_mixture_is_one_line(tmp_path, corpora, case, weights, extra, expe
     mix = [sources_arg(paths, weights)] if weights else []
     before = set(tmp_path.rglob("*"))
     group = [] if "data=shakespeare" in extra else ["data=mix"]
-    result = run_cli("run", *TINY, *group, *mix, *[e.replace("{tmp}", str(tmp_path)) for e in extra], "train.max_steps=1",
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    result = run_cli("run", *TINY, *group, *mix, *extra, "train.max_steps=1",
                      f"data.cache_dir={tmp_path.parent / 'bad-cache'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -136,9 +136,6 @@ class MixtureLoader:
                 "row_tokens": self.T}
 
     def load_state_dict(self, state: dict) -> None:
-        if "weights" not in state:
-            raise DataError("resume: the checkpoint read one corpus, not a data=mix mixture; resume with its data "
-                            "settings, or start a new run from its weights with init_from=")
         if state["weights"] != self.weights:
             raise DataError(f"resume: data.sources={_weights(state['weights'])} is how the checkpoint mixed its data, "
                             f"not {_weights(self.weights)}; resume with the checkpoint's sources and weights (a change "
