@@ -168,8 +168,9 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     others are tested against; target: a loss each group's mean is tested to be below; effect: the difference the
     seed count is sized for (None: the observed one, post hoc)."""
     keys, groups = group_runs(runs)
-    if metric not in METRICS and metric not in keys:
-        choices = ", ".join([*METRICS, *keys])
+    by_source = list(dict.fromkeys(k for r in runs for k in r.by_source))  # a mixture's: final_val_bpb/NAME, ...
+    if metric not in METRICS and metric not in keys and metric not in by_source:
+        choices = ", ".join([*METRICS, *by_source, *keys])
         raise CompareError(f"unknown --metric {metric}; choose one of {choices}")
     if (baseline or target is not None) and metric not in LOSS_METRICS:
         option = "--baseline" if baseline else "--target"
@@ -181,10 +182,10 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
 
     def values(group: list[RunRecord], name: str) -> list[float]:
         """The finite `name` of each run the group's numbers come from, for the tests."""
-        found = (loss_at_x[r.path] if name == "loss_at_x" else getattr(r, name) for r in contributing(group))
+        found = (loss_at_x[r.path] if name == "loss_at_x" else run_metric(r, name) for r in contributing(group))
         return [float(v) for v in found if v is not None and math.isfinite(v)]
 
-    rows = [_group_row(keys, group, loss_at_x, x, at) for group in groups]
+    rows = [_group_row(keys, group, loss_at_x, x, at, by_source) for group in groups]
     if target is not None:
         for row, group in zip(rows, groups):
             row.update(_target_columns(group, values(group, metric), target, x, span))
@@ -198,24 +199,35 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     return [row for _, row in sorted(enumerate(rows), key=lambda item: _sort_key(item[1][metric]))]
 
 
-def _group_row(keys: list[str], group: list[RunRecord], loss_at_x: dict, x: str, at: float | None) -> dict:
+def run_metric(run: RunRecord, name: str) -> Any:
+    """A metric of a run: one of METRICS, or a mixture's per-source one (final_val_bpb/NAME; None if it has none)."""
+    return run.by_source.get(name) if "/" in name else getattr(run, name)
+
+
+def _group_row(keys: list[str], group: list[RunRecord], loss_at_x: dict, x: str, at: float | None,
+               by_source: list[str] = ()) -> dict:
     used = contributing(group)
     row: dict[str, Any] = {k: group[0].params.get(k) for k in keys}
     row["n"] = len(used)
     # Seeds of a sequential data order all read the same batches: their spread is the init's alone.
     shuffled = group[0].params.get("data.order") == "shuffled"
     row["data_varies"] = None if len(group) == 1 else "yes" if shuffled else "no"
-    for name in METRICS:
-        found = (loss_at_x[r.path] if name == "loss_at_x" else getattr(r, name) for r in used)
+    for name in (*METRICS, *by_source):
+        found = (loss_at_x[r.path] if name == "loss_at_x" else run_metric(r, name) for r in used)
         values = [v for v in found if v is not None]
         row[name] = values[0] if len(values) == 1 else float(np.mean(values)) if values else None
-        if name in LOSS_METRICS:
+        if name in LOSS_METRICS or _source_loss(name):
             row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
     row["x_axis"], row["x_common"] = x, at
     statuses = Counter(r.status for r in group)
     row["status"] = group[0].status if len(statuses) == 1 else ", ".join(f"{n} {s}" for s, n in statuses.items())
     row["run_dirs"] = [str(r.path) for r in group]
     return row
+
+
+def _source_loss(name: str) -> bool:
+    """Whether a metric is a mixture's per-source val loss or bpb (final_val_loss/NAME, best_val_bpb/NAME, ...)."""
+    return "/" in name and name.startswith(("final_val_", "best_val_"))
 
 
 def _finite(value: float) -> float | None:
@@ -428,7 +440,7 @@ def loss_curves(runs: list[RunRecord], smooth: int = 1, x: str | None = None, be
 def best_run(rows: list[dict], metric: str) -> str | None:
     """A run dir of the best configuration: lowest `metric` when it is a loss, else lowest final loss; None for a
     single configuration (nothing to mark) or when no row has the number."""
-    name = metric if metric in LOSS_METRICS else "final_loss"
+    name = metric if metric in LOSS_METRICS or _source_loss(metric) else "final_loss"
     scored = [row for row in rows if row[name] is not None and math.isfinite(row[name])]
     if len(rows) < 2 or not scored:
         return None
@@ -463,9 +475,11 @@ STAT_FIELDS = {*METRICS, "n", "data_varies", "x_axis", "x_common", "status", "ru
 
 def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") -> str:
     """Aligned text table: config keys, losses (± std for seed groups), the tests, progress, status, run dirs."""
-    keys = [k for k in rows[0] if k not in STAT_FIELDS and not k.endswith("_std")]
+    # config keys: a mixture's per-source metrics (keyed NAME/SOURCE) are numbers, and only --metric's is shown
+    keys = [k for k in rows[0] if k not in STAT_FIELDS and "/" not in k and not k.endswith("_std")]
     grouped = any(row["n"] > 1 for row in rows)
     losses = [m for m in LOSS_METRICS[:3] if any(row[m] is not None for row in rows)]
+    losses += [metric] if _source_loss(metric) else []
     # loss_at_x where it tells something the final loss does not: runs that stop at different x, or smoothing.
     if metric == "loss_at_x" or any(row["loss_at_x"] != row["final_loss"] for row in rows):
         losses.append("loss_at_x")

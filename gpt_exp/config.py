@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from gpt_exp.errors import ConfigError
 from gpt_exp.tokenizer import EOT_TOKEN, encode_text
@@ -31,6 +33,7 @@ def _require(ok: bool, key: str, value: object, fix: str) -> None:
 class DataSource(str, Enum):
     shakespeare = "shakespeare"  # tiny shakespeare, shipped inside the package
     text = "text"  # data.path: a UTF-8 file, or a folder of .txt, .jsonl, .jsonl.gz and .parquet files
+    mix = "mix"  # data.sources: several such corpora, each with a weight (gpt_exp/data/mixture.py)
 
 
 class DataOrder(str, Enum):
@@ -81,6 +84,28 @@ class LoggerMode(str, Enum):
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a data=mix mixture: what data=text reads at data.path, and its share of the training rows."""
+
+    path: Optional[str] = None  # a UTF-8 file, or a folder of .txt, .jsonl, .jsonl.gz and .parquet files
+    weight: float = 1.0  # relative to the other sources' weights; 0: evaluated only, never trained on
+    text_key: Optional[str] = None  # the text field of its .jsonl and .parquet files; null: data.text_key
+
+    def check(self, name: str) -> None:
+        key = f"data.sources.{name}"
+        _require(_SOURCE_NAME.fullmatch(name) is not None, "data.sources", f"{{{name}: ...}}",
+                 "name a source with letters, digits, _ and - only (its metrics are keyed val_loss/NAME)")
+        _require(bool(self.path), f"{key}.path", self.path, "give the source's text file or folder of files")
+        _require(math.isfinite(self.weight) and self.weight >= 0, f"{key}.weight", self.weight,
+                 "it must be a finite number >= 0 (0: the source is evaluated, never trained on)")
+        _require(self.text_key is None or bool(self.text_key), f"{key}.text_key", "''",
+                 "name the field that holds the text, or null for data.text_key")
+
+
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.shakespeare
     path: Optional[str] = None
@@ -92,6 +117,8 @@ class DataConfig:
     threads: Optional[int] = None  # tokenizer threads when the cache is built; None: one per core
     shuffle_seed: Optional[int] = 0  # the shard order of every epoch after the first; None: the stored order
     order: DataOrder = DataOrder.sequential  # shuffled: each seed reads its own block order (replaces shuffle_seed)
+    # data=mix: name -> path and weight, e.g. '{web: {path: a.jsonl.gz, weight: 3}, code: {path: b/, weight: 1}}'
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
 
     def check(self) -> None:
         _require(self.shard_tokens >= 1, "data.shard_tokens", self.shard_tokens, "it must be >= 1, e.g. 100000000")
@@ -100,11 +127,40 @@ class DataConfig:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "it must be in [0, 1)")
         _require(self.shuffle_seed is None or 0 <= self.shuffle_seed < SEED_END, "data.shuffle_seed", self.shuffle_seed,
                  f"it must be in [0, 2**32) = [0, {SEED_END - 1}], or null for the stored order")
+        if self.source == DataSource.mix:
+            self._check_mix()
+            return
+        _require(not self.sources, "data.sources", _names(self.sources),
+                 f"only data=mix reads data.sources; add data=mix (now data={self.source.value})")
         if self.source == DataSource.text:
             _require(bool(self.path), "data.path", self.path, "data=text needs data.path=FILE_OR_DIR")
         else:
             _require(self.path is None, "data.path", self.path,
                      f"data={self.source.value} reads no path; add data=text to train on {self.path}")
+
+    def _check_mix(self) -> None:
+        _require(self.path is None, "data.path", self.path,
+                 "data=mix reads each source's own path: data.sources.NAME.path=FILE_OR_DIR, not data.path")
+        _require(bool(self.sources), "data.sources", "{}", "data=mix needs sources with weights, e.g. "
+                 "data.sources='{web: {path: a.jsonl.gz, weight: 3}, code: {path: b/, weight: 1}}'")
+        for name, source in self.sources.items():
+            source.check(name)
+        weights = {name: source.weight for name, source in self.sources.items()}
+        _require(sum(weights.values()) > 0, "data.sources", _names(self.sources, "weight"),
+                 "the weights sum to 0: give at least one source a weight > 0 (weight 0 is evaluated only)")
+
+    def source_config(self, name: str) -> "DataConfig":
+        """Source `name` of data=mix as a corpus of its own (data=text at its path): cached and split as one."""
+        source = self.sources[name]
+        return dataclasses.replace(self, source=DataSource.text, path=source.path, sources={},
+                                   text_key=source.text_key or self.text_key)
+
+
+def _names(sources: dict, field_name: str | None = None) -> str:
+    """data.sources as the user would type it, e.g. {web: {weight: 0}, code: {weight: 0}}, or {web, code}."""
+    if field_name is None:
+        return "{" + ", ".join(sources) + "}"
+    return "{" + ", ".join(f"{n}: {{{field_name}: {getattr(s, field_name):g}}}" for n, s in sources.items()) + "}"
 
 
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
@@ -371,8 +427,11 @@ class RunConfig:
 
 
 def register_schema() -> None:
-    """Make `run_schema` available to conf/config.yaml's defaults list."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """Make `run_schema` available to conf/config.yaml's defaults list. Hydra closes every mapping to new keys (struct
+    mode); data.sources is left open to the user's source names, each still checked as a SourceConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(schema.data.sources, False)
+    ConfigStore.instance().store(name="run_schema", node=schema)
 
 
 def schema_keys(node: type = RunConfig, prefix: str = "") -> list[str]:
@@ -435,6 +494,8 @@ def validate(cfg: RunConfig) -> None:
         micro = cfg.B * cfg.T
         _require(t.total_batch_size >= micro and t.total_batch_size % micro == 0, "train.total_batch_size",
                  t.total_batch_size, f"it must be a positive multiple of B*T={micro} (or null for one micro-batch)")
+    _require(t.overfit_batches == 0 or cfg.data.source != DataSource.mix, "train.overfit_batches", t.overfit_batches,
+             "it cycles one corpus's first batches; with data=mix use train.overfit_batches=0")
     _require(t.eval_every == 0 or cfg.data.val_fraction > 0, "train.eval_every", t.eval_every,
              f"there is no val split (data.val_fraction={cfg.data.val_fraction}); set data.val_fraction=0.1")
     _require(t.hellaswag_every == 0 or cfg.eval.hellaswag_path is not None, "train.hellaswag_every", t.hellaswag_every,
@@ -462,9 +523,13 @@ def unflatten(flat: dict) -> dict:
 
 
 def known_settings(tree: dict) -> dict:
-    """The flat settings of `tree` that this version's schema has (a checkpoint of an older one may hold others)."""
+    """The flat settings of `tree` that this version's schema has (a checkpoint of an older one may hold others); the
+    keys inside a mapping of the schema (data.sources.web.weight) count as its own."""
     known = set(schema_keys())
-    return {k: v for k, v in flatten(tree).items() if k in known}
+    return {k: v for k, v in flatten(tree).items() if k in known or k.startswith(tuple(f"{m}." for m in MAPPINGS))}
+
+
+MAPPINGS = ("data.sources",)  # the schema's mappings: their keys are the user's names
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -121,7 +121,8 @@ def fit(trainer: Trainer, r: Resolved, launch: Launch, run_dir: Path, started_at
             run_dir, cfg.logger, launch.name, launch.group, {**r.config, "overrides": list(launch.overrides)},
             trainer.max_steps, cfg.train.log_every, started_at=started_at, previous_rows=history,
             wandb_id=r.resumed.wandb_id if r.resumed else None,
-            summary_extra={**(r.resumed.summary() if r.resumed else {}), "train_split_tokens": len(trainer.loader.source)},
+            summary_extra={**(r.resumed.summary() if r.resumed else {}),
+                           "train_split_tokens": trainer.train_split_tokens},
             flops_per_token=trainer.model.flops_per_token(cfg.T), runtime=trainer.what_runs(),
             peak_flops=r.runtime.peak_flops * d.world_size if r.runtime.peak_flops else None,
         ) if d.is_main else RankTracker()

@@ -25,6 +25,7 @@ class StepMetrics:
     dt_ms: float
     tok_per_s: float
     tokens: int  # cumulative tokens trained on
+    source_tokens: dict[str, int] | None = None  # data=mix: cumulative tokens of each source (a row's tokens/NAME)
 
 
 def is_number(value: Any) -> bool:

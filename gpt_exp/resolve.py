@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt_exp.autobatch import AutoBatch
 from gpt_exp.checkpoint import Resume, init_weights, list_checkpoints, open_resume
-from gpt_exp.config import MODEL_SHAPE, RunConfig, flatten, known_settings, unflatten, validate
+from gpt_exp.config import MAPPINGS, MODEL_SHAPE, RunConfig, flatten, known_settings, unflatten, validate
 from gpt_exp.device import Runtime, resolve_runtime
 from gpt_exp.errors import ConfigError, Finished
 from gpt_exp.launch import Dist
@@ -163,7 +163,9 @@ def resumed_settings(resumed: Resume, dict_cfg: DictConfig, overrides: tuple[str
     schema = {f.name for f in dataclasses.fields(RunConfig)}
     if dropped := sorted(k for k in saved.keys() - known.keys() if k.split(".")[0] in schema):  # an older version's
         log.info("resume: the checkpoint's settings %s no longer exist; ignored", ", ".join(dropped))
-    flat = {k: v for k, v in known.items() if not k.startswith(_NOT_CARRIED)}
+    # a mapping the command gives whole (data.sources='{...}', or data=mix) replaces the checkpoint's, key for key
+    replaced = tuple(f"{m}." for m in MAPPINGS if _touched(m, given))
+    flat = {k: v for k, v in known.items() if not k.startswith(_NOT_CARRIED) and not k.startswith(replaced)}
     flat.update({k: v for k, v in known_settings(unflatten(current)).items()
                  if k in changed or k.startswith(_NOT_CARRIED) or k not in flat})
     saved_B = resumed.state.get("B")

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class RunRecord:
     wall_s: float | None
     train_split_tokens: int | None = None  # the training split's size: tokens / this = epochs (None: older runs)
     final_val_bpb: float | None = None  # the last val loss in bits per byte (None: older runs)
+    # a data=mix run's per-source numbers: tokens/NAME, final_ and best_ val_loss/NAME and val_bpb/NAME
+    by_source: dict[str, float] = field(default_factory=dict)
 
 
 # --- a run's summary statistics ----------------------------------------------------------------------------------
@@ -81,7 +83,18 @@ def run_stats(rows: list[dict]) -> dict:
         "best_val_loss": float(min(r["val_loss"] for r in val)) if val else None,
         "final_val_bpb": float(bpb[-1]) if bpb else None,
         "best_val_bpb": float(min(bpb)) if bpb else None,
+        **_stats_by_source(train, val),
     }
+
+
+def _stats_by_source(train: list[dict], val: list[dict]) -> dict:
+    """A data=mix run's per-source numbers: the tokens trained from each source (tokens/NAME, the last row's), and
+    the final and best val_loss/NAME and val_bpb/NAME."""
+    stats = {k: v for k, v in (train[-1] if train else {}).items() if k.startswith("tokens/")}
+    for key in dict.fromkeys(k for r in val for k in r if k.startswith(("val_loss/", "val_bpb/"))):
+        found = [float(r[key]) for r in val if key in r]
+        stats[f"final_{key}"], stats[f"best_{key}"] = found[-1], min(found)
+    return stats
 
 
 # --- finding run dirs --------------------------------------------------------------------------------------------
@@ -165,9 +178,11 @@ def load_run(run_dir: Path) -> RunRecord:
     numbers: dict[str, Any] = {"status": RUNNING, "wall_s": None,
                                **{k: so_far[k] for k in ("final_loss", "best_loss", "steps", "tokens",
                                                          "median_tok_per_s")}}
+    by_source = {k: v for k, v in so_far.items() if "/" in k}
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        numbers.update(read_summary(summary_path, [*numbers, "flops_per_token", "train_split_tokens"]))
+        numbers.update(read_summary(summary_path, [*numbers, "flops_per_token", "train_split_tokens", *by_source]))
+        by_source.update({k: numbers.pop(k) for k in list(numbers) if "/" in k})
     params = {k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
               for k, v in flatten(read_config(run_dir)).items()}
     # runs made before the rows had flops: summary.json's flops_per_token, or (older still) the shape's
@@ -192,6 +207,7 @@ def load_run(run_dir: Path) -> RunRecord:
         val_losses=np.array([r["val_loss"] for r in val], dtype=float),
         final_val_loss=so_far["final_val_loss"],
         final_val_bpb=so_far["final_val_bpb"],
+        by_source=by_source,
         **numbers,
     )
 

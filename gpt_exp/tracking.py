@@ -205,7 +205,8 @@ def _define_metrics(run) -> None:
     """Curves against tokens (runs with other batch shapes stay comparable), and loss summaries that keep the best
     value instead of the last, noisy one."""
     run.define_metric("tokens")
-    for name, summary in (("loss", "min"), ("val_loss", "min"), ("val_bpb", "min"), ("lr", None), ("grad_norm", None)):
+    for name, summary in (("loss", "min"), ("val_loss", "min"), ("val_bpb", "min"), ("lr", None), ("grad_norm", None),
+                          ("val_loss/*", "min"), ("val_bpb/*", "min")):  # a mixture's, per source
         run.define_metric(name, step_metric="tokens", **({"summary": summary} if summary else {}))
 
 
@@ -316,6 +317,7 @@ class Tracker:
 
     def log_step(self, m: StepMetrics) -> None:
         row = asdict(m)
+        row.update({f"tokens/{name}": n for name, n in (row.pop("source_tokens") or {}).items()})
         # the axes runs are compared on: wall time since the run started, and the training FLOPs so far
         row["elapsed_s"] = round(self.elapsed_s, 3)
         row["flops"] = m.tokens * self.flops_per_token
@@ -327,13 +329,15 @@ class Tracker:
         if (m.step + 1) % self.log_every == 0 or m.step + 1 == self.total_steps:
             self.progress.update(m)
 
-    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
-        """A val_loss row with its bits per byte (no `loss` key: rows are counted as training steps by `loss`)."""
-        row = {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}
+    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None:
+        """A val_loss row with its bits per byte, and a mixture's val_loss/NAME and val_bpb/NAME (no `loss` key: rows
+        are counted as training steps by `loss`)."""
+        row = {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, **(by_source or {}), "tokens": self.tokens_seen}
         self.rows.append(row)
         self._write(row)
-        self.wandb.log({"val_loss": val_loss, "val_bpb": val_bpb, "tokens": self.tokens_seen}, step=step)
-        log.info("step %d | val loss %.4f | val bpb %.4f", step + 1, val_loss, val_bpb)
+        self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        log.info("step %d | val loss %.4f | val bpb %.4f%s", step + 1, val_loss, val_bpb,
+                 "".join(f" | {k} {v:.4f}" for k, v in (by_source or {}).items()))
 
     def _write(self, row: dict) -> None:
         try:
@@ -441,7 +445,7 @@ class RankTracker:
     def log_step(self, m: StepMetrics) -> None:
         self.tokens_seen = m.tokens
 
-    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
+    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None:
         pass
 
     def log_skip(self, step: int, reason: str) -> None:

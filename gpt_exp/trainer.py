@@ -30,11 +30,12 @@ from gpt_exp.atomic import make_temp_dir, replace_dir
 from gpt_exp.autobatch import (CPU_MAX_B, AutoBatch, candidates, choose_micro_batch, cuda_devices,
                                release_probe_memory, training_step_fn)
 from gpt_exp.checkpoint import Resume, save_checkpoint
-from gpt_exp.config import CpuMatmul, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
+from gpt_exp.config import CpuMatmul, DataSource, DType, OptimConfig, RunConfig, SaveModel, Schedule, Strategy
 from gpt_exp.core import core_results, load_bundle, metrics_row, score_tasks
 from gpt_exp.cpu import apply_cpu_fast_paths
 from gpt_exp.data.cache import prepare_tokens, split_tokens
 from gpt_exp.data.loader import BatchLoader, DeviceBatches
+from gpt_exp.data.mixture import MixtureLoader, build_mixture
 from gpt_exp.device import Runtime, device_name
 from gpt_exp.distributed import (all_reduce_mean, all_reduce_min, full_model_state, full_state, load_full_model_state,
                                  load_full_optimizer_state, set_grad_sync, shard_model)
@@ -148,7 +149,7 @@ class Tracking(Protocol):
     elapsed_s: float  # the run's wall time so far, over all its segments
 
     def log_step(self, m: StepMetrics) -> None: ...
-    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None: ...
+    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None: ...
     def log_skip(self, step: int, reason: str) -> None: ...
     def log_samples(self, step: int, samples: list[dict]) -> None: ...
     def log_hellaswag(self, step: int, scores: dict) -> None: ...
@@ -164,6 +165,7 @@ class Queued:
     loss: torch.Tensor
     norm: torch.Tensor
     t0: float
+    source_tokens: dict[str, int] | None = None  # data=mix: the step's training tokens from each source
 
 
 @dataclass
@@ -195,10 +197,11 @@ class Trainer:
             shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o, runtime.device_type, self.sharded)
-        self.loader, self.val_loader = build_loaders(cfg, d)
+        self.loader, self.val_loader, self.val_sources = build_loaders(cfg, d)
         self.grad_accum_steps = grad_accum_steps(cfg, d)
         self.max_steps = cfg.train.steps(self.tokens_per_step)
-        self.cadence = Cadence(self.max_steps, {"eval": cfg.train.eval_every if self.val_loader else 0,
+        evaluates = bool(self.val_loader or self.val_sources)
+        self.cadence = Cadence(self.max_steps, {"eval": cfg.train.eval_every if evaluates else 0,
                                                 "sample": cfg.train.sample_every,
                                                 "hellaswag": cfg.train.hellaswag_every, "core": cfg.train.core_every,
                                                 "ckpt": cfg.train.ckpt_every})
@@ -215,10 +218,12 @@ class Trainer:
         self.hellaswag = (load_hellaswag(Path(cfg.eval.hellaswag_path).expanduser(), cfg.eval.hellaswag_limit)
                           if cfg.train.hellaswag_every else [])
         # each token id's UTF-8 bytes, on the device once: what every evaluation's bits per byte divides by
-        self.byte_lengths = torch.tensor(token_byte_lengths(), device=runtime.device) if self.val_loader else None
+        self.byte_lengths = torch.tensor(token_byte_lengths(), device=runtime.device) if evaluates else None
         self.core_tasks = (load_bundle(Path(cfg.eval.core_bundle).expanduser(), cfg.eval.core_limit)
                            if cfg.train.core_every else [])
         self.step, self.tokens, self.skipped = 0, 0, 0  # optimizer steps done, tokens trained on, steps skipped
+        # data=mix: the tokens trained on from each source (they add up to self.tokens); None for one corpus
+        self.source_tokens = dict.fromkeys(self.loader.names, 0) if self.mixed else None
         # on a GPU a step's loss is read after the next step is queued, so the host never waits on the hot path
         self.defer = runtime.device_type == "cuda"
         self.best_val_loss = math.inf  # what model_best/ (or model/ under save_model=best) holds: a checkpoint keeps it
@@ -228,6 +233,15 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.cfg, self.d.world_size)
+
+    @property
+    def mixed(self) -> bool:
+        return isinstance(self.loader, MixtureLoader)
+
+    @property
+    def train_split_tokens(self) -> int:
+        """The training split's size (a mixture's: its trained sources' together): tokens / this = epochs."""
+        return self.loader.train_tokens if self.mixed else len(self.loader.source)
 
     def describe(self) -> str:
         precision = self.runtime.dtype.value
@@ -294,8 +308,8 @@ class Trainer:
         tracker.log_step(result)
         done, due = result.step + 1, self.cadence.due
         if due("eval", done):
-            val_loss, val_bpb = self.evaluate()
-            tracker.log_eval(result.step, val_loss, val_bpb)
+            val_loss, val_bpb, by_source = self.evaluate_sources()
+            tracker.log_eval(result.step, val_loss, val_bpb, by_source)
             if val_loss < self.best_val_loss and t.save_model != SaveModel.none and self.run_dir is not None:
                 self.best_val_loss = val_loss
                 self.save_weights("model" if t.save_model == SaveModel.best else "model_best")
@@ -324,6 +338,7 @@ class Trainer:
         model, optimizer = self.step_model, self.optimizer
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=self.runtime.device)
+        drawn = self.loader.tokens_drawn if self.mixed else None
         for micro_step in range(self.grad_accum_steps):
             x, y = self.batches.next_batch()
             if self.d.enabled:  # all-reduce the gradients once, on the last micro-step, not on every one
@@ -340,7 +355,8 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: their own peak, the same curve
         step_if_finite(optimizer, loss_accum, norm)
         self.step += 1
-        return Queued(self.step - 1, lr, loss_accum, norm, t0)
+        step_tokens = {k: v - drawn[k] for k, v in self.loader.tokens_drawn.items()} if self.mixed else None
+        return Queued(self.step - 1, lr, loss_accum, norm, t0, step_tokens)
 
     def read_step(self, queued: Queued) -> StepMetrics | Skipped:
         """The queued step's numbers (waits for the device: dt is the time until they were there)."""
@@ -349,8 +365,11 @@ class Trainer:
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             return self._skip(queued.step, queued.lr, loss_value, norm_value)
         self.tokens += self.tokens_per_step
+        if queued.source_tokens is not None:
+            for name, n in queued.source_tokens.items():
+                self.source_tokens[name] += n
         return StepMetrics(queued.step, loss_value, queued.lr, norm_value, dt * 1000, self.tokens_per_step / dt,
-                           self.tokens)
+                           self.tokens, dict(self.source_tokens) if self.mixed else None)
 
     def _skip(self, step: int, lr: float, loss: float, norm: float) -> Skipped:
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the grad norm is {norm}"
@@ -366,23 +385,42 @@ class Trainer:
         """(val loss, val bits per byte) over the first train.eval_batches batches of the val split (the same batches
         every time; each rank reads its own stride). Both are exact for those batches: the summed token losses over
         the summed tokens, and over ln 2 times the summed UTF-8 bytes of the target tokens, summed over the ranks."""
-        model, loader, batches, device = self.model, self.val_loader, self.cfg.train.eval_batches, self.runtime.device
-        model.eval()
+        val_loss, val_bpb, _ = self.evaluate_sources()
+        return val_loss, val_bpb
+
+    @torch.no_grad()
+    def evaluate_sources(self) -> tuple[float, float, dict[str, float]]:
+        """evaluate()'s two numbers and, under data=mix, each source's (val_loss/NAME, val_bpb/NAME) over the first
+        train.eval_batches batches of its own val split. A mixture's overall two are over every source's evaluated
+        tokens together (the summed token losses over the summed tokens, and bytes): each source evaluates as many
+        tokens, so its val_loss is the plain mean of the sources' (weight 0 included), not weighted by the mixture."""
+        loaders = self.val_sources or {None: self.val_loader}
+        self.model.eval()
+        totals = torch.stack([self._val_totals(loader) for loader in loaders.values()])
+        self.model.train()
+        totals = all_reduce_mean(totals, self.d)  # means over the ranks: their ratios are exact
+        by_source = {}
+        for name, row in zip(loaders, totals):
+            if name is not None:
+                by_source[f"val_loss/{name}"], by_source[f"val_bpb/{name}"] = _val_ratios(row)
+        return (*_val_ratios(totals.sum(0)), by_source)
+
+    def _val_totals(self, loader: BatchLoader) -> torch.Tensor:
+        """This rank's summed token losses (nats), tokens and target bytes over the loader's first batches."""
+        batches, device = self.cfg.train.eval_batches, self.runtime.device
         loader.reset()
-        # nats, tokens, bytes; float64 keeps the byte and token counts exact (MPS has no float64)
+        # float64 keeps the byte and token counts exact (MPS has no float64)
         totals = torch.zeros(3, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         for _ in range(batches):
             x, y = loader.next_batch()
             x, y = x.to(device), y.to(device)
             with self.runtime.autocast():  # the per-token losses the model's own loss averages (fp32 under autocast)
-                logits, _ = model(x)
+                logits, _ = self.model(x)
                 losses = F.cross_entropy(logits.flatten(0, 1), y.view(-1), reduction="none")
             totals[0] += losses.sum()
             totals[1] += y.numel()
             totals[2] += self.byte_lengths[y].sum()
-        model.train()
-        nats, tokens, n_bytes = all_reduce_mean(totals, self.d).tolist()  # means over the ranks: their ratios are exact
-        return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else math.nan
+        return totals
 
     @torch.no_grad()
     def samples(self) -> list[dict]:
@@ -476,7 +514,8 @@ class Trainer:
         model_state, optimizer_state = full_state(self.model, self.optimizer, self.sharded)
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "B": self.cfg.B, "model": model_state,
                 "optimizer": optimizer_state, "sharded": self.sharded, "loader": self.loader.state_dict(),
-                "rng": rng_state(), "best_val_loss": self.best_val_loss, "weights_at": dict(self.weights_at)}
+                "rng": rng_state(), "best_val_loss": self.best_val_loss, "weights_at": dict(self.weights_at),
+                **({"source_tokens": dict(self.source_tokens)} if self.mixed else {})}
 
     def load_weights(self, weights: dict, source: str) -> None:
         """Weights only (init_from): the model's tensors, shape for shape, or one line naming the first that differs."""
@@ -518,6 +557,10 @@ class Trainer:
             saved = "fsdp" if state.get("sharded") else "ddp or one process"
             fix = "train.strategy=fsdp under torchrun" if state.get("sharded") else "train.strategy=ddp"
             raise ConfigError(f"resume: the checkpoint was written by a {saved} run; resume it with {fix}")
+        if ("source_tokens" in state) != self.mixed:  # one loader's state means nothing to the other
+            saved = "a data=mix mixture" if "source_tokens" in state else "one corpus"
+            raise ConfigError(f"resume: the checkpoint was trained on {saved}; resume with its data settings, or "
+                              f"start a new run from its weights with init_from=")
         self.loader.load_state_dict(state["loader"])  # first: a position past this corpus is refused before all else
         if self.sharded:
             load_full_model_state(self.model, state["model"], self.sharded)
@@ -535,9 +578,17 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = self.start_step = state["step"]
         self.tokens, self.skipped = state["tokens"], state.get("skipped", 0)
+        if self.mixed:  # the loader's state has checked that the sources are the checkpoint's
+            self.source_tokens = dict(state["source_tokens"])
         # what model/ and model_best/ hold, so that a resumed run replaces them only with better weights
         self.best_val_loss = state.get("best_val_loss", math.inf)
         self.weights_at = dict(state.get("weights_at", {}))
+
+
+def _val_ratios(totals: torch.Tensor) -> tuple[float, float]:
+    """(val loss, val bpb) of summed (nats, tokens, bytes)."""
+    nats, tokens, n_bytes = totals.tolist()
+    return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else math.nan
 
 
 @dataclass(frozen=True)
@@ -594,8 +645,14 @@ def probe_B(cfg: RunConfig, runtime: Runtime, d: Dist) -> AutoBatch:
     return choice
 
 
-def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | None]:
-    """The training stream (this rank's stride) and, with train.eval_every, the val split's."""
+def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader | MixtureLoader, BatchLoader | None,
+                                                   dict[str, BatchLoader]]:
+    """The training stream (this rank's stride) and, with train.eval_every, the val split's; under data=mix the
+    mixture's rows, and each source's val split by name instead."""
+    if cfg.data.source == DataSource.mix:
+        mixture = build_mixture(cfg.data, cfg.B, cfg.T, d.rank, d.world_size, cfg.train.seed,
+                                evaluate=bool(cfg.train.eval_every))
+        return mixture.loader, None, mixture.val
     tokens = prepare_tokens(cfg.data).load()
     train_tokens, val_tokens = split_tokens(tokens, cfg.data.val_fraction)
     log.info("loaded %s tokens (train %s, val %s)", f"{len(tokens):,}", f"{len(train_tokens):,}", f"{len(val_tokens):,}")
@@ -603,12 +660,12 @@ def build_loaders(cfg: RunConfig, d: Dist) -> tuple[BatchLoader, BatchLoader | N
                          shuffle_seed=cfg.data.shuffle_seed, order=cfg.data.order, order_seed=cfg.train.seed)
     log.info("1 epoch = %s batches", f"{loader.batches_per_epoch:,}")
     if not cfg.train.eval_every:
-        return loader, None
+        return loader, None, {}
     needed = cfg.B * cfg.T * d.world_size + 1
     if len(val_tokens) < needed:
         raise DataError(f"the val split has {len(val_tokens):,} tokens but one batch needs B*T*world_size+1 = "
                         f"{needed:,}; raise data.val_fraction or lower B or T")
-    return loader, BatchLoader(val_tokens, cfg.B, cfg.T, d.rank, d.world_size)
+    return loader, BatchLoader(val_tokens, cfg.B, cfg.T, d.rank, d.world_size), {}
 
 
 def tokens_per_step(cfg: RunConfig, world_size: int) -> int:

@@ -131,14 +131,15 @@ class Collect:
 
     def __init__(self):
         self.steps, self.evals, self.skips, self.samples, self.hellaswag = [], [], [], [], []
-        self.val_bpb, self.core = [], []
+        self.val_bpb, self.core, self.by_source = [], [], []
 
     def log_step(self, m):
         self.steps.append(m)
 
-    def log_eval(self, step, val_loss, val_bpb):
+    def log_eval(self, step, val_loss, val_bpb, by_source=None):
         self.evals.append((step, val_loss))
         self.val_bpb.append((step, val_bpb))
+        self.by_source.append((step, by_source or {}))
 
     def log_skip(self, step, reason):
         self.skips.append((step, reason))

@@ -150,7 +150,7 @@ CONFIG_CASES = [
     ("number for a section", ["train=3"], "error: train=3: Invalid type assigned: int is not a subclass of TrainConfig."),
     ("group given keys", ["model={{n_layer:0}}"], "error: model.n_layer=0 is invalid: it must be >= 1"),
     ("null group", ["model=null"], "error: model=null: a config group takes an option name; use model=OPTION (--help lists them) or ~model"),
-    ("empty group option", ["data="], "error: unknown option data=; choose one of: fineweb_edu, shakespeare, text"),
+    ("empty group option", ["data="], "error: unknown option data=; choose one of: fineweb_edu, mix, shakespeare, text"),
     ("float in exponent form", ["B=1e3"], "error: B=1000.0 is invalid: the batch size must be an integer >= 1, e.g. B=4, or B=auto"),
 ]
 

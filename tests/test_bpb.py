@@ -88,7 +88,7 @@ def test_a_run_records_val_bpb_everywhere(tmp_path, cache_dir):
     records = wandb_records(offline)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["val_bpb"] for h in history if "val_bpb" in h] == pytest.approx([r["val_bpb"] for r in val])
-    metrics = {r["metric"]["name"]: r["metric"] for r in records if r["type"] == "metric"}
+    metrics = {r["metric"]["name"]: r["metric"] for r in records if r["type"] == "metric" and "name" in r["metric"]}
     assert metrics["val_bpb"]["summary"] == {"min": True}
     assert compare.main([str(run_dir), "--metric", "final_val_bpb", "--out", str(tmp_path / "report")]) == 0
     [row] = json.loads((tmp_path / "report" / "compare.json").read_text())

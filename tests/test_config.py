@@ -95,7 +95,7 @@ def test_help_and_cfg_job(tmp_path):
     helped = run_cli("run", "--help", cwd=tmp_path)
     assert helped.returncode == 0
     assert "model: gpt2, gpt2-large, gpt2-medium, gpt2-xl, modern, modern_tiny, tiny" in helped.stdout
-    assert "data: fineweb_edu, shakespeare, text" in helped.stdout and "device: auto, cpu, cuda" in helped.stdout
+    assert "data: fineweb_edu, mix, shakespeare, text" in helped.stdout and "device: auto, cpu, cuda" in helped.stdout
     shown = run_cli("run", "--cfg", "job", "B=8", "model=tiny", cwd=tmp_path)
     cfg = OmegaConf.create(shown.stdout)
     assert (cfg.B, cfg.T, cfg.model.n_embd, cfg.optim.lr) == (8, 32, 24, 6e-4)

@@ -145,11 +145,12 @@ def _locked(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def prepare_tokens(cfg: DataConfig) -> TokenCache:
+def prepare_tokens(cfg: DataConfig, key: str = "data.path") -> TokenCache:
     """The corpus's token cache: read back when a complete, intact entry for the same content exists; otherwise built
-    (or resumed, or its damaged shards rebuilt) here, under a file lock so that parallel first runs build it once."""
+    (or resumed, or its damaged shards rebuilt) here, under a file lock so that parallel first runs build it once.
+    `key`: the setting that named the corpus's path (a mixture's data.sources.NAME.path), for its errors."""
     _check(cfg)
-    sources = source_files(cfg)
+    sources = source_files(cfg, key)
     where = str(sources[0].path) if len(sources) == 1 else cfg.path
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     hashes = FileHashes(cache_dir)  # a file unchanged since an earlier run hashed it is not read again

@@ -46,8 +46,8 @@ def _source(path: Path, kind: str) -> Source:
     return Source(path, kind, path.stat().st_size)
 
 
-def source_files(cfg: DataConfig) -> list[Source]:
-    """The files of a corpus, in a fixed order (sorted by path)."""
+def source_files(cfg: DataConfig, key: str = "data.path") -> list[Source]:
+    """The files of a corpus, in a fixed order (sorted by path); `key`: the setting that named its path."""
     if cfg.source == DataSource.shakespeare:
         return [_source(Path(str(resources.files("gpt_exp") / "assets" / "tinyshakespeare.txt")), TEXT)]
     path = Path(cfg.path).expanduser()
@@ -58,10 +58,10 @@ def source_files(cfg: DataConfig) -> list[Source]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _kind(p) and p.is_file())
         if not files:
-            raise DataError(f"data.path={cfg.path} holds no .txt files (nor .jsonl, .jsonl.gz or .parquet); "
+            raise DataError(f"{key}={cfg.path} holds no .txt files (nor .jsonl, .jsonl.gz or .parquet); "
                             f"point it at a text file or a folder of them")
         return [_source(p, _kind(p)) for p in files]
-    raise DataError(f"data.path={cfg.path} does not exist; give an existing file, or a folder of .txt, .jsonl, "
+    raise DataError(f"{key}={cfg.path} does not exist; give an existing file, or a folder of .txt, .jsonl, "
                     f".jsonl.gz or .parquet files")
 
 

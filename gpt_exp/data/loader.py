@@ -108,8 +108,15 @@ class BatchLoader:
     def batches_per_epoch(self) -> int:
         return (len(self.source) - 1) // self._stride  # a batch reads B*T+1 tokens
 
+    @property
+    def buffer_shape(self) -> tuple[int, ...]:
+        return (self.B * self.T + 1,)
+
+    def split(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_xy(buf, self.B, self.T)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_xy(torch.from_numpy(self.next_tokens().astype(np.int64)), self.B, self.T)
+        return self.split(torch.from_numpy(self.next_tokens().astype(np.int64)))
 
     def next_tokens(self) -> np.ndarray:
         """The next batch's B*T+1 tokens as stored in the cache (x and y overlap in all but one), advancing."""
@@ -164,17 +171,17 @@ class BatchLoader:
 
 
 class DeviceBatches:
-    """A loader's (x, y) batches on the training device. On CUDA the B*T+1 tokens travel in one asynchronous copy
+    """A loader's (x, y) batches on the training device (a BatchLoader's, or a MixtureLoader's B rows of T+1 tokens:
+    each loader says its buffer's shape and how it splits). On CUDA the tokens travel in one asynchronous copy
     from page-locked host memory, so the host goes on queueing the step meanwhile; two host buffers take turns, and
     an event per buffer keeps one from being refilled while its last copy may still be reading it. Elsewhere the
     loader's batch is already where it trains."""
 
-    def __init__(self, loader: BatchLoader, device: torch.device):
+    def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
         self.pinned = device.type == "cuda"
         if self.pinned:
-            n = loader.B * loader.T + 1
-            self._host = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host = [torch.empty(loader.buffer_shape, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._copied = [torch.cuda.Event() for _ in range(2)]
             self._turn = 0
 
@@ -187,4 +194,4 @@ class DeviceBatches:
         host.numpy()[:] = self.loader.next_tokens()  # uint16 -> int64 straight into page-locked memory
         buf = host.to(self.device, non_blocking=True)
         copied.record()
-        return split_xy(buf, self.loader.B, self.loader.T)
+        return self.loader.split(buf)
