@@ -29,6 +29,7 @@ SEED_KEY = "train.seed"
 # Aggregated as mean ± std over seeds; loss_at_x is the smoothed loss where every run can be compared (common_x).
 LOSS_METRICS = ("final_loss", "best_loss", "final_val_loss", "loss_at_x")
 METRICS = (*LOSS_METRICS, "final_val_bpb", "steps", "tokens", "median_tok_per_s", "wall_s")
+TESTED_METRICS = (*LOSS_METRICS, "final_val_bpb")  # lower is better: --baseline and --target test them
 AXES = ("step", "tokens", "flops", "time")
 # Logger settings and the cache's path decide where a run writes, not what it learns, and often differ per run; so
 # do the settings of how often it saves, logs and evaluates, and its CPU threads. data.path is what it learns from.
@@ -172,9 +173,10 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     if metric not in METRICS and metric not in keys and metric not in by_source:
         choices = ", ".join([*METRICS, *by_source, *keys])
         raise CompareError(f"unknown --metric {metric}; choose one of {choices}")
-    if (baseline or target is not None) and metric not in LOSS_METRICS:
+    if (baseline or target is not None) and not is_testable(metric):
         option = "--baseline" if baseline else "--target"
-        raise CompareError(f"{option} tests a loss; use --metric {', '.join(LOSS_METRICS)}, not --metric {metric}")
+        raise CompareError(f"{option} tests a loss; use --metric {', '.join(TESTED_METRICS)} (or a mixture's "
+                           f"final_val_bpb/NAME, ...), not --metric {metric}")
     x = x or default_x(runs)
     span = smoothing_span(runs, x, smooth)
     at = common_x([r for g in groups for r in contributing(g)], x)
@@ -223,6 +225,11 @@ def _group_row(keys: list[str], group: list[RunRecord], loss_at_x: dict, x: str,
     row["status"] = group[0].status if len(statuses) == 1 else ", ".join(f"{n} {s}" for s, n in statuses.items())
     row["run_dirs"] = [str(r.path) for r in group]
     return row
+
+
+def is_testable(metric: str) -> bool:
+    """Whether --baseline and --target can test `metric`: a loss (bits per byte is one), a mixture's per source too."""
+    return metric in TESTED_METRICS or _source_loss(metric)
 
 
 def _source_loss(name: str) -> bool:

@@ -134,7 +134,8 @@ def test_baseline_on_best_loss_and_a_group_choice(tmp_path: Path) -> None:
     (["--baseline", "optim.lr=1e-3"], "error: --baseline optim.lr=1e-3 matches 2 configurations (B=4, B=16); add "
                                       "--baseline B=VALUE to pick one\n"),
     (["--baseline", "B=4", "--metric", "steps"], "error: --baseline tests a loss; use --metric final_loss, "
-                                                 "best_loss, final_val_loss, loss_at_x, not --metric steps\n"),
+                                                 "best_loss, final_val_loss, loss_at_x, final_val_bpb (or a "
+                                                 "mixture's final_val_bpb/NAME, ...), not --metric steps\n"),
     (["--target", "nan"], "error: --target nan must be a finite loss, e.g. --target 3.5\n"),
 ])
 def test_bad_baseline_or_target_is_one_line(tmp_path: Path, capsys, args: list[str], expected: str) -> None:
@@ -394,3 +395,21 @@ def test_a_line_says_when_seeds_share_the_data_order(tmp_path, capsys) -> None:
             make_run(tmp_path / order / str(seed), [3.0 + seed], seed=seed, config={"data": {"order": order}})
         assert main([str(tmp_path / order)]) == 0
         assert (line in capsys.readouterr().out.splitlines()) == (order == "sequential")
+
+
+def test_baseline_tests_bits_per_byte_overall_and_per_source(tmp_path: Path) -> None:
+    """val bpb is a loss (lower is better): --baseline tests it, and a mixture's per-source bpb, with scipy's Welch."""
+    bpb = {1e-3: [1.50, 1.52, 1.49], 3e-3: [1.44, 1.47, 1.45]}
+    for lr, values in bpb.items():
+        for seed, value in enumerate(values):
+            run = make_run(tmp_path / f"{lr}-{seed}", [5.0, 4.0], lr=lr, seed=seed)
+            with (run / "metrics.jsonl").open("a") as f:  # an evaluation's row, as a data=mix run writes it
+                f.write(json.dumps({"step": 1, "val_loss": 3.0, "val_bpb": value, "val_loss/web": 3.1,
+                                    "val_bpb/web": value + 0.1}) + "\n")
+    runs = load_runs([str(tmp_path)])
+    expected = stats.ttest_ind(bpb[3e-3], bpb[1e-3], equal_var=False).pvalue
+    for metric in ("final_val_bpb", "final_val_bpb/web"):
+        rows = compare_table(runs, metric=metric, baseline=["optim.lr=0.001"])
+        tested = next(row for row in rows if row["optim.lr"] == 3e-3)
+        assert tested["baseline_diff"] == pytest.approx(np.mean(bpb[3e-3]) - np.mean(bpb[1e-3]))
+        assert tested["baseline_p"] == pytest.approx(expected)
