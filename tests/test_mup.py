@@ -130,7 +130,7 @@ def test_embed_lr_mult_scales_the_embeddings_lr_and_a_resume_keeps_this_runs():
 
 @pytest.mark.parametrize("overrides, line", [
     (["model.mup_output_mult=2"], "model.mup_output_mult=2.0 is invalid: it scales muP's model: set "
-                                  "model.parametrization=mup, or leave it at 1.0"),
+                                  "model.parametrization=mup (or completep), or leave it at 1.0"),
     (["model.parametrization=mup", "model.mup_attn_mult=0"], "model.mup_attn_mult=0.0 is invalid: it must be a "
                                                              "finite number > 0, e.g. 1.0"),
     (["model.parametrization=mup", "model.mup_embed_lr_mult=nan"], "model.mup_embed_lr_mult=nan is invalid: it must "
@@ -212,7 +212,7 @@ def test_mup_through_the_trainer_scales_the_hidden_lr(cache_dir):
 
 
 def test_a_bad_parametrization_is_one_error():
-    with pytest.raises(ConfigError, match="model.parametrization=mp is invalid: use sp or mup"):
+    with pytest.raises(ConfigError, match="model.parametrization=mp is invalid: use sp, mup or completep"):
         compose_config("model.parametrization=mp")
 
 
