@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from gpt_exp import coord_check
 from gpt_exp.checkpoint import load_model
 from gpt_exp.config import ConfigError
 from gpt_exp.model import GPT, GPTConfig
@@ -163,3 +164,21 @@ def test_completep_trains_every_architecture(cache_dir, arch):
     tracker = Collect()
     assert trainer.fit(tracker) == "completed"
     assert tracker.losses[-1] < tracker.losses[0] - 0.05  # it learns
+
+
+def test_the_depth_coord_check_is_flat_under_completep_and_grows_under_mup(tmp_path, cache_dir):
+    tokens, setup = coord_check.load_tokens(str(cache_dir)), coord_check.Setup(B=4, T=32)
+    rows = [r for par in ("mup", "completep") for r in coord_check.depth_rows([2, 16], 32, 4, par, tokens, setup)]
+    assert len(rows) == 2 * 4 * (2 + 16)  # parametrizations x steps x blocks of each depth
+    update = {par: coord_check.last_block(rows, "update_rms", par, 4) for par in ("mup", "completep")}
+    # the last block's change since the init, depth 16 against depth 2 (8x the blocks, each adding its update)
+    assert 0.5 < update["completep"][16] / update["completep"][2] < 2  # measured: 0.78
+    assert update["mup"][16] / update["mup"][2] > 3  # measured: 5.7
+    coord_check.write(rows, tmp_path, "coord_check_depth")
+    assert {p.name for p in tmp_path.iterdir()} == {f"coord_check_depth.{ext}" for ext in ("csv", "json", "png")}
+
+
+def test_the_depth_coord_check_refuses_bad_depths_in_one_line(tmp_path, capsys):
+    assert coord_check.main(["--depths", "2,0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --depths=2,0 is invalid: give comma-separated depths >= 1, e.g. 2,4,8,16"]
