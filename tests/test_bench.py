@@ -1,9 +1,12 @@
 """Smoke runs of the benchmarks at tiny sizes, so that they do not rot; no assertion on speed."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -35,3 +38,14 @@ def test_step_profile_splits_the_step_into_phases():
     assert float(phases["forward"]) > 0 and float(phases["backward"]) > 0 and float(phases["logging"]) > 0
     timed = sum(float(ms) for name, ms in phases.items() if name != "other")
     assert timed <= float(match.group(1)) * 1.05  # medians of parts need not add up exactly, but cannot exceed it
+
+
+@pytest.mark.slow
+def test_depth_transfer_writes_each_cell_and_each_depths_best_lr(tmp_path, cache_dir):
+    out = bench(str(BENCH / "depth_transfer.py"), "--depths", "1,2", "--lrs", "0.01", "--seeds", "1", "--steps", "2",
+                "--parametrizations", "completep", "--cache-dir", str(cache_dir), "--out", str(tmp_path))
+    result = json.loads((tmp_path / "depth_transfer.json").read_text())
+    assert [(r["depth"], r["lr"], r["seeds"]) for r in result["mean"]] == [(1, 0.01, 1), (2, 0.01, 1)]
+    assert all(9 < r["val_loss"] < 11 for r in result["mean"])  # 2 steps from ln(50257) = 10.8
+    assert result["best_lr_grid"] == {"completep": {"1": 0.01, "2": 0.01}}
+    assert "completep: best lr per depth on the grid" in out and (tmp_path / "depth_transfer.png").is_file()
