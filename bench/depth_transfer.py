@@ -63,8 +63,9 @@ def overrides(depth: int, parametrization: str, lr: float, seed: int, steps: int
     scaled = [f"model.mup_base_width={width}"] if parametrization != "sp" else []
     if parametrization == "completep":
         scaled.append(f"model.depth_base={depth_base}")
-    return [*FIXED, *data, f"model.n_layer={depth}", f"model.n_embd={width}", f"model.parametrization={parametrization}",
-            *scaled, f"optim.lr={lr}", f"train.seed={seed}", f"train.max_steps={steps}"]
+    return [*FIXED, *data, f"model.n_layer={depth}", f"model.n_embd={width}",
+            f"model.parametrization={parametrization}", *scaled, f"optim.lr={lr}", f"train.seed={seed}",
+            f"train.max_steps={steps}"]
 
 
 def train(args: list[str]) -> float:
@@ -86,8 +87,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--depth-base", type=int, default=2, help="CompleteP's base depth")
-    parser.add_argument("--parametrizations", default="sp,completep", help="e.g. sp in one process, completep in another")
-    parser.add_argument("--data-path", default=None, help="a corpus (data=text data.path=...); default tiny shakespeare")
+    parser.add_argument("--parametrizations", default="sp,completep",
+                        help="e.g. sp in one process, completep in another")
+    parser.add_argument("--data-path", default=None,
+                        help="a corpus (data=text data.path=...); default: tiny shakespeare")
     parser.add_argument("--merge", nargs="*", default=[], help="depth_transfer.json files to report together, no runs")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gpt_exp_depth_cache"))
     parser.add_argument("--out", default=str(Path(__file__).parent))

@@ -1,5 +1,5 @@
 """model.parametrization=completep (Dey et al. 2025, as EleutherAI's nanoGPT-mup completep branch does it): muP's width
-rules plus a residual multiplier (depth_base / n_layer)^alpha and depth-scaled lrs and Adam eps; sp and mup unchanged."""
+rules plus a residual multiplier (depth_base / n_layer)^alpha, depth-scaled lrs and Adam eps; sp and mup unchanged."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def test_the_residual_projections_start_without_gpt2s_depth_factor():
 
 
 @pytest.mark.parametrize("overrides, line", [
-    (["model.parametrization=completep", "model.depth_base=0"], "model.depth_base=0 is invalid: it must be >= 1, e.g. 2"),
+    (["model.parametrization=completep", "model.depth_base=0"],
+     "model.depth_base=0 is invalid: it must be >= 1, e.g. 2"),
     (["model.parametrization=completep", "model.depth_alpha=0.25"], "model.depth_alpha=0.25 is invalid: it must be in "
                                                                     "[0.5, 1]: 1 for CompleteP, 0.5 for depth-muP"),
     (["model.parametrization=mup", "model.depth_base=4"], "model.depth_base=4 is invalid: it scales CompleteP's model: "
