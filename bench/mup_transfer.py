@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gpt_exp.coord_check import Setup, batches, build, load_tokens
+from lr_sweep import best_lrs, cells, plot, print_table  # bench/, this script's dir
 
 
 def renumber(tokens: np.ndarray) -> tuple[np.ndarray, int]:
@@ -53,39 +54,6 @@ def train(width: int, parametrization: str, lr: float, seed: int, steps: int, da
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         return float(np.mean([model(x, y)[1].item() for x, y in val]))
-
-
-def best_lrs(results: list[dict], parametrization: str) -> dict[int, float]:
-    best = {}
-    for width in sorted({r["width"] for r in results}):
-        mine = [r for r in results if r["parametrization"] == parametrization and r["width"] == width]
-        scored = [r for r in mine if math.isfinite(r["val_loss"])]
-        best[width] = min(scored, key=lambda r: r["val_loss"])["lr"] if scored else float("nan")
-    return best
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, par in zip(axes, ("sp", "mup")):
-        if not any(r["parametrization"] == par for r in results):
-            continue
-        for width in sorted({r["width"] for r in results}):
-            pts = sorted((r["lr"], r["val_loss"]) for r in results if r["parametrization"] == par
-                         and r["width"] == width)
-            ax.plot(*zip(*pts), marker="o", label=f"n_embd={width}")
-        ax.set_xscale("log")
-        ax.set_title(par)
-        ax.set_xlabel("lr")
-    axes[0].set_ylabel("held-out loss (mean of seeds)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -119,24 +87,16 @@ def main() -> None:
                     print(f"[{time.time() - start:6.0f}s] seed {seed} {par} n_embd={width} lr={lr:g}: {loss:.4f}",
                           flush=True)
     params = [p for p in ("sp", "mup") if any(r["parametrization"] == p for r in results)]
-    mean = []
-    for par in params:
-        for width in widths:
-            for lr in lrs:
-                losses = [r["val_loss"] for r in results if (r["parametrization"], r["width"], r["lr"]) ==
-                          (par, width, lr)]
-                mean.append({"parametrization": par, "width": width, "lr": lr, "val_loss": float(np.mean(losses))})
+    mean = cells(results, "width")
     out = Path(args.out)
-    summary = {par: best_lrs(mean, par) for par in params}
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {par: best_lrs(mean, par, "width") for par in params}
     (out / "mup_transfer.json").write_text(json.dumps({"runs": results, "mean": mean, "best_lr": summary,
                                                         "steps": args.steps, "base_width": args.base_width},
                                                        indent=1))
-    plot(mean, out / "mup_transfer.png")
-    print(f"\n{'lr':>8} " + " ".join(f"{p}@{w:<5}" for p in params for w in widths))
-    for lr in lrs:
-        row = [next(r["val_loss"] for r in mean if (r["parametrization"], r["width"], r["lr"]) == (p, w, lr))
-               for p in params for w in widths]
-        print(f"{lr:>8g} " + " ".join(f"{v:8.4f}" for v in row))
+    plot(mean, out / "mup_transfer.png", "width", "n_embd")
+    print()
+    print_table(mean, "width")
     for par, best in summary.items():
         moved = [lrs.index(b) for b in best.values() if b in lrs]
         print(f"{par}: best lr per width {best}; it moves {max(moved) - min(moved)} grid steps")

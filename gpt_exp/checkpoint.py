@@ -25,7 +25,7 @@ from gpt_exp.config import MODEL_FIXED, MODEL_SHAPE, RunConfig, flatten, known_s
 from gpt_exp.errors import ConfigError, UserError
 from gpt_exp.hf import gpt_config, load_checked_weights, load_hf_gpt2, recorded_step
 from gpt_exp.metrics import read_metrics
-from gpt_exp.model import GPT
+from gpt_exp.model import GPT, scale_settings
 from gpt_exp.shapes import arch_settings
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,16 @@ def init_weights(target: str) -> tuple[GPT, str]:
     if target.startswith("hf:"):
         return load_hf_gpt2(target[3:]), target
     model, info = load_model(target, key="init_from")
+    require_sp(model, info["source"], "init_from")
     return model, info["source"]
+
+
+def require_sp(model: GPT, source: str, reader: str) -> None:
+    """Refuse a muP or CompleteP model where only GPT-2's scales fit: a Hugging Face dir (export) holds none of them,
+    and the weights alone (init_from) would train under another run's scales. sample and eval read them all."""
+    if model.config.parametrization != "sp":
+        raise ConfigError(f"{source} is a model.parametrization={model.config.parametrization} model: {reader} reads "
+                          f"GPT-2 (sp) models only; resume it with python -m gpt_exp.run instead")
 
 
 def _run_weights_info(run_dir: Path) -> dict:
@@ -300,14 +309,12 @@ def load_model(target: str, hf: bool = False, key: str = "resume") -> tuple[GPT,
         if not isinstance(m, dict) or not {"model", "step"} <= state.keys():  # a foreign .pt: a tensor, a state_dict
             raise ConfigError(f"{ckpt} is not a gpt_exp checkpoint (no model, config and step); give a run dir or a "
                               f"checkpoint file that `python -m gpt_exp.run train.ckpt_every=N` wrote")
-        if m.get("parametrization", "sp") != "sp":  # its attention and logit scales are not GPT-2's
-            raise ConfigError(f"{ckpt} is a model.parametrization={m['parametrization']} model: sample, eval and "
-                              f"export read GPT-2 (sp) models only; resume it with python -m gpt_exp.run instead")
         fix = "the checkpoint is damaged: use another one of the run"
         shape = {key: m.get(key) for key in MODEL_SHAPE}
         # padded as it was trained (model.pad_vocab): its embedding's rows say so, whatever device this runs on
         config = gpt_config(shape, f"{ckpt}'s config", fix, padded_vocab_size=embedding_rows(state["model"]))
-        model = GPT(dataclasses.replace(config, **arch_settings(m)))  # rope, rmsnorm, ...: as it was trained
+        # rope, rmsnorm, ..., and muP's and CompleteP's scales: the model computes what it was trained to compute
+        model = GPT(dataclasses.replace(config, **arch_settings(m), **scale_settings(m)))
         load_checked_weights(model, state["model"], f"{ckpt}'s weights do not match its config", fix)
         info = {"name": m.get("name", "?"), "source": str(ckpt), "step": state["step"]}
     return model.eval(), {**info, "params": model.num_params()}

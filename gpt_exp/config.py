@@ -163,6 +163,10 @@ def _names(sources: dict, field_name: str | None = None) -> str:
     return "{" + ", ".join(f"{n}: {{{field_name}: {getattr(s, field_name):g}}}" for n, s in sources.items()) + "}"
 
 
+# model.parametrization's choices; mup's width rules hold under both of the scaled ones
+PARAMETRIZATIONS = ("sp", "mup", "completep")
+WIDTH_SCALED = ("mup", "completep")
+
 # The settings that fix the shape of a model's weights: a checkpoint loads only into a model with the same ones.
 MODEL_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
@@ -186,6 +190,10 @@ class ModelConfig:
     mup_output_mult: float = 1.0  # the logits times mup_output_mult / m
     mup_attn_mult: float = 1.0  # attention scores q.k times mup_attn_mult / d_head
     mup_embed_lr_mult: float = 1.0  # the embeddings' lr (wte, tied to lm_head, and wpe) times this
+    # completep: mup's width rules plus CompleteP's depth rules (Dey et al. 2025), depths measured against depth_base,
+    # so that the best optim.lr found at the base depth transfers to deeper models. Under completep only
+    depth_base: int = 2  # L_base: the n_layer at which completep's residual branches and lrs are mup's
+    depth_alpha: float = 1.0  # each residual branch times (depth_base / n_layer)^alpha: 1 CompleteP, 0.5 depth-muP
     # The architecture, each default GPT-2's (conf/model/modern.yaml: nanochat's choices)
     pos: str = "learned"  # learned (a position embedding, wpe) or rope (rotary q and k, no wpe)
     rope_theta: float = 10000.0  # rope's base: the slowest pair turns by 1/rope_theta per position
@@ -210,14 +218,21 @@ class ModelConfig:
                  "use auto (pad on CUDA only), true or false")
         _require(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
                  f"it must be divisible by model.n_head={self.n_head}")
-        _require(str(self.parametrization) in ("sp", "mup"), "model.parametrization", self.parametrization,
-                 "use sp or mup")
+        _require(str(self.parametrization) in PARAMETRIZATIONS, "model.parametrization", self.parametrization,
+                 "use sp, mup or completep")
         _require(self.mup_base_width >= 1, "model.mup_base_width", self.mup_base_width, "it must be >= 1, e.g. 64")
         for key in ("mup_output_mult", "mup_attn_mult", "mup_embed_lr_mult"):
             value = getattr(self, key)
             _require(math.isfinite(value) and value > 0, f"model.{key}", value, "it must be a finite number > 0, e.g. 1.0")
-            _require(value == 1.0 or str(self.parametrization) == "mup", f"model.{key}", value,
-                     "it scales muP's model: set model.parametrization=mup, or leave it at 1.0")
+            _require(value == 1.0 or str(self.parametrization) in WIDTH_SCALED, f"model.{key}", value,
+                     "it scales muP's model: set model.parametrization=mup (or completep), or leave it at 1.0")
+        _require(self.depth_base >= 1, "model.depth_base", self.depth_base, "it must be >= 1, e.g. 2")
+        _require(0.5 <= self.depth_alpha <= 1, "model.depth_alpha", self.depth_alpha,  # nan fails the comparison
+                 "it must be in [0.5, 1]: 1 for CompleteP, 0.5 for depth-muP")
+        for key, default in (("depth_base", 2), ("depth_alpha", 1.0)):
+            _require(getattr(self, key) == default or str(self.parametrization) == "completep", f"model.{key}",
+                     getattr(self, key), f"it scales CompleteP's model: set model.parametrization=completep, or "
+                                         f"leave it at {default}")
         # the architecture settings, alone and together: an impossible model is one line before any work
         for key, choices in (("pos", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
                              ("mlp", ("gelu", "relu2", "swiglu"))):
@@ -239,6 +254,7 @@ class ModelConfig:
 # Settings a resume cannot change: the weights' shape, and what their values mean (muP's scales are set by its
 # parametrization and base width; another would silently rescale the logits and every lr).
 MODEL_FIXED = (*MODEL_SHAPE, "parametrization", "mup_base_width", "mup_output_mult", "mup_attn_mult",
+               "depth_base", "depth_alpha",  # CompleteP's residual multiplier (and its lrs and Adam eps)
                # the architecture: which weights there are and what they compute (zero_init_proj is the init only)
                "pos", "rope_theta", "norm", "norm_gain", "qk_norm", "mlp", "bias", "tie_embeddings", "logit_softcap",
                "n_kv_head", "value_embeddings")
@@ -476,9 +492,9 @@ def validate(cfg: RunConfig) -> None:
     m, t, o = cfg.model, cfg.train, cfg.optim
     for section in (cfg.data, m, cfg.device, t, o, cfg.sample, cfg.eval):
         section.check()
-    _require(not (str(m.parametrization) == "mup" and o.name == OptimizerName.muon), "model.parametrization",
-             m.parametrization, "muP's per-width AdamW lrs are not defined for optim=muon (Muon scales its updates "
-             "by shape itself): use optim=adamw with mup, or sp with muon")
+    _require(not (str(m.parametrization) in WIDTH_SCALED and o.name == OptimizerName.muon), "model.parametrization",
+             m.parametrization, f"muP's per-width AdamW lrs are not defined for optim=muon (Muon scales its updates "
+             f"by shape itself): use optim=adamw with {m.parametrization}, or sp with muon")
     if o.name == OptimizerName.muon and t.strategy == Strategy.fsdp:
         raise ConfigError(MUON_FSDP_ERROR)  # Newton-Schulz needs whole matrices, not FSDP's row shards
     auto_B = cfg.B == "auto"

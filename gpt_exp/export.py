@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpt_exp.checkpoint import load_model
+from gpt_exp.checkpoint import load_model, require_sp
 from gpt_exp.cli import ArgumentParser, command
 from gpt_exp.errors import ConfigError
 from gpt_exp.generation import describe
@@ -24,6 +24,7 @@ def export(source: str, out_dir: str) -> tuple[Path, dict]:
         raise ConfigError(f"{source} does not exist; give a run dir (outputs/<date>/<time>) or a checkpoint file")
     check_out_dir(out_dir)  # before loading: a big model takes a while to load, only to be refused
     model, info = load_model(source)
+    require_sp(model, info["source"], "export")
     return save_hf(model, out_dir, step=info["step"]), info  # GPT-2's dir, or Llama's for a Llama-shaped model
 
 

@@ -20,6 +20,16 @@ GPT-2's 50257), so that the lm_head matmul has shapes CUDA kernels tile well (~4
 rows are never a token: forward returns the logits of the real vocabulary only, so the loss, sampling and evaluation
 never give them probability, and they get no gradient, so they stay zero through training.
 
+Under model.parametrization=completep (CompleteP, Dey et al. 2025, "Don't be lazy: CompleteP enables compute-efficient
+deep transformers", as EleutherAI's nanoGPT-mup does it on its completep branch) the width rules above hold, and depths
+are measured against depth_base, L_m = n_layer / depth_base, with alpha = depth_alpha (1; 0.5 is depth-muP): each
+block's two residual branches are multiplied by L_m^-alpha, the blocks' matrices train with lr / m * L_m^(alpha - 1)
+and the blocks' gains and biases (and value-embedding gates) with lr * L_m^(alpha - 1), Adam's eps is eps / m *
+L_m^-alpha in every group, and the residual projections start with the hidden matrices' std 0.02 / sqrt(m), without
+GPT-2's 1/sqrt(2 * n_layer): the residual multiplier is what scales a block's output with depth (the init must not
+depend on it). The embeddings, lm_head and the final norm keep mup's lrs. At L_m = 1 completep is mup but for that
+init of the residual projections and eps / m.
+
 Architecture settings (model.pos, norm, norm_gain, qk_norm, mlp, bias, tie_embeddings, logit_softcap, n_kv_head,
 value_embeddings, zero_init_proj) each default to GPT-2's choice, and at their defaults the model, its state_dict keys
 and its init's random stream are GPT-2's above. The others: rotary positions instead of wpe (Su et al., in Llama's
@@ -91,6 +101,8 @@ class GPTConfig:
     mup_output_mult: float = 1.0  # under mup: the logits times this / m
     mup_attn_mult: float = 1.0  # under mup: attention scores times this / d_head
     mup_embed_lr_mult: float = 1.0  # under mup: the embeddings' (wte = lm_head, wpe) lr times this
+    depth_base: int = 2  # under completep: the n_layer at which its residual branches and lrs are mup's
+    depth_alpha: float = 1.0  # under completep: residual branches times (depth_base / n_layer)^depth_alpha
     # the architecture settings (the module docstring; config.ModelConfig says what each does); each default GPT-2's
     pos: str = "learned"  # learned (wpe) or rope (rotary, no wpe)
     rope_theta: float = 10000.0
@@ -131,12 +143,27 @@ class GPTConfig:
 
     @property
     def mup(self) -> bool:
-        return self.parametrization == "mup"
+        """muP's width rules: under mup, and under completep, which adds depth rules to them."""
+        return self.parametrization in ("mup", "completep")
+
+    @property
+    def completep(self) -> bool:
+        return self.parametrization == "completep"
 
     @property
     def width_mult(self) -> float:
         """muP's width multiplier m = n_embd / mup_base_width; 1 under sp (nothing is scaled)."""
         return self.n_embd / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def depth_mult(self) -> float:
+        """CompleteP's depth multiplier L_m = n_layer / depth_base; 1 under sp and mup."""
+        return self.n_layer / self.depth_base if self.completep else 1.0
+
+    @property
+    def residual_mult(self) -> float:
+        """What each residual branch's output is multiplied by: L_m^-alpha (1 but under completep)."""
+        return self.depth_mult ** -self.depth_alpha
 
     @classmethod
     def from_model_config(cls, m: ModelConfig, device_type: str, saved_rows: int | None = None) -> GPTConfig:
@@ -145,10 +172,21 @@ class GPTConfig:
         padded checkpoint resumes padded (and an unpadded one unpadded) on any device."""
         pad = pad_vocab_on(m.pad_vocab, device_type)
         rows = saved_rows if saved_rows is not None else padded_vocab(m.vocab_size, pad)
-        return cls(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, rows,
-                   str(getattr(m, "parametrization", "sp")), getattr(m, "mup_base_width", 64),
-                   getattr(m, "mup_output_mult", 1.0), getattr(m, "mup_attn_mult", 1.0),
-                   getattr(m, "mup_embed_lr_mult", 1.0), **arch_settings(m))
+        return cls(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, rows, **scale_settings(m),
+                   **arch_settings(m))
+
+
+# The parametrization's settings and their defaults (sp's): what a model's scales are, beyond its architecture
+SCALE_DEFAULTS = {"parametrization": "sp", "mup_base_width": 64, "mup_output_mult": 1.0, "mup_attn_mult": 1.0,
+                  "mup_embed_lr_mult": 1.0, "depth_base": 2, "depth_alpha": 1.0}
+
+
+def scale_settings(m: object) -> dict:
+    """The parametrization settings of `m` (a ModelConfig, GPTConfig or checkpoint's model dict), each missing one
+    its default: a checkpoint of a version without them keeps the scales it was trained with."""
+    get = m.get if isinstance(m, dict) else lambda key, default: getattr(m, key, default)
+    settings = {key: get(key, default) for key, default in SCALE_DEFAULTS.items()}
+    return {**settings, "parametrization": str(settings["parametrization"])}
 
 
 def fit_padding(state: dict, config: GPTConfig) -> dict:
@@ -295,11 +333,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.residual_mult = config.residual_mult  # CompleteP: (depth_base / n_layer)^alpha; 1 otherwise
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ve: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, ve, cache)
-        return x + self.mlp(self.ln_2(x))
+        if self.residual_mult == 1.0:  # sp and mup: GPT-2's block, without a multiply by 1
+            x = x + self.attn(self.ln_1(x), rope, ve, cache)
+            return x + self.mlp(self.ln_2(x))
+        # CompleteP: L blocks each add L_m^-alpha of their output, so that the residual stream and its updates keep
+        # their size as the depth grows
+        x = x + self.residual_mult * self.attn(self.ln_1(x), rope, ve, cache)
+        return x + self.residual_mult * self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -340,8 +384,10 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "RESIDUAL_SCALE_INIT", False):
-                std *= (2 * self.config.n_layer) ** -0.5  # each block adds to the residual stream twice
+            # each block adds to the residual stream twice; CompleteP scales that sum with its residual multiplier
+            # instead, so that the init does not depend on the depth (nanoGPT-mup's completep branch drops it too)
+            if getattr(module, "RESIDUAL_SCALE_INIT", False) and not self.config.completep:
+                std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             # zero_init_proj: each block starts as the identity (modded-nanogpt, nanochat); a value embedding's gate
             # starts at 1. Drawn first all the same, so the other weights keep the random stream
@@ -370,6 +416,31 @@ class GPT(nn.Module):
         grows), the norms' gains and the biases (vectors)."""
         return [m.weight for block in self.transformer.h for m in (block.attn.c_attn, block.attn.c_proj,
                                                                    block.mlp.c_fc, block.mlp.c_proj)]
+
+    def completep_groups(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+        """CompleteP's AdamW groups (nanoGPT-mup's completep branch, GPT.configure_optimizers), each with its lr_scale
+        (the Trainer's schedule keeps it), L_m^(alpha - 1) being 1 at alpha = 1:
+        the hidden matrices lr / m * L_m^(alpha - 1), weight decay * m (as under mup);
+        the embeddings (wte = lm_head, wpe, the value embeddings) and an untied lm_head lr * mup_embed_lr_mult;
+        the blocks' other matrices (the value embeddings' gates: neither dim grows with the width, and they sit in
+        a residual branch) lr * L_m^(alpha - 1), decayed; the blocks' gains and biases lr * L_m^(alpha - 1), not
+        decayed; the final norm's gain and bias lr, not decayed."""
+        c = self.config
+        depth_scale = c.depth_mult ** (c.depth_alpha - 1)
+        hidden = {id(p) for p in self.hidden_matrices()}
+        in_blocks = {id(p) for p in self.transformer.h.parameters()}
+
+        def group(keep, decay: float, scale: float) -> dict:
+            return {"params": [p for p in params if keep(p)], "weight_decay": decay, "lr": lr * scale,
+                    "lr_scale": scale}
+
+        return [
+            group(lambda p: id(p) in hidden, weight_decay * c.width_mult, depth_scale / c.width_mult),
+            group(lambda p: p.dim() >= 2 and id(p) not in in_blocks, weight_decay, c.mup_embed_lr_mult),
+            group(lambda p: p.dim() >= 2 and id(p) in in_blocks and id(p) not in hidden, weight_decay, depth_scale),
+            group(lambda p: p.dim() < 2 and id(p) in in_blocks, 0.0, depth_scale),
+            group(lambda p: p.dim() < 2 and id(p) not in in_blocks, 0.0, 1.0),
+        ]
 
     def num_params(self) -> int:
         """The model's weights, the padded embedding rows not counted (gpt_exp/shapes.py counts them from the shape)."""
@@ -423,10 +494,16 @@ class GPT(nn.Module):
         """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or layernorm gains. Under muP the
         hidden matrices get a group of their own with lr / m (its "lr_scale", which the Trainer's schedule keeps) and
         weight_decay * m: AdamW decays by lr * weight_decay per step, which muP keeps the same at every width (as
-        microsoft/mup's MuAdamW does); the embeddings' lr is times mup_embed_lr_mult."""
+        microsoft/mup's MuAdamW does); the embeddings' lr is times mup_embed_lr_mult. CompleteP: completep_groups."""
         params = [p for p in self.parameters() if p.requires_grad]
         c = self.config
-        if c.mup:
+        if c.completep:
+            groups = self.completep_groups(params, lr, weight_decay)
+            # nanoGPT-mup: adam_eps *= (1 / m) * L_m^-alpha, in every group. Adam's update is g / (sqrt(v) + eps), and
+            # the gradients of the hidden matrices shrink like 1/m and 1/L_m^alpha: eps must shrink with them, or it
+            # swamps sqrt(v) in the wide and deep models and their updates fall short of the rule's
+            eps = eps / c.width_mult * c.depth_mult ** -c.depth_alpha
+        elif c.mup:
             hidden = {id(p) for p in self.hidden_matrices()}
             scale = 1.0 / c.width_mult
             groups = [
@@ -445,11 +522,12 @@ class GPT(nn.Module):
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
         if c.mup:
-            scales = [group["lr_scale"] for group in optimizer.param_groups[:2]]
+            scales = [group.get("lr_scale") for group in optimizer.param_groups]
 
             def keep_lr_scales(opt: torch.optim.AdamW) -> None:  # load_state_dict takes the saved groups' settings
                 for group, s in zip(opt.param_groups, scales):  # a resumed run keeps this run's multipliers
-                    group["lr_scale"] = s
+                    if s is not None:
+                        group["lr_scale"] = s
 
             optimizer.register_load_state_dict_post_hook(keep_lr_scales)
         return optimizer

@@ -73,3 +73,14 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
     assert sorted((row["arm"], row["n"]) for row in rows) == [("gpt2", 2), ("rope", 2)]
     assert [row["baseline_note"] for row in rows if row["arm"] == "gpt2"] == ["baseline"]
+
+
+@pytest.mark.slow
+def test_depth_transfer_writes_each_cell_and_each_depths_best_lr(tmp_path, cache_dir):
+    out = bench(str(BENCH / "depth_transfer.py"), "--depths", "1,2", "--lrs", "0.01", "--seeds", "1", "--steps", "2",
+                "--parametrizations", "completep", "--cache-dir", str(cache_dir), "--out", str(tmp_path))
+    result = json.loads((tmp_path / "depth_transfer.json").read_text())
+    assert [(r["depth"], r["lr"], r["seeds"]) for r in result["mean"]] == [(1, 0.01, 1), (2, 0.01, 1)]
+    assert all(9 < r["val_loss"] < 11 for r in result["mean"])  # 2 steps from ln(50257) = 10.8
+    assert result["best_lr_grid"] == {"completep": {"1": 0.01, "2": 0.01}}
+    assert "completep: best lr per depth on the grid" in out and (tmp_path / "depth_transfer.png").is_file()

@@ -130,7 +130,7 @@ def test_embed_lr_mult_scales_the_embeddings_lr_and_a_resume_keeps_this_runs():
 
 @pytest.mark.parametrize("overrides, line", [
     (["model.mup_output_mult=2"], "model.mup_output_mult=2.0 is invalid: it scales muP's model: set "
-                                  "model.parametrization=mup, or leave it at 1.0"),
+                                  "model.parametrization=mup (or completep), or leave it at 1.0"),
     (["model.parametrization=mup", "model.mup_attn_mult=0"], "model.mup_attn_mult=0.0 is invalid: it must be a "
                                                              "finite number > 0, e.g. 1.0"),
     (["model.parametrization=mup", "model.mup_embed_lr_mult=nan"], "model.mup_embed_lr_mult=nan is invalid: it must "
@@ -212,7 +212,7 @@ def test_mup_through_the_trainer_scales_the_hidden_lr(cache_dir):
 
 
 def test_a_bad_parametrization_is_one_error():
-    with pytest.raises(ConfigError, match="model.parametrization=mp is invalid: use sp or mup"):
+    with pytest.raises(ConfigError, match="model.parametrization=mp is invalid: use sp, mup or completep"):
         compose_config("model.parametrization=mp")
 
 
@@ -249,7 +249,7 @@ def test_the_mup_transfer_experiment_sweeps_existing_keys_and_validates():
                                                                                                            300)
 
 
-def test_a_mup_run_leaves_no_gpt2_dir_and_tools_refuse_its_checkpoint(tmp_path, cache_dir):
+def test_a_mup_run_leaves_no_gpt2_dir_sample_reads_its_checkpoint_and_export_refuses_it(tmp_path, cache_dir):
     from tests.helpers import run_cli
 
     result = run_cli("run", "model=tiny", "model.parametrization=mup", "model.mup_base_width=8", "train.max_steps=2",
@@ -258,7 +258,9 @@ def test_a_mup_run_leaves_no_gpt2_dir_and_tools_refuse_its_checkpoint(tmp_path, 
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "r" / "model").exists()  # a GPT-2 dir would silently drop muP's scales
     sample = run_cli("sample", f"resume={tmp_path / 'r'}", "max_new_tokens=2", cwd=tmp_path)
-    assert sample.returncode == 2 and "model.parametrization=mup model" in sample.stderr
+    assert sample.returncode == 0, sample.stderr  # the checkpoint's config carries muP's scales
+    export = run_cli("export", str(tmp_path / "r"), str(tmp_path / "hf"), cwd=tmp_path)
+    assert export.returncode == 2 and "model.parametrization=mup model: export reads GPT-2 (sp)" in export.stderr
 
 
 def test_a_mup_checkpoint_from_before_the_multipliers_resumes(tmp_path, cache_dir):

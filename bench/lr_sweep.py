@@ -1,0 +1,106 @@
+"""What the lr-transfer benchmarks share (bench/mup_transfer.py across widths, bench/depth_transfer.py across depths):
+each cell's mean and std over the seeds, each size's best lr (the grid's, and a parabola's in ln lr with a bootstrap
+interval over the seeds), the table and the plot. A run is a dict with "parametrization", the size `key` ("width" or
+"depth"), "lr", "seed" and "val_loss" (NaN: diverged).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gpt_exp.scaling import CI, parabola_vertex
+
+PARAMETRIZATIONS = ("sp", "mup", "completep")
+
+
+def cells(runs: list[dict], key: str) -> list[dict]:
+    """One row per (parametrization, size, lr): the mean and std of its seeds' val losses (NaN if any diverged)."""
+    out = []
+    for par, size, lr in sorted({(r["parametrization"], r[key], r["lr"]) for r in runs},
+                                key=lambda c: (PARAMETRIZATIONS.index(c[0]), c[1], c[2])):
+        losses = [r["val_loss"] for r in runs if (r["parametrization"], r[key], r["lr"]) == (par, size, lr)]
+        out.append({"parametrization": par, key: size, "lr": lr, "val_loss": float(np.mean(losses)),
+                    "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0, "seeds": len(losses)})
+    return out
+
+
+def best_lrs(mean: list[dict], parametrization: str, key: str) -> dict[int, float]:
+    """{size: the grid lr of the lowest mean loss}, NaN where every lr diverged."""
+    best = {}
+    for size in sorted({r[key] for r in mean}):
+        scored = [r for r in mean if r["parametrization"] == parametrization and r[key] == size
+                  and math.isfinite(r["val_loss"])]
+        best[size] = min(scored, key=lambda r: r["val_loss"])["lr"] if scored else float("nan")
+    return best
+
+
+def lr_vertex(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """The lr at the lowest point of the parabola in ln lr through the grid's best lr and its two neighbours; None
+    when the best is at the grid's edge (the grid does not bracket it) or a neighbour diverged."""
+    i = int(np.nanargmin(losses)) if np.isfinite(losses).any() else 0
+    if not 0 < i < len(lrs) - 1 or not np.isfinite(losses[i - 1: i + 2]).all():
+        return None
+    vertex = parabola_vertex(np.log(lrs[i - 1: i + 2]), losses[i - 1: i + 2])
+    return math.exp(vertex[0]) if vertex else None
+
+
+def best_lr_interval(runs: list[dict], parametrization: str, key: str, size: int, resamples: int = 1000,
+                     seed: int = 0) -> dict:
+    """The parabola's best lr of the seeds' mean curve, and a 95% interval: the same over `resamples` draws of the
+    seeds with replacement (a seed's runs share its batches, so they are drawn together). `bracketed` is the share of
+    draws whose best lr lies inside the grid; with one seed the interval is the point."""
+    mine = [r for r in runs if r["parametrization"] == parametrization and r[key] == size]
+    lrs = np.array(sorted({r["lr"] for r in mine}))
+    seeds = sorted({r["seed"] for r in mine})
+    table = np.full((len(seeds), len(lrs)), np.nan)  # seed x lr
+    for r in mine:
+        table[seeds.index(r["seed"]), int(np.searchsorted(lrs, r["lr"]))] = r["val_loss"]
+    rng = np.random.default_rng(seed)
+    draws = [lr_vertex(lrs, table[rng.integers(0, len(seeds), len(seeds))].mean(axis=0))
+             for _ in range(resamples if len(seeds) > 1 else 0)]
+    inside = [d for d in draws if d is not None]
+    low, high = np.percentile(inside, CI) if inside else (float("nan"), float("nan"))
+    best = lr_vertex(lrs, table.mean(axis=0))
+    if len(seeds) == 1:
+        low = high = best if best is not None else float("nan")
+    return {"lr": best if best is not None else float("nan"), "low": float(low), "high": float(high),
+            "bracketed": len(inside) / len(draws) if draws else float(best is not None)}
+
+
+def print_table(mean: list[dict], key: str) -> None:
+    """Each lr's mean ± std of the val loss, a column per (parametrization, size)."""
+    columns = sorted({(r["parametrization"], r[key]) for r in mean}, key=lambda c: (PARAMETRIZATIONS.index(c[0]), c[1]))
+    print(f"{'lr':>8} " + " ".join(f"{f'{p}@{s}':>15}" for p, s in columns))
+    for lr in sorted({r["lr"] for r in mean}):
+        row = {(r["parametrization"], r[key]): r for r in mean if r["lr"] == lr}
+        print(f"{lr:>8g} " + " ".join(f"{row[c]['val_loss']:7.4f} ± {row[c]['std']:5.3f}" if c in row else " " * 15
+                                      for c in columns))
+
+
+def plot(mean: list[dict], path: Path, key: str, label: str) -> None:
+    """A panel per parametrization: the mean val loss (± std over the seeds) against the lr, a curve per size."""
+    import matplotlib  # a plotting backend is only needed for the figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = [p for p in PARAMETRIZATIONS if any(r["parametrization"] == p for r in mean)]
+    fig, axes = plt.subplots(1, len(params), figsize=(5 * len(params), 3.8), sharey=True, squeeze=False)
+    for ax, par in zip(axes[0], params):
+        for size in sorted({r[key] for r in mean}):
+            pts = sorted((r["lr"], r["val_loss"], r["std"]) for r in mean if r["parametrization"] == par
+                         and r[key] == size)
+            if pts:
+                lrs, losses, stds = zip(*pts)
+                ax.errorbar(lrs, losses, yerr=stds, marker="o", capsize=2, label=f"{label}={size}")
+        ax.set_xscale("log")
+        ax.set_title(par)
+        ax.set_xlabel("lr")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out loss (mean ± std of seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
