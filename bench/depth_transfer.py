@@ -39,7 +39,7 @@ WIDTH, N_HEAD, B, T = 128, 4, 8, 64
 FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B}", f"T={T}", "optim.schedule=constant",
          "optim.warmup_steps=10", "optim.weight_decay=0.0", "data.order=shuffled", "data.val_fraction=0.1",
          "train.eval_every=1000000", "train.eval_batches=20", "train.save_model=none", "logger.mode=disabled",
-         "device.type=cpu", "device.compile=false"]
+         "device.type=cpu", "device.threads=1", "device.compile=false"]
 
 
 class FinalEval:
