@@ -47,7 +47,7 @@ class FinalEval:
 
     wandb_id, elapsed_s, val_loss = None, 0.0, float("nan")
 
-    def log_eval(self, step: int, val_loss: float, val_bpb: float) -> None:
+    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None:
         self.val_loss = val_loss
 
     def log_step(self, m) -> None: ...
