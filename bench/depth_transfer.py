@@ -73,9 +73,11 @@ def train(args: list[str]) -> float:
     cfg = compose_run_config(args)
     tracker = FinalEval()
     try:
-        Trainer(cfg, resolve_runtime(cfg.device)).fit(tracker)
+        status = Trainer(cfg, resolve_runtime(cfg.device)).fit(tracker)
     except Diverged:
         return float("nan")
+    if status == "interrupted":  # Ctrl-C or SIGTERM: the sweep stops, rather than scoring a cut-short run
+        raise SystemExit(f"interrupted during {' '.join(args[len(FIXED):])}; nothing written")
     return tracker.val_loss
 
 
