@@ -218,7 +218,7 @@ def _group_row(keys: list[str], group: list[RunRecord], loss_at_x: dict, x: str,
         found = (loss_at_x[r.path] if name == "loss_at_x" else run_metric(r, name) for r in used)
         values = [v for v in found if v is not None]
         row[name] = values[0] if len(values) == 1 else float(np.mean(values)) if values else None
-        if name in LOSS_METRICS or _source_loss(name):
+        if is_testable(name):
             row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
     row["x_axis"], row["x_common"] = x, at
     statuses = Counter(r.status for r in group)
@@ -486,7 +486,7 @@ def format_table(rows: list[dict], out_dir: Path, metric: str = "final_loss") ->
     keys = [k for k in rows[0] if k not in STAT_FIELDS and "/" not in k and not k.endswith("_std")]
     grouped = any(row["n"] > 1 for row in rows)
     losses = [m for m in LOSS_METRICS[:3] if any(row[m] is not None for row in rows)]
-    losses += [metric] if _source_loss(metric) else []
+    losses += [metric] if is_testable(metric) and metric not in losses else []
     # loss_at_x where it tells something the final loss does not: runs that stop at different x, or smoothing.
     if metric == "loss_at_x" or any(row["loss_at_x"] != row["final_loss"] for row in rows):
         losses.append("loss_at_x")

@@ -14,6 +14,7 @@ from scipy import stats
 
 from gpt_exp.compare import (
     compare_table,
+    format_table,
     curve_label,
     default_x,
     holm,
@@ -413,3 +414,7 @@ def test_baseline_tests_bits_per_byte_overall_and_per_source(tmp_path: Path) -> 
         tested = next(row for row in rows if row["optim.lr"] == 3e-3)
         assert tested["baseline_diff"] == pytest.approx(np.mean(bpb[3e-3]) - np.mean(bpb[1e-3]))
         assert tested["baseline_p"] == pytest.approx(expected)
+        assert tested[f"{metric}_std"] == pytest.approx(np.std(np.array(bpb[3e-3]) + (metric != "final_val_bpb") * 0.1,
+                                                               ddof=1))
+        table = format_table(rows, tmp_path, metric)
+        assert f"{metric}  Δ{metric}" in table.splitlines()[0]  # its own column, ± std, before the test's
