@@ -15,7 +15,7 @@ parabola in ln lr with a 95% bootstrap interval over the seeds) and depth_transf
     # 2 shared CPU cores (load ~4.5), a step takes ~1.8 s at depth 2, ~3.0 s at depth 8 and ~5.6 s at depth 16, and a
     # run's start and final eval ~12 s, so about 12 hours there (fewer on 2 free cores); --depths 2,4,8,16 adds ~9
     # hours. sp and completep can run in two processes (--parametrizations sp / completep), joined with --merge
-    python bench/depth_transfer.py --data-path /work/shared/data/corpus/ --out outputs/depth_transfer
+    python bench/depth_transfer.py --data-path ../shared/data/corpus/ --out outputs/depth_transfer
     # a quick check (tiny shakespeare): 2 depths, 2 lrs, 1 seed, 5 steps: ~3 min on 2 shared cores
     python bench/depth_transfer.py --depths 2,4 --lrs 0.004,0.016 --seeds 1 --steps 5 --out /tmp/x
 """
