@@ -1,5 +1,6 @@
 """Smoke runs of the benchmarks at tiny sizes, so that they do not rot; no assertion on speed."""
 
+import gzip
 import json
 import re
 import subprocess
@@ -73,6 +74,27 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
     assert sorted((row["arm"], row["n"]) for row in rows) == [("gpt2", 2), ("rope", 2)]
     assert [row["baseline_note"] for row in rows if row["arm"] == "gpt2"] == ["baseline"]
+
+
+@pytest.mark.slow
+def test_mixture_bench_compares_each_domains_bpb_against_the_natural_mixture(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for domain, file in (("kernel", "kernel_docs"), ("python", "python_docs"), ("webster", "webster")):
+        with gzip.open(corpus / f"{file}.jsonl.gz", "wt") as f:  # 500 documents: 2% of them (10) are the val split
+            f.writelines(json.dumps({"text": f"{domain} doc {i}: " + " ".join(f"{domain}{j % 31}" for j in range(40))})
+                         + "\n" for i in range(500))
+    out_dir = tmp_path / "out"
+    out = bench(str(BENCH / "mixture.py"), "--corpus", str(corpus), "--mixtures", "natural,no_python", "--seeds", "1,2",
+                "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(out_dir))
+    summaries = [json.loads((out_dir / "no_python" / str(i) / "summary.json").read_text()) for i in range(2)]
+    assert [s["tokens/python"] for s in summaries] == [0, 0]  # weight 0: evaluated, never trained on
+    assert all(s["tokens/kernel"] + s["tokens/webster"] == 3 * 8 * 64 for s in summaries)
+    assert all(0 < s["final_val_bpb/python"] < 20 for s in summaries)
+    rows = json.loads((out_dir / "compare_final_val_bpb_python" / "compare.json").read_text())
+    assert sorted((row["mixture"], row["n"]) for row in rows) == [("natural", 2), ("no_python", 2)]
+    assert re.search(r"no_python \(1:0:1\)\s+(\d\.\d{4}±\d\.\d{4}\s+){4}", out), out
+    assert (out_dir / "mixture.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
