@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--lrs", default="0.002,0.004,0.008,0.016,0.032")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: --first-seed, --first-seed + 1, ...")
+    parser.add_argument("--first-seed", type=int, default=0, help="more seeds for a sweep run before (then --merge)")
     parser.add_argument("--depth-base", type=int, default=2, help="CompleteP's base depth")
     parser.add_argument("--parametrizations", default="sp,completep",
                         help="e.g. sp in one process, completep in another")
@@ -103,7 +104,7 @@ def main() -> None:
     data.append(f"data.cache_dir={args.cache_dir}")
     runs = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
     start = time.time()
-    for seed in range(0 if args.merge else args.seeds):
+    for seed in range(args.first_seed, args.first_seed + (0 if args.merge else args.seeds)):
         for par in args.parametrizations.split(","):
             for depth in depths:
                 for lr in lrs:

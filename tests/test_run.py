@@ -86,7 +86,8 @@ def test_wandb_offline_history_matches_metrics(offline_run):
     assert summary["runtime"]["torch"] == torch.__version__ and (summary["runtime"]["B"], summary["runtime"]["T"]) == (4, 32)
     # tokens are the x-axis of the curves, and the loss summary keeps the best value, not the last
     # a mixture's per-source curves are defined by a glob (val_loss/*), whose record names it as glob_name
-    metrics = {r["metric"].get("name") or r["metric"]["glob_name"]: r["metric"] for r in records if r["type"] == "metric"}
+    metrics = {r["metric"].get("name") or r["metric"]["glob_name"]: r["metric"]
+               for r in records if r["type"] == "metric"}
     assert metrics["loss"]["step_metric"] == "tokens" and metrics["loss"]["summary"] == {"min": True}
     assert metrics["val_bpb/*"]["step_metric"] == "tokens" and metrics["val_bpb/*"]["summary"] == {"min": True}
     assert metrics["val_loss"]["summary"] == {"min": True} and metrics["lr"]["step_metric"] == "tokens"
