@@ -12,17 +12,20 @@ corpus beside the repository (~30M tokens: no run repeats any of it).
     # arms with bigger tables): ~1.2 h with --jobs 4 on a 4-core laptop, ~2.3 h with --jobs 2 on 2 cores
     python bench/arch_ablation.py --arms gpt2,rope --lrs 0.002 --tune-seeds 101 --test-seeds 1,2 --steps 4 \
         --data-path FILE --out /tmp/x                # a quick check that it all runs
+    python bench/arch_ablation.py --report-only --out /tmp/ablation   # no training: compare the test sweeps there
+                                                 # (Holm over every arm found), the ranked table and ablation.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tuning import COMPARE, RUN, best_value, call, check_seeds
+from tuning import COMPARE, RUN, best_value, call, check_seeds, final_val_losses
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 # Each arm: the overrides it adds to GPT-2's choices (n_kv_head 2: two query heads share each key/value head).
@@ -44,6 +47,69 @@ ARMS: dict[str, list[str]] = {
 }
 
 
+def compare(out: Path, arms: list[str]) -> None:
+    """`compare` the arms' test sweeps at equal tokens on val loss and val bpb, against GPT-2 (Holm-adjusted)."""
+    tests = [str(out / "test" / arm) for arm in arms]
+    baseline = ["--baseline", "arm=gpt2"] if "gpt2" in arms and len(arms) > 1 else []
+    for metric in ("final_val_loss", "final_val_bpb"):
+        call([*COMPARE, *tests, *baseline, "--metric", metric, "--x", "tokens",
+              "--out", str(out / f"compare_{metric}")])
+
+
+def report(out: Path) -> None:
+    """Print the arms ranked by their difference from GPT-2 (a markdown table with each arm's tuning losses) and draw
+    the differences with their 95% CIs (ablation.png)."""
+    import matplotlib  # a plotting backend is only needed for the figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((out / "compare_final_val_loss" / "compare.json").read_text())
+    bpb = {row["arm"]: row for row in json.loads((out / "compare_final_val_bpb" / "compare.json").read_text())}
+    tuning = {row["arm"]: final_val_losses(out / "tune" / row["arm"], "optim.lr") for row in rows
+              if (out / "tune" / row["arm"]).is_dir()}
+    lrs = sorted({lr for losses in tuning.values() for lr in losses})
+    # each arm's tested lr, from its runs (compare shows optim.lr only where the arms differ in it)
+    tested = {row["arm"]: min(final_val_losses(out / "test" / row["arm"], "optim.lr")) for row in rows}
+    rows.sort(key=lambda row: row.get("baseline_diff") or 0.0)
+
+    def tuned(arm: str) -> str:
+        means = {lr: sum(v) / len(v) for lr, v in tuning.get(arm, {}).items()}
+        best = min(means, key=means.get, default=None)
+        return " / ".join("-" if lr not in means else f"**{means[lr]:.4f}**" if lr == best else f"{means[lr]:.4f}"
+                          for lr in lrs)
+
+    print(f"| arm | tuning: mean final val loss at lr {' / '.join(f'{lr:g}' for lr in lrs)} | lr | final val loss "
+          "| Δ vs gpt2 [95% CI] | p (Welch) | p (Holm) | final val bpb | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        arm, base = row["arm"], row.get("baseline_note") == "baseline"
+        diff = "baseline" if base else (f"{row['baseline_diff']:+.4f} [{row['baseline_ci_low']:+.3f}, "
+                                        f"{row['baseline_ci_high']:+.3f}]")
+        p_raw, p_holm = ("", "") if base else (f"{row['baseline_p']:.3g}", f"{row['baseline_p_holm']:.3g}")
+        print(f"| {arm} | {tuned(arm)} | {tested[arm]:g} | {row['final_val_loss']:.4f} ± "
+              f"{row['final_val_loss_std']:.4f} | {diff} | {p_raw} | {p_holm} | {bpb[arm]['final_val_bpb']:.4f} ± "
+              f"{bpb[arm]['final_val_bpb_std']:.4f} | {row['median_tok_per_s'] / 1000:.2f}k |")
+
+    arms = [row for row in rows if row.get("baseline_note") != "baseline"]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(arms) + 1.2))
+    for y, row in enumerate(arms):
+        holm = row["baseline_p_holm"]
+        color = "tab:blue" if holm < 0.05 and row["baseline_diff"] < 0 else "tab:red" if holm < 0.05 else "gray"
+        ax.errorbar(row["baseline_diff"], y, xerr=[[row["baseline_diff"] - row["baseline_ci_low"]],
+                                                   [row["baseline_ci_high"] - row["baseline_diff"]]],
+                    fmt="o", color=color, capsize=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(arms)), [f"{row['arm']} (lr {tested[row['arm']]:g}, n={row['n']})" for row in arms])
+    ax.invert_yaxis()
+    ax.set_xlabel("final val loss minus GPT-2's, equal tokens (95% CI; blue/red: Holm p < 0.05)")
+    ax.set_title("architecture ablation: each change alone on GPT-2, and the modern preset")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {out / 'ablation.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", default=str(CORPUS), help="the corpus (data.path)")
@@ -57,6 +123,9 @@ def main() -> None:
                         help="arms at once, each arm's runs one after another on one core (no core idles, as one "
                         "would in a sweep of 5 test seeds on 2)")
     parser.add_argument("--out", type=Path, help="where the sweeps go (default: a new temp dir)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training: compare the test sweeps already in --out (those of --arms found there) "
+                        "and print the table and plot")
     args = parser.parse_args()
     check_seeds(args.tune_seeds, args.test_seeds)
     arms = args.arms.split(",")
@@ -65,6 +134,13 @@ def main() -> None:
         raise SystemExit(f"error: --arms {','.join(unknown)} is not an arm; choose from {', '.join(ARMS)}")
 
     out = args.out or Path(tempfile.mkdtemp(prefix="arch_ablation_"))
+    if args.report_only:
+        found = [arm for arm in arms if (out / "test" / arm).is_dir()]
+        if "gpt2" not in found or len(found) < 2:
+            raise SystemExit(f"error: --report-only needs {out / 'test' / 'gpt2'} and another arm's test sweep beside "
+                             "it; give the --out of a finished run")
+        compare(out, found)
+        return report(out)
     common = ["+experiment=arch_ablation", f"data.path={args.data_path}", f"train.max_steps={args.steps}",
               f"train.eval_every={args.steps}"]
 
@@ -80,12 +156,10 @@ def main() -> None:
     print_lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         tuned = dict(zip(arms, pool.map(tune_then_test, arms)))
-    tests = [str(out / "test" / arm) for arm in arms]
-    baseline = ["--baseline", "arm=gpt2"] if "gpt2" in arms and len(arms) > 1 else []
-    for metric in ("final_val_loss", "final_val_bpb"):
-        call([*COMPARE, *tests, *baseline, "--metric", metric, "--x", "tokens",
-              "--out", str(out / f"compare_{metric}")])
+    compare(out, arms)
     print("tuned optim.lr:", ", ".join(f"{arm} {lr:g}" for arm, lr in tuned.items()))
+    if "gpt2" in arms and len(arms) > 1:
+        report(out)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,13 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
     assert sorted((row["arm"], row["n"]) for row in rows) == [("gpt2", 2), ("rope", 2)]
     assert [row["baseline_note"] for row in rows if row["arm"] == "gpt2"] == ["baseline"]
+    # the ranked table: one row per arm, the tuning losses at both lrs, rope's difference with its Holm p
+    table = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and " | " in line}
+    assert set(table) == {"arm", "gpt2", "rope"}
+    rope = next(row for row in rows if row["arm"] == "rope")
+    assert f"{rope['baseline_diff']:+.4f} [" in table["rope"] and f"| {rope['baseline_p_holm']:.3g} |" in table["rope"]
+    assert table["gpt2"].count(" / ") == 1 and "| baseline |" in table["gpt2"]
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
