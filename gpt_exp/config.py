@@ -557,3 +557,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def inert_settings(flat: dict) -> set[str]:
+    """The keys of a flattened run config that the run recorded but did not use: Muon's settings under another
+    optimizer, rope_theta without rope, muP's multipliers under sp, CompleteP's depth settings under another
+    parametrization. An AdamW run's optim.muon_lr is no setting of it, so runs that differ only there are alike."""
+    model = flat.get("model.parametrization", "sp")
+    unused = (("optim.muon_", flat.get("optim.name", "adamw") != "muon"),
+              ("model.rope_theta", flat.get("model.pos", "learned") != "rope"),
+              ("model.mup_", model not in WIDTH_SCALED),
+              ("model.depth_", model != "completep"))
+    return {key for key in flat for prefix, is_unused in unused if is_unused and key.startswith(prefix)}

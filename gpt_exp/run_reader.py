@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gpt_exp.config import flatten
+from gpt_exp.config import flatten, inert_settings
 from gpt_exp.errors import UserError
 from gpt_exp.metrics import is_number, read_metrics
 from gpt_exp.shapes import arch_settings, flops_per_token
@@ -183,8 +183,10 @@ def load_run(run_dir: Path) -> RunRecord:
     if summary_path.exists():
         numbers.update(read_summary(summary_path, [*numbers, "flops_per_token", "train_split_tokens", *by_source]))
         by_source.update({k: numbers.pop(k) for k in list(numbers) if "/" in k})
+    config = flatten(read_config(run_dir))
+    unused = inert_settings(config)  # left out: they would split or label runs by settings they never used
     params = {k: tuple(v) if isinstance(v, list) else v  # hashable, for grouping
-              for k, v in flatten(read_config(run_dir)).items()}
+              for k, v in config.items() if k not in unused}
     # runs made before the rows had flops: summary.json's flops_per_token, or (older still) the shape's
     flops_per_token = numbers.pop("flops_per_token", None) or shape_flops_per_token(params)
     tokens = _column(train, "tokens")

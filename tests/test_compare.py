@@ -22,6 +22,7 @@ from gpt_exp.compare import (
     main,
     varying_keys,
 )
+from gpt_exp.config import inert_settings
 from gpt_exp.plots import moving_average
 
 
@@ -88,6 +89,33 @@ def test_runs_on_different_data_files_are_not_seeds_of_one_configuration(tmp_pat
         make_run(tmp_path / corpus, [3.0 + seed], seed=seed, config={"data": {"path": f"/data/{corpus}"}})
     rows = compare_table(load_runs([str(tmp_path)]))
     assert [(r["data.path"], r["n"]) for r in rows] == [("/data/a.txt", 1), ("/data/b.txt", 1)]
+
+
+def test_a_setting_a_run_did_not_use_neither_labels_nor_splits_it(tmp_path: Path) -> None:
+    """AdamW runs record optim.muon_lr (Muon's default) without using it: beside Muon runs at another muon_lr their
+    cell is blank, and AdamW runs launched with two muon_lr values are seeds of one setting."""
+    for seed, muon_lr in enumerate((0.01, 0.02)):
+        make_run(tmp_path / f"adamw{seed}", [3.0 + seed], seed=seed,
+                 config={"optim": {"name": "adamw", "muon_lr": muon_lr, "muon_momentum": 0.95}})
+    make_run(tmp_path / "muon", [2.5], config={"optim": {"name": "muon", "muon_lr": 0.005, "muon_momentum": 0.95}})
+    rows = compare_table(load_runs([str(tmp_path)]))
+    assert [(r["optim.name"], r.get("optim.muon_lr"), r["n"]) for r in rows] == [("muon", 0.005, 1),
+                                                                                  ("adamw", None, 2)]
+    assert [r["optim.muon_momentum"] for r in rows] == [0.95, None]  # Muon's row only: AdamW's has none
+
+
+@pytest.mark.parametrize("flat, unused", [
+    ({"optim.name": "adamw", "optim.muon_lr": 0.01, "optim.lr": 1e-3}, {"optim.muon_lr"}),
+    ({"optim.name": "muon", "optim.muon_lr": 0.01}, set()),
+    ({"model.pos": "learned", "model.rope_theta": 1e4}, {"model.rope_theta"}),
+    ({"model.pos": "rope", "model.rope_theta": 1e4}, set()),
+    ({"model.parametrization": "sp", "model.mup_base_width": 64, "model.depth_base": 2},
+     {"model.mup_base_width", "model.depth_base"}),
+    ({"model.parametrization": "mup", "model.mup_attn_mult": 1.0, "model.depth_alpha": 1.0}, {"model.depth_alpha"}),
+    ({"model.parametrization": "completep", "model.mup_attn_mult": 1.0, "model.depth_alpha": 1.0}, set()),
+])
+def test_inert_settings_are_those_the_run_never_read(flat: dict, unused: set) -> None:
+    assert inert_settings(flat) == unused
 
 
 def test_losses_come_from_metrics_and_summary(tmp_path: Path) -> None:

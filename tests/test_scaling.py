@@ -410,6 +410,9 @@ def test_runs_that_differ_in_more_than_shape_and_budget_are_refused(tmp_path, ca
     for i, run in enumerate(sorted(p.parent.parent for p in grid.glob("*/*/.hydra/config.yaml"))):
         _set(run, "train", "seed", i)
     assert scaling(grid, "--bootstrap", 0, capsys=capsys)[0] == 0
+    for run in sorted(grid.glob("C1e+19/*")):  # a setting AdamW never reads is not a second setting
+        _set(run, "optim", "muon_lr", 0.02)
+    assert scaling(grid, "--bootstrap", 0, capsys=capsys)[0] == 0
     for run in sorted(grid.glob("C1e+19/*")):
         _set(run, "optim", "lr", 0.003)
         _set(run, "train", "total_batch_size", 32768)
