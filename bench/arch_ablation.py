@@ -27,6 +27,9 @@ from pathlib import Path
 
 from tuning import COMPARE, RUN, best_value, call, check_seeds, final_val_losses
 
+from gpt_exp.run_reader import SHAPE_KEYS, architecture, load_run
+from gpt_exp.shapes import param_counts
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 # Each arm: the overrides it adds to GPT-2's choices (n_kv_head 2: two query heads share each key/value head).
 ARMS: dict[str, list[str]] = {
@@ -56,6 +59,15 @@ def compare(out: Path, arms: list[str]) -> None:
               "--out", str(out / f"compare_{metric}")])
 
 
+def parameters(sweep: Path) -> str:
+    """A sweep's model size: total parameters (the non-embedding ones), from its first run's recorded config."""
+    params = load_run(next(run for run in sorted(sweep.iterdir()) if (run / ".hydra").is_dir())).params
+    n_layer, n_embd, vocab, block, _ = (params[key] for key in SHAPE_KEYS)
+    non_embedding, total = param_counts(n_layer, n_embd, vocab, block, **{"n_head": params["model.n_head"],
+                                                                          **architecture(params)})
+    return f"{total / 1e6:.2f}M ({non_embedding / 1e6:.2f}M)"
+
+
 def report(out: Path) -> None:
     """Print the arms ranked by their difference from GPT-2 (a markdown table with each arm's tuning losses) and draw
     the differences with their 95% CIs (ablation.png)."""
@@ -80,8 +92,8 @@ def report(out: Path) -> None:
                           for lr in lrs)
 
     print(f"| arm | tuning: mean final val loss at lr {' / '.join(f'{lr:g}' for lr in lrs)} | lr | final val loss "
-          "| Δ vs gpt2 [95% CI] | p (Welch) | p (Holm) | final val bpb | tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| Δ vs gpt2 [95% CI] | p (Welch) | p (Holm) | final val bpb | params (non-emb.) | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         arm, base = row["arm"], row.get("baseline_note") == "baseline"
         diff = "baseline" if base else (f"{row['baseline_diff']:+.4f} [{row['baseline_ci_low']:+.3f}, "
@@ -89,7 +101,8 @@ def report(out: Path) -> None:
         p_raw, p_holm = ("", "") if base else (f"{row['baseline_p']:.3g}", f"{row['baseline_p_holm']:.3g}")
         print(f"| {arm} | {tuned(arm)} | {tested[arm]:g} | {row['final_val_loss']:.4f} ± "
               f"{row['final_val_loss_std']:.4f} | {diff} | {p_raw} | {p_holm} | {bpb[arm]['final_val_bpb']:.4f} ± "
-              f"{bpb[arm]['final_val_bpb_std']:.4f} | {row['median_tok_per_s'] / 1000:.2f}k |")
+              f"{bpb[arm]['final_val_bpb_std']:.4f} | {parameters(out / 'test' / arm)} | "
+              f"{row['median_tok_per_s'] / 1000:.2f}k |")
 
     arms = [row for row in rows if row.get("baseline_note") != "baseline"]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(arms) + 1.2))

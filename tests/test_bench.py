@@ -80,6 +80,7 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     rope = next(row for row in rows if row["arm"] == "rope")
     assert f"{rope['baseline_diff']:+.4f} [" in table["rope"] and f"| {rope['baseline_p_holm']:.3g} |" in table["rope"]
     assert table["gpt2"].count(" / ") == 1 and "| baseline |" in table["gpt2"]
+    assert "| 7.26M (0.79M) |" in table["gpt2"] and "| 7.23M (0.79M) |" in table["rope"]  # rope: no wpe (256 x 128)
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
 
 
