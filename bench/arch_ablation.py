@@ -4,7 +4,8 @@ Holm-adjusted p-values.
 
 The base is experiments/arch_ablation.yaml (GPT-2's choices at 4 layers x 4 heads x 128 wide, B=8 x T=64, 300
 steps, data.order=shuffled). For every arm: optim.lr over --lrs on the tuning seeds, the best (lowest mean final val
-loss), then the test seeds at that lr. The corpus is a path `data=text` reads; the default is the three-domain
+loss; where that is at the grid's edge, the next value out is tried too, up to --widen times), then the test seeds
+at that lr. The corpus is a path `data=text` reads; the default is the three-domain
 corpus beside the repository (~30M tokens: no run repeats any of it).
 
     python bench/arch_ablation.py --out /tmp/ablation --jobs 4
@@ -21,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tuning import COMPARE, RUN, best_value, call, check_seeds, final_val_losses
+from tuning import COMPARE, RUN, bracketed_best, call, check_seeds, final_val_losses
 
 from gpt_exp.run_reader import SHAPE_KEYS, architecture, load_run
 from gpt_exp.shapes import param_counts
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="arms at once, each arm's runs one after another on one core (no core idles, as one "
                         "would in a sweep of 5 test seeds on 2)")
+    parser.add_argument("--widen", type=int, default=2,
+                        help="an arm's best lr at the grid's edge: try up to this many values beyond it (x2 or /2)")
     parser.add_argument("--out", type=Path, help="where the sweeps go (default: a new temp dir)")
     parser.add_argument("--report-only", action="store_true",
                         help="no training: compare the test sweeps already in --out (those of --arms found there) "
@@ -159,14 +161,13 @@ def main() -> None:
 
     def tune_then_test(arm: str) -> float:
         base = [*RUN, *common, f"+arm={arm}", *ARMS[arm]]
-        call([*base, f"optim.lr={args.lrs}", f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={out / 'tune' / arm}"])
-        with print_lock:  # best_value's lines, one arm's at a time
-            print(f"{arm}:")
-            lr = best_value(out / "tune" / arm, "optim.lr")
-        call([*base, f"optim.lr={lr}", f"train.seed={args.test_seeds}", f"hydra.sweep.dir={out / 'test' / arm}"])
+        tune = out / "tune" / arm
+        call([*base, f"optim.lr={args.lrs}", f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={tune}"])
+        lr = bracketed_best(tune, "optim.lr", tries=args.widen, label=arm, run_value=lambda value, sweep: call(
+            [*base, f"optim.lr={value:g}", f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={sweep}"]))
+        call([*base, f"optim.lr={lr:g}", f"train.seed={args.test_seeds}", f"hydra.sweep.dir={out / 'test' / arm}"])
         return lr
 
-    print_lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         tuned = dict(zip(arms, pool.map(tune_then_test, arms)))
     compare(out, arms)

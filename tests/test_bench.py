@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import re
 import subprocess
 import sys
@@ -64,6 +65,33 @@ def test_tuning_picks_the_lowest_mean_and_rules_out_a_value_with_a_diverged_seed
         check_seeds("101,2", "1,2,3")
 
 
+@pytest.mark.parametrize("true_best, tries, expected, trained", [
+    (5e-4, 2, 5e-4, [5e-4, 2.5e-4]),  # below the grid: widened twice, bracketed by 2.5e-4
+    (2.5e-4, 1, 5e-4, [5e-4]),  # one try allowed: the best so far, still at the edge
+    (8e-3, 2, 8e-3, [8e-3, 1.6e-2]),  # above it: x2 each time
+    (2e-3, 2, 2e-3, []),  # inside the grid: nothing more is run
+])
+def test_an_optimum_at_the_grids_edge_is_widened_until_bracketed(tmp_path, monkeypatch, true_best, tries, expected,
+                                                                   trained):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from tuning import bracketed_best
+
+    def loss(lr: float) -> float:  # a parabola in log lr; 1.6e-2 diverges
+        return None if lr > 1e-2 else 4.0 + math.log2(lr / true_best) ** 2
+
+    for i, lr in enumerate((1e-3, 2e-3, 4e-3)):
+        _tuning_run(tmp_path / str(i), lr, 101, loss(lr))
+    ran = []
+
+    def run_value(lr: float, sweep: Path) -> None:
+        ran.append(lr)
+        _tuning_run(sweep / "0", lr, 101, loss(lr))
+
+    assert bracketed_best(tmp_path, "optim.lr", run_value, tries=tries) == pytest.approx(expected)
+    assert ran == pytest.approx(trained)
+    assert [p.name for p in sorted(tmp_path.glob("widened_*"))] == sorted(f"widened_{lr:g}" for lr in trained)
+
+
 @pytest.mark.slow
 def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     corpus = tmp_path / "corpus.txt"
@@ -79,7 +107,10 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     assert set(table) == {"arm", "gpt2", "rope"}
     rope = next(row for row in rows if row["arm"] == "rope")
     assert f"{rope['baseline_diff']:+.4f} [" in table["rope"] and f"| {rope['baseline_p_holm']:.3g} |" in table["rope"]
-    assert table["gpt2"].count(" / ") == 1 and "| baseline |" in table["gpt2"]
+    # both arms were best at the grid's low edge: each tried 1e-4 on its tuning seed, did worse, and kept 1e-3
+    assert [len(list((tmp_path / "out" / "tune" / arm / "widened_0.0001").glob("*/summary.json")))
+            for arm in ("gpt2", "rope")] == [1, 1]
+    assert table["gpt2"].count(" / ") == 2 and "| baseline |" in table["gpt2"]
     assert "| 7.26M (0.79M) |" in table["gpt2"] and "| 7.23M (0.79M) |" in table["rope"]  # rope: no wpe (256 x 128)
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
 
