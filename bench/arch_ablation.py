@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tuning import COMPARE, RUN, bracketed_best, call, check_seeds, final_val_losses
 
+from gpt_exp.compare import baseline_columns, holm
 from gpt_exp.run_reader import SHAPE_KEYS, architecture, load_run
 from gpt_exp.shapes import param_counts
 
@@ -68,9 +70,29 @@ def parameters(sweep: Path) -> str:
     return f"{total / 1e6:.2f}M ({non_embedding / 1e6:.2f}M)"
 
 
+def same_lr_differences(out: Path, tested: dict[str, float]) -> dict[str, dict]:
+    """Each arm against GPT-2 trained at the arm's own lr on the same test seeds (test/gpt2 or control/gpt2_lr*):
+    how much of its difference the architecture makes rather than its lr. Welch's test as compare's, Holm-adjusted
+    over the arms that have such a control."""
+    def finished(sweep: Path) -> dict[float, list[float]]:  # a run still going or failed has no final val loss
+        losses = final_val_losses(sweep, "optim.lr")
+        return {lr: [v for v in values if math.isfinite(v)] for lr, values in losses.items()}
+
+    gpt2: dict[float, list[float]] = {}
+    for sweep in [out / "test" / "gpt2", *sorted((out / "control").glob("gpt2_lr*"))]:
+        gpt2.update(finished(sweep))
+    found = {arm: baseline_columns(finished(out / "test" / arm)[lr], gpt2[lr], False)
+             for arm, lr in tested.items() if arm != "gpt2" and lr in gpt2}
+    found = {arm: row for arm, row in found.items() if row["baseline_p"] is not None}
+    for arm, p_holm in zip(found, holm([row["baseline_p"] for row in found.values()])):
+        found[arm]["baseline_p_holm"] = p_holm
+    return found
+
+
 def report(out: Path) -> None:
-    """Print the arms ranked by their difference from GPT-2 (a markdown table with each arm's tuning losses) and draw
-    the differences with their 95% CIs (ablation.png)."""
+    """Print the arms ranked by their difference from GPT-2 at its tuned lr (a markdown table with each arm's tuning
+    losses, and its difference from GPT-2 at the arm's own lr where that control ran) and draw both differences with
+    their 95% CIs (ablation.png)."""
     import matplotlib  # a plotting backend is only needed for the figure
 
     matplotlib.use("Agg")
@@ -83,6 +105,7 @@ def report(out: Path) -> None:
     lrs = sorted({lr for losses in tuning.values() for lr in losses})
     # each arm's tested lr, from its runs (compare shows optim.lr only where the arms differ in it)
     tested = {row["arm"]: min(final_val_losses(out / "test" / row["arm"], "optim.lr")) for row in rows}
+    same_lr = same_lr_differences(out, tested)
     rows.sort(key=lambda row: row.get("baseline_diff") or 0.0)
 
     def tuned(arm: str) -> str:
@@ -91,32 +114,45 @@ def report(out: Path) -> None:
         return " / ".join("-" if lr not in means else f"**{means[lr]:.4f}**" if lr == best else f"{means[lr]:.4f}"
                           for lr in lrs)
 
+    def mean_std(row: dict, metric: str) -> str:  # one seed (a sweep still going) has no std
+        mean, std = row[metric], row[f"{metric}_std"]
+        return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+    def difference(row: dict | None) -> str:  # two cells: the difference [CI], p (Welch / Holm)
+        if row is None or row["baseline_p"] is None:  # no control at this lr, or too few finished seeds
+            return " | "
+        return (f"{row['baseline_diff']:+.4f} [{row['baseline_ci_low']:+.3f}, {row['baseline_ci_high']:+.3f}] | "
+                f"{row['baseline_p']:.3g} / {row['baseline_p_holm']:.3g}")
+
     print(f"| arm | tuning: mean final val loss at lr {' / '.join(f'{lr:g}' for lr in lrs)} | lr | final val loss "
-          "| Δ vs gpt2 [95% CI] | p (Welch) | p (Holm) | final val bpb | params (non-emb.) | tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| Δ vs gpt2 at its tuned lr [95% CI] | p (Welch / Holm) | Δ vs gpt2 at this arm's lr [95% CI] "
+          "| p (Welch / Holm) | final val bpb | params (non-emb.) | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        arm, base = row["arm"], row.get("baseline_note") == "baseline"
-        diff = "baseline" if base else (f"{row['baseline_diff']:+.4f} [{row['baseline_ci_low']:+.3f}, "
-                                        f"{row['baseline_ci_high']:+.3f}]")
-        p_raw, p_holm = ("", "") if base else (f"{row['baseline_p']:.3g}", f"{row['baseline_p_holm']:.3g}")
-        print(f"| {arm} | {tuned(arm)} | {tested[arm]:g} | {row['final_val_loss']:.4f} ± "
-              f"{row['final_val_loss_std']:.4f} | {diff} | {p_raw} | {p_holm} | {bpb[arm]['final_val_bpb']:.4f} ± "
-              f"{bpb[arm]['final_val_bpb_std']:.4f} | {parameters(out / 'test' / arm)} | "
-              f"{row['median_tok_per_s'] / 1000:.2f}k |")
+        arm = row["arm"]
+        tuned_diff = "baseline | " if row.get("baseline_note") == "baseline" else difference(row)
+        print(f"| {arm} | {tuned(arm)} | {tested[arm]:g} | {mean_std(row, 'final_val_loss')} | {tuned_diff} | "
+              f"{difference(same_lr.get(arm))} | {mean_std(bpb[arm], 'final_val_bpb')} | "
+              f"{parameters(out / 'test' / arm)} | {(row['median_tok_per_s'] or 0) / 1000:.2f}k |")
 
     arms = [row for row in rows if row.get("baseline_note") != "baseline"]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(arms) + 1.2))
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(arms) + 1.6))
     for y, row in enumerate(arms):
-        holm = row["baseline_p_holm"]
-        color = "tab:blue" if holm < 0.05 and row["baseline_diff"] < 0 else "tab:red" if holm < 0.05 else "gray"
-        ax.errorbar(row["baseline_diff"], y, xerr=[[row["baseline_diff"] - row["baseline_ci_low"]],
-                                                   [row["baseline_ci_high"] - row["baseline_diff"]]],
-                    fmt="o", color=color, capsize=3)
+        for shift, diff, marker in ((-0.13, row, "o"), (0.13, same_lr.get(row["arm"]), "s")):
+            if diff is None or diff["baseline_p"] is None:
+                continue
+            holm_p, delta = diff["baseline_p_holm"], diff["baseline_diff"]
+            color = "tab:blue" if holm_p < 0.05 and delta < 0 else "tab:red" if holm_p < 0.05 else "gray"
+            ax.errorbar(delta, y + shift, xerr=[[delta - diff["baseline_ci_low"]], [diff["baseline_ci_high"] - delta]],
+                        fmt=marker, color=color, capsize=3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(arms)), [f"{row['arm']} (lr {tested[row['arm']]:g}, n={row['n']})" for row in arms])
     ax.invert_yaxis()
     ax.set_xlabel("final val loss minus GPT-2's, equal tokens (95% CI; blue/red: Holm p < 0.05)")
-    ax.set_title("architecture ablation: each change alone on GPT-2, and the modern preset")
+    ax.set_title("each change alone on GPT-2, and the modern preset")
+    ax.legend(handles=[plt.Line2D([], [], marker=m, color="gray", linestyle="", label=label) for m, label in
+                       (("o", "against GPT-2 at its tuned lr"), ("s", "against GPT-2 at this arm's lr"))],
+              fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
@@ -168,8 +204,14 @@ def main() -> None:
         call([*base, f"optim.lr={lr:g}", f"train.seed={args.test_seeds}", f"hydra.sweep.dir={out / 'test' / arm}"])
         return lr
 
+    def control(lr: float) -> None:  # GPT-2 at another arm's lr: what that lr alone is worth
+        call([*RUN, *common, "+arm=gpt2", f"optim.lr={lr:g}", f"train.seed={args.test_seeds}",
+              f"hydra.sweep.dir={out / 'control' / f'gpt2_lr{lr:g}'}"])
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         tuned = dict(zip(arms, pool.map(tune_then_test, arms)))
+        if "gpt2" in tuned:
+            list(pool.map(control, sorted(set(tuned.values()) - {tuned["gpt2"]})))
     compare(out, arms)
     print("tuned optim.lr:", ", ".join(f"{arm} {lr:g}" for arm, lr in tuned.items()))
     if "gpt2" in arms and len(arms) > 1:

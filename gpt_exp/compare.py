@@ -194,7 +194,7 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
     if baseline:
         base = find_baseline(baseline, keys, groups)
         for i, (row, group) in enumerate(zip(rows, groups)):
-            row.update(_baseline_columns(values(group, metric), values(groups[base], metric), i == base, effect))
+            row.update(baseline_columns(values(group, metric), values(groups[base], metric), i == base, effect))
         tested = [row for row in rows if row["baseline_p"] is not None]
         for row, adjusted in zip(tested, holm([row["baseline_p"] for row in tested])):
             row["baseline_p_holm"] = adjusted
@@ -306,7 +306,7 @@ def _matches(value: Any, text: str) -> bool:
     return str(value) == text
 
 
-def _baseline_columns(values: list[float], base: list[float], is_base: bool, effect: float | None = None) -> dict:
+def baseline_columns(values: list[float], base: list[float], is_base: bool, effect: float | None = None) -> dict:
     """This group's metric against the baseline's: the difference of the means, its 95% CI and p-value from Welch's
     t-test (no equal-variance assumption: a config can change the spread over seeds), and the seeds per side that
     would resolve a difference of `effect`, or, post hoc, of the observed one (which overstates what a sweep

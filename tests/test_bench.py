@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -92,6 +93,25 @@ def test_an_optimum_at_the_grids_edge_is_widened_until_bracketed(tmp_path, monke
     assert [p.name for p in sorted(tmp_path.glob("widened_*"))] == sorted(f"widened_{lr:g}" for lr in trained)
 
 
+def test_each_arm_is_also_compared_with_gpt2_at_its_own_lr(tmp_path, monkeypatch):
+    """An arm tuned to 2e-3 against GPT-2 tuned to 1e-3 mixes the architecture's effect with the lr's: the control
+    (GPT-2 at 2e-3, same test seeds) takes the lr's out. Welch's test as scipy's; an arm without a control has none."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from arch_ablation import same_lr_differences
+
+    losses = {("test/gpt2", 1e-3): [5.0, 5.1, 5.2], ("control/gpt2_lr0.002", 2e-3): [4.8, 4.9, 5.1],
+              ("test/rope", 2e-3): [4.7, 4.75, 4.9], ("test/rmsnorm", 4e-3): [4.9, 5.0, 5.0]}
+    for (sweep, lr), values in losses.items():
+        for seed, loss in enumerate(values):
+            _tuning_run(tmp_path / sweep / str(seed), lr, seed + 1, loss)
+    found = same_lr_differences(tmp_path, {"gpt2": 1e-3, "rope": 2e-3, "rmsnorm": 4e-3})
+    welch = stats.ttest_ind(losses["test/rope", 2e-3], losses["control/gpt2_lr0.002", 2e-3], equal_var=False)
+    assert list(found) == ["rope"]
+    assert found["rope"]["baseline_diff"] == pytest.approx(4.7833333 - 4.9333333)
+    assert found["rope"]["baseline_p"] == pytest.approx(welch.pvalue) == found["rope"]["baseline_p_holm"]
+    assert found["rope"]["baseline_ci_low"] == pytest.approx(welch.confidence_interval(0.95).low)
+
+
 @pytest.mark.slow
 def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     corpus = tmp_path / "corpus.txt"
@@ -106,7 +126,8 @@ def test_arch_ablation_tunes_each_arm_then_tests_it_against_gpt2(tmp_path):
     table = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and " | " in line}
     assert set(table) == {"arm", "gpt2", "rope"}
     rope = next(row for row in rows if row["arm"] == "rope")
-    assert f"{rope['baseline_diff']:+.4f} [" in table["rope"] and f"| {rope['baseline_p_holm']:.3g} |" in table["rope"]
+    assert f"{rope['baseline_diff']:+.4f} [" in table["rope"]
+    assert f"| {rope['baseline_p']:.3g} / {rope['baseline_p_holm']:.3g} |" in table["rope"]
     # both arms were best at the grid's low edge: each tried 1e-4 on its tuning seed, did worse, and kept 1e-3
     assert [len(list((tmp_path / "out" / "tune" / arm / "widened_0.0001").glob("*/summary.json")))
             for arm in ("gpt2", "rope")] == [1, 1]
