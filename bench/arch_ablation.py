@@ -28,8 +28,9 @@ from pathlib import Path
 
 from tuning import COMPARE, RUN, bracketed_best, call, check_seeds, final_val_losses
 
-from gpt_exp.compare import baseline_columns, holm
-from gpt_exp.run_reader import SHAPE_KEYS, architecture, load_run
+from gpt_exp.compare import add_holm, baseline_columns
+from gpt_exp.config import flatten
+from gpt_exp.run_reader import SHAPE_KEYS, architecture, read_config
 from gpt_exp.shapes import param_counts
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
@@ -63,10 +64,9 @@ def compare(out: Path, arms: list[str]) -> None:
 
 def parameters(sweep: Path) -> str:
     """A sweep's model size: total parameters (the non-embedding ones), from its first run's recorded config."""
-    params = load_run(next(run for run in sorted(sweep.iterdir()) if (run / ".hydra").is_dir())).params
+    params = flatten(read_config(next(run for run in sorted(sweep.iterdir()) if (run / ".hydra").is_dir())))
     n_layer, n_embd, vocab, block, _ = (params[key] for key in SHAPE_KEYS)
-    non_embedding, total = param_counts(n_layer, n_embd, vocab, block, **{"n_head": params["model.n_head"],
-                                                                          **architecture(params)})
+    non_embedding, total = param_counts(n_layer, n_embd, vocab, block, **architecture(params))  # with n_head
     return f"{total / 1e6:.2f}M ({non_embedding / 1e6:.2f}M)"
 
 
@@ -83,9 +83,7 @@ def same_lr_differences(out: Path, tested: dict[str, float]) -> dict[str, dict]:
         gpt2.update(finished(sweep))
     found = {arm: baseline_columns(finished(out / "test" / arm)[lr], gpt2[lr], False)
              for arm, lr in tested.items() if arm != "gpt2" and lr in gpt2}
-    found = {arm: row for arm, row in found.items() if row["baseline_p"] is not None}
-    for arm, p_holm in zip(found, holm([row["baseline_p"] for row in found.values()])):
-        found[arm]["baseline_p_holm"] = p_holm
+    add_holm(list(found.values()))
     return found
 
 
@@ -195,8 +193,11 @@ def main() -> None:
     common = ["+experiment=arch_ablation", f"data.path={args.data_path}", f"train.max_steps={args.steps}",
               f"train.eval_every={args.steps}"]
 
+    def arm_runs(arm: str) -> list[str]:
+        return [*RUN, *common, f"+arm={arm}", *ARMS[arm]]
+
     def tune_then_test(arm: str) -> float:
-        base = [*RUN, *common, f"+arm={arm}", *ARMS[arm]]
+        base = arm_runs(arm)
         tune = out / "tune" / arm
         call([*base, f"optim.lr={args.lrs}", f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={tune}"])
         lr = bracketed_best(tune, "optim.lr", tries=args.widen, label=arm, run_value=lambda value, sweep: call(
@@ -205,7 +206,7 @@ def main() -> None:
         return lr
 
     def control(lr: float) -> None:  # GPT-2 at another arm's lr: what that lr alone is worth
-        call([*RUN, *common, "+arm=gpt2", f"optim.lr={lr:g}", f"train.seed={args.test_seeds}",
+        call([*arm_runs("gpt2"), f"optim.lr={lr:g}", f"train.seed={args.test_seeds}",
               f"hydra.sweep.dir={out / 'control' / f'gpt2_lr{lr:g}'}"])
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

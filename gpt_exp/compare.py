@@ -195,9 +195,7 @@ def compare_table(runs: list[RunRecord], metric: str = "final_loss", x: str | No
         base = find_baseline(baseline, keys, groups)
         for i, (row, group) in enumerate(zip(rows, groups)):
             row.update(baseline_columns(values(group, metric), values(groups[base], metric), i == base, effect))
-        tested = [row for row in rows if row["baseline_p"] is not None]
-        for row, adjusted in zip(tested, holm([row["baseline_p"] for row in tested])):
-            row["baseline_p_holm"] = adjusted
+        add_holm(rows)
     return [row for _, row in sorted(enumerate(rows), key=lambda item: _sort_key(item[1][metric]))]
 
 
@@ -332,6 +330,13 @@ def baseline_columns(values: list[float], base: list[float], is_base: bool, effe
     return row | {"baseline_ci_low": _finite(ci.low), "baseline_ci_high": _finite(ci.high),
                   "baseline_p": _finite(result.pvalue), "seeds_needed": seeds_needed(sized_for, pooled_std),
                   "seeds_needed_effect": sized_for}
+
+
+def add_holm(rows: list[dict]) -> None:
+    """Fill baseline_p_holm in the rows that have a baseline_p, Holm-adjusted over those rows (one family)."""
+    tested = [row for row in rows if row["baseline_p"] is not None]
+    for row, adjusted in zip(tested, holm([row["baseline_p"] for row in tested])):
+        row["baseline_p_holm"] = adjusted
 
 
 def holm(p_values: list[float]) -> list[float]:
