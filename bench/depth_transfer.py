@@ -29,32 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt_exp.cli import compose_run_config
-from gpt_exp.device import resolve_runtime
-from gpt_exp.errors import Diverged
-from gpt_exp.trainer import Trainer
-from lr_sweep import best_lr_interval, best_lrs, cells, plot, print_table  # bench/, this script's dir
+from lr_sweep import best_lr_interval, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
 
 WIDTH, N_HEAD, B, T = 128, 4, 8, 64
 FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B}", f"T={T}", "optim.schedule=constant",
          "optim.warmup_steps=10", "optim.weight_decay=0.0", "data.order=shuffled", "data.val_fraction=0.1",
          "train.eval_every=1000000", "train.eval_batches=20", "train.save_model=none", "logger.mode=disabled",
          "device.type=cpu", "device.threads=1", "device.compile=false"]
-
-
-class FinalEval:
-    """A tracker that keeps the last val loss (the Trainer evaluates at the end) and nothing else."""
-
-    wandb_id, elapsed_s, val_loss = None, 0.0, float("nan")
-
-    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None:
-        self.val_loss = val_loss
-
-    def log_step(self, m) -> None: ...
-    def log_skip(self, step: int, reason: str) -> None: ...
-    def log_samples(self, step: int, samples: list[dict]) -> None: ...
-    def log_hellaswag(self, step: int, scores: dict) -> None: ...
-    def log_core(self, step: int, scores: dict) -> None: ...
 
 
 def overrides(depth: int, parametrization: str, lr: float, seed: int, steps: int, width: int, depth_base: int,
@@ -66,19 +47,6 @@ def overrides(depth: int, parametrization: str, lr: float, seed: int, steps: int
     return [*FIXED, *data, f"model.n_layer={depth}", f"model.n_embd={width}",
             f"model.parametrization={parametrization}", *scaled, f"optim.lr={lr}", f"train.seed={seed}",
             f"train.max_steps={steps}"]
-
-
-def train(args: list[str]) -> float:
-    """The val loss after the run `args` describes; NaN if it diverged."""
-    cfg = compose_run_config(args)
-    tracker = FinalEval()
-    try:
-        status = Trainer(cfg, resolve_runtime(cfg.device)).fit(tracker)
-    except Diverged:
-        return float("nan")
-    if status == "interrupted":  # Ctrl-C or SIGTERM: the sweep stops, rather than scoring a cut-short run
-        raise SystemExit(f"interrupted during {' '.join(args[len(FIXED):])}; nothing written")
-    return tracker.val_loss
 
 
 def main() -> None:
@@ -108,7 +76,8 @@ def main() -> None:
         for par in args.parametrizations.split(","):
             for depth in depths:
                 for lr in lrs:
-                    loss = train(overrides(depth, par, lr, seed, args.steps, args.width, args.depth_base, data))
+                    loss = train(overrides(depth, par, lr, seed, args.steps, args.width, args.depth_base, data),
+                                 len(FIXED))
                     runs.append({"parametrization": par, "depth": depth, "lr": lr, "seed": seed, "val_loss": loss})
                     print(f"[{time.time() - start:6.0f}s] seed {seed} {par} n_layer={depth} lr={lr:g}: {loss:.4f}",
                           flush=True)

@@ -1,7 +1,8 @@
 """What the lr-transfer benchmarks share (bench/mup_transfer.py across widths, bench/depth_transfer.py across depths):
-each cell's mean and std over the seeds, each size's best lr (the grid's, and a parabola's in ln lr with a bootstrap
-interval over the seeds), the table and the plot. A run is a dict with "parametrization", the size `key` ("width" or
-"depth"), "lr", "seed" and "val_loss" (NaN: diverged).
+a run as `python -m gpt_exp.run` builds it, scored by its final val loss; each cell's mean and std over the seeds,
+each size's best lr (the grid's, and a parabola's in ln lr with a bootstrap interval over the seeds), the table and
+the plot. A run is a dict with "parametrization", the size `key` ("width" or "depth"), "lr", "seed" and "val_loss"
+(NaN: diverged).
 """
 
 from __future__ import annotations
@@ -14,6 +15,40 @@ import numpy as np
 from gpt_exp.scaling import CI, parabola_vertex
 
 PARAMETRIZATIONS = ("sp", "mup", "completep")
+
+
+class FinalEval:
+    """A tracker that keeps the last val loss (the Trainer evaluates at the end) and nothing else."""
+
+    wandb_id, elapsed_s, val_loss = None, 0.0, float("nan")
+
+    def log_eval(self, step: int, val_loss: float, val_bpb: float, by_source: dict | None = None) -> None:
+        self.val_loss = val_loss
+
+    def log_step(self, m) -> None: ...
+    def log_skip(self, step: int, reason: str) -> None: ...
+    def log_samples(self, step: int, samples: list[dict]) -> None: ...
+    def log_hellaswag(self, step: int, scores: dict) -> None: ...
+    def log_core(self, step: int, scores: dict) -> None: ...
+
+
+def train(args: list[str], fixed: int = 0) -> float:
+    """The final val loss of the run that the `python -m gpt_exp.run` arguments `args` describe, trained in this
+    process; NaN if it diverged. `fixed`: how many leading arguments to leave out when naming an interrupted run."""
+    from gpt_exp.cli import compose_run_config  # torch and Hydra load only where a run trains
+    from gpt_exp.device import resolve_runtime
+    from gpt_exp.errors import Diverged
+    from gpt_exp.trainer import Trainer
+
+    cfg = compose_run_config(args)
+    tracker = FinalEval()
+    try:
+        status = Trainer(cfg, resolve_runtime(cfg.device)).fit(tracker)
+    except Diverged:
+        return float("nan")
+    if status == "interrupted":  # Ctrl-C or SIGTERM: the sweep stops, rather than scoring a cut-short run
+        raise SystemExit(f"interrupted during {' '.join(args[fixed:])}; nothing written")
+    return tracker.val_loss
 
 
 def cells(runs: list[dict], key: str) -> list[dict]:

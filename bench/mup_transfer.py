@@ -1,18 +1,27 @@
-"""muP's learning-rate transfer on a CPU: an lr sweep at several widths for sp and mup; each width's best lr.
+"""muP's two promises, measured across width: at a fixed lr a wider model is better, and the best lr stays put.
 
-Under muP (model.parametrization=mup, base width 64) the best lr should stay put as the width grows (at most one
-grid step); under SP it should move (shrink). Depth 2, 4 heads, B=8 x T=64 on tiny shakespeare, AdamW (betas 0.9,
-0.95, no weight decay, 10 warmup steps then a constant lr), the same batches for every run of a seed; the score is
-the mean loss of 8 fixed held-out batches (the corpus's last 10%) after the last step, averaged over the seeds.
+Each cell is a Trainer run as `python -m gpt_exp.run` builds it, in a worker process (one thread each, `--jobs` at
+once): depth 2, 4 heads, B=2 x T=64 (the readout, 50257 x width, is most of a step's cost; 512 wide takes ~1 s a
+step on one core whatever B is below 4), AdamW with the repo's defaults (cosine to 0.1x after 20 warmup steps,
+weight decay 0.1: under mup the hidden matrices' lr x wd is the same at every width), data.order=shuffled with
+train.seed=SEED (each seed its own batch order, shared by the seed's cells), scored by the val loss of
+`--eval-batches` held-out batches (data.val_fraction=0.1, the same batches for every run) after the last step.
 
-To fit 2 shared cores, the runs train in this process (gpt_exp.coord_check.build: the model and optimizer the
-Trainer builds) on tiny shakespeare's tokens renumbered to the ~11k GPT-2 tokens it uses (the readout is 4.5x
-smaller; the model is the same GPT-2 otherwise).
+Every finished run is appended to OUT/runs.jsonl at once; a sweep started again with the same --out skips the runs
+already there, so a killed sweep loses at most the runs in flight. The report (OUT/mup_transfer.json and .png):
+each cell's mean ± std over the seeds; each width's best lr on the grid and, where three or more lrs bracket it,
+from a parabola in ln lr with a 95% bootstrap interval over the seeds; and at every lr tested at several widths, the
+paired difference between successive widths (mean, a paired t-test over the seeds, how many seeds improved).
 
-    python bench/mup_transfer.py                        # the sweep; writes bench/mup_transfer.{json,png}
-    # bench/RESULTS.md's run (a loaded machine): --widths 32,64,128 --base-width 32 --steps 40 --seeds 1, sp and mup
-    # in two processes (--parametrizations sp / mup), then --merge A/mup_transfer.json B/mup_transfer.json
-    python bench/mup_transfer.py --widths 32,64 --lrs 0.01 --steps 5 --seeds 1 --out /tmp/x   # a quick check
+    # the run in bench/RESULTS.md: the base width on a 4-lr grid, then 256 wide on the base's best lr and its two
+    # neighbours, and 128 / 512 at the base's best lr only (3 seeds each)
+    python bench/mup_transfer.py --data-path ../shared/data/corpus --widths 64 \\
+        --lrs 0.0005,0.001,0.002,0.004 --out OUT
+    python bench/mup_transfer.py --data-path ../shared/data/corpus --widths 128,256,512 --lrs LR \\
+        --lrs-at 256=LR/2,LR,2LR --out OUT                  # the same OUT: one report over every run
+    python bench/mup_transfer.py --report-only --out OUT    # the report again, no runs
+    # a quick check on tiny shakespeare
+    python bench/mup_transfer.py --widths 32,64 --lrs 0.01 --steps 5 --seeds 1 --out /tmp/x
 """
 
 from __future__ import annotations
@@ -22,85 +31,176 @@ import json
 import math
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from gpt_exp.coord_check import Setup, batches, build, load_tokens
-from lr_sweep import best_lrs, cells, plot, print_table  # bench/, this script's dir
+from lr_sweep import best_lr_interval, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
+
+N_LAYER, N_HEAD = 2, 4
+FIXED = ["model=tiny", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", "optim.warmup_steps=20",
+         "data.order=shuffled", "data.val_fraction=0.1", "train.eval_every=1000000", "train.save_model=none",
+         "logger.mode=disabled", "device.type=cpu", "device.threads=1", "device.compile=false"]
+RUN_KEYS = ("parametrization", "width", "lr", "seed", "steps", "B", "T", "eval_batches", "base_width", "data")
 
 
-def renumber(tokens: np.ndarray) -> tuple[np.ndarray, int]:
-    used, dense = np.unique(tokens, return_inverse=True)
-    return dense.astype(np.int64), len(used)
+def overrides(run: dict) -> list[str]:
+    """The `python -m gpt_exp.run` arguments of one run (a dict of RUN_KEYS)."""
+    data = ["data=text", f"data.path={run['data']}"] if run["data"] != "shakespeare" else ["data=shakespeare"]
+    scaled = [f"model.mup_base_width={run['base_width']}"] if run["parametrization"] != "sp" else []
+    return [*FIXED, *data, f"data.cache_dir={run['cache_dir']}", f"model.block_size={run['T']}", f"B={run['B']}",
+            f"T={run['T']}", f"train.eval_batches={run['eval_batches']}", f"model.n_embd={run['width']}",
+            f"model.parametrization={run['parametrization']}", *scaled, f"optim.lr={run['lr']}",
+            f"train.seed={run['seed']}", f"train.max_steps={run['steps']}"]
 
 
-def train(width: int, parametrization: str, lr: float, seed: int, steps: int, data, val, vocab: int,
-          base_width: int = 64) -> float:
-    setup = Setup(seed=seed, base_width=base_width)
-    model, optimizer = build(width, parametrization, setup, lr, vocab_size=vocab)
-    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
-    for step, (x, y) in enumerate(data[:steps]):
-        warm = min(1.0, (step + 1) / 10)
-        for g, s in zip(optimizer.param_groups, scales):
-            g["lr"] = lr * warm * s
-        _, loss = model(x, y)
-        if not math.isfinite(loss.item()):
-            return float("nan")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return float(np.mean([model(x, y)[1].item() for x, y in val]))
+def timed_run(run: dict) -> dict:
+    """A worker's job: the run's val loss and its wall time."""
+    start = time.time()
+    loss = train(overrides(run), len(FIXED))
+    return {**{k: run[k] for k in RUN_KEYS}, "val_loss": loss, "wall_s": round(time.time() - start, 1)}
+
+
+def planned(args: argparse.Namespace) -> list[dict]:
+    """Every run the arguments ask for, widest first (the longest runs start first, so the pool ends together)."""
+    lrs = {int(w): [float(v) for v in args.lrs.split(",")] for w in args.widths.split(",")}
+    for spec in args.lrs_at:
+        width, values = spec.split("=")
+        lrs[int(width)] = [float(v) for v in values.split(",")]
+    common = {"steps": args.steps, "B": args.B, "T": args.T, "eval_batches": args.eval_batches,
+              "base_width": args.base_width, "data": args.data_path or "shakespeare", "cache_dir": args.cache_dir}
+    return [{**common, "parametrization": par, "width": width, "lr": lr, "seed": seed}
+            for width in sorted(lrs, reverse=True) for lr in lrs[width]
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
+            for par in args.parametrizations.split(",")]
+
+
+def key(run: dict) -> tuple:
+    return tuple(run[k] for k in RUN_KEYS)
+
+
+def load_runs(path: Path) -> list[dict]:
+    """The runs recorded so far; a line cut short by a kill is skipped (its run trains again)."""
+    runs = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def sweep(todo: list[dict], jobs: int, log: Path) -> int:
+    """Train `todo` in `jobs` worker processes, appending each result to `log` as it finishes; the failures' count.
+    A run that fails is reported and left out (a rerun tries it again); it does not stop the others."""
+    start, failed = time.time(), 0
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(timed_run, run): run for run in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            run = futures[future]
+            name = f"{run['parametrization']} n_embd={run['width']} lr={run['lr']:g} seed {run['seed']}"
+            try:
+                result = future.result()
+            except Exception as e:  # noqa: BLE001 - one failed run must not take the sweep down
+                failed += 1
+                print(f"error: {name} failed ({type(e).__name__}: {e}); it is not recorded", flush=True)
+                continue
+            with log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"[{time.time() - start:6.0f}s] {done}/{len(todo)} {name}: {result['val_loss']:.4f} "
+                  f"({result['wall_s']:.0f} s)", flush=True)
+    return failed
+
+
+def width_steps(runs: list[dict], parametrization: str) -> list[dict]:
+    """At each lr tested at two or more widths, each width against the next narrower one, paired by seed: the mean
+    difference (wider minus narrower; negative: wider is better), a paired t-test and how many seeds improved."""
+    from scipy import stats
+
+    out = []
+    mine = [r for r in runs if r["parametrization"] == parametrization and math.isfinite(r["val_loss"])]
+    for lr in sorted({r["lr"] for r in mine}):
+        by_width = {}
+        for r in mine:
+            if r["lr"] == lr:
+                by_width.setdefault(r["width"], {})[r["seed"]] = r["val_loss"]
+        widths = sorted(by_width)
+        for narrow, wide in zip(widths, widths[1:]):
+            seeds = sorted(set(by_width[narrow]) & set(by_width[wide]))
+            diff = np.array([by_width[wide][s] - by_width[narrow][s] for s in seeds])
+            p = float(stats.ttest_rel([by_width[wide][s] for s in seeds], [by_width[narrow][s] for s in seeds]).pvalue) \
+                if len(seeds) > 1 else float("nan")
+            out.append({"lr": lr, "narrow": narrow, "wide": wide, "seeds": len(seeds), "mean_diff": float(diff.mean()),
+                        "std_diff": float(diff.std(ddof=1)) if len(seeds) > 1 else 0.0, "p": p,
+                        "improved": int((diff < 0).sum())})
+    return out
+
+
+def report(runs: list[dict], out: Path) -> dict:
+    for setting in ("steps", "B", "T", "eval_batches", "base_width", "data"):
+        if len({r[setting] for r in runs}) > 1:
+            raise SystemExit(f"error: the runs in {out / 'runs.jsonl'} differ in {setting} "
+                             f"({sorted({r[setting] for r in runs}, key=str)}); give each setup its own --out")
+    params = [p for p in ("sp", "mup") if any(r["parametrization"] == p for r in runs)]
+    mean = cells(runs, "width")
+    widths = sorted({r["width"] for r in runs})
+    grid = {par: best_lrs(mean, par, "width") for par in params}
+    fitted = {par: {w: best_lr_interval(runs, par, "width", w) for w in widths
+                    if len({r["lr"] for r in runs if r["parametrization"] == par and r["width"] == w}) >= 3}
+              for par in params}
+    steps = {par: width_steps(runs, par) for par in params}
+    result = {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, "width_steps": steps}
+    (out / "mup_transfer.json").write_text(json.dumps(result, indent=1))
+    plot(mean, out / "mup_transfer.png", "width", "n_embd")
+    print()
+    print_table(mean, "width")
+    for par in params:
+        print(f"{par}: best lr per width on the grid {grid[par]}; parabola in ln lr (95% interval over seeds): "
+              + (", ".join(f"{w}: {f['lr']:.3g} [{f['low']:.3g}, {f['high']:.3g}]" if math.isfinite(f["lr"])
+                           else f"{w}: not bracketed" for w, f in fitted[par].items()) or "no width has 3 lrs"))
+        for s in steps[par]:
+            print(f"{par} lr {s['lr']:g}: n_embd {s['wide']} - {s['narrow']} = {s['mean_diff']:+.4f} ± "
+                  f"{s['std_diff']:.4f} (paired p {s['p']:.3g}, {s['improved']}/{s['seeds']} seeds lower)")
+    print(f"wrote {out / 'mup_transfer.json'} and {out / 'mup_transfer.png'}")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--widths", default="64,128,256")
-    parser.add_argument("--lrs", default="0.001,0.002,0.004,0.008,0.016,0.032")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--lrs", default="0.001,0.002,0.004", help="every width's lrs, unless --lrs-at names it")
+    parser.add_argument("--lrs-at", action="append", default=[], metavar="WIDTH=LR,LR",
+                        help="one width's own lrs (repeatable)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: --first-seed, --first-seed + 1, ...")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--B", type=int, default=2)
+    parser.add_argument("--T", type=int, default=64)
+    parser.add_argument("--eval-batches", type=int, default=50)
     parser.add_argument("--base-width", type=int, default=64, help="muP's base width")
-    parser.add_argument("--parametrizations", default="sp,mup", help="e.g. sp in one process, mup in another")
-    parser.add_argument("--merge", nargs="*", default=[], help="mup_transfer.json files to report together, no runs")
+    parser.add_argument("--parametrizations", default="mup", help="mup, sp or sp,mup")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--data-path", default=None, help="a corpus (data=text data.path=...); default: tiny shakespeare")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gpt_exp_mup_cache"))
+    parser.add_argument("--report-only", action="store_true", help="report OUT/runs.jsonl, train nothing")
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
-    lrs = [float(v) for v in args.lrs.split(",")]
-    results = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
-    start = time.time()
-    for seed in range(0 if args.merge else args.seeds):
-        if seed == 0:
-            tokens, vocab = renumber(load_tokens(args.cache_dir))
-            cut = int(len(tokens) * 0.9)
-            val = batches(tokens[cut:], 8, 8, 64, seed=12345)
-        data = batches(tokens[:cut], args.steps, 8, 64, seed)
-        for par in args.parametrizations.split(","):
-            for width in widths:
-                for lr in lrs:
-                    loss = train(width, par, lr, seed, args.steps, data, val, vocab, args.base_width)
-                    results.append({"parametrization": par, "width": width, "lr": lr, "seed": seed,
-                                    "val_loss": loss})
-                    print(f"[{time.time() - start:6.0f}s] seed {seed} {par} n_embd={width} lr={lr:g}: {loss:.4f}",
-                          flush=True)
-    params = [p for p in ("sp", "mup") if any(r["parametrization"] == p for r in results)]
-    mean = cells(results, "width")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {par: best_lrs(mean, par, "width") for par in params}
-    (out / "mup_transfer.json").write_text(json.dumps({"runs": results, "mean": mean, "best_lr": summary,
-                                                        "steps": args.steps, "base_width": args.base_width},
-                                                       indent=1))
-    plot(mean, out / "mup_transfer.png", "width", "n_embd")
-    print()
-    print_table(mean, "width")
-    for par, best in summary.items():
-        moved = [lrs.index(b) for b in best.values() if b in lrs]
-        print(f"{par}: best lr per width {best}; it moves {max(moved) - min(moved)} grid steps")
-    print(f"{time.time() - start:.0f}s; wrote {out / 'mup_transfer.json'} and {out / 'mup_transfer.png'}")
+    log = out / "runs.jsonl"
+    failed = 0
+    if not args.report_only:
+        done = {key(r) for r in load_runs(log)}
+        todo = [run for run in planned(args) if key(run) not in done]
+        print(f"{len(todo)} runs to train ({len(done)} already in {log}), {args.jobs} at a time", flush=True)
+        failed = sweep(todo, args.jobs, log)
+    runs = load_runs(log)
+    if not runs:
+        raise SystemExit(f"error: no runs in {log}; run without --report-only first")
+    report(runs, out)
+    if failed:
+        raise SystemExit(f"error: {failed} runs failed (above); run the same command again to retry them")
 
 
 if __name__ == "__main__":
