@@ -128,9 +128,9 @@ def width_steps(runs: list[dict], parametrization: str) -> list[dict]:
         widths = sorted(by_width)
         for narrow, wide in zip(widths, widths[1:]):
             seeds = sorted(set(by_width[narrow]) & set(by_width[wide]))
-            diff = np.array([by_width[wide][s] - by_width[narrow][s] for s in seeds])
-            p = float(stats.ttest_rel([by_width[wide][s] for s in seeds], [by_width[narrow][s] for s in seeds]).pvalue) \
-                if len(seeds) > 1 else float("nan")
+            wider, narrower = ([by_width[w][s] for s in seeds] for w in (wide, narrow))
+            diff = np.subtract(wider, narrower)
+            p = float(stats.ttest_rel(wider, narrower).pvalue) if len(seeds) > 1 else float("nan")
             out.append({"lr": lr, "narrow": narrow, "wide": wide, "seeds": len(seeds), "mean_diff": float(diff.mean()),
                         "std_diff": float(diff.std(ddof=1)) if len(seeds) > 1 else 0.0, "p": p,
                         "improved": int((diff < 0).sum())})
@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--base-width", type=int, default=64, help="muP's base width")
     parser.add_argument("--parametrizations", default="mup", help="mup, sp or sp,mup")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
-    parser.add_argument("--data-path", default=None, help="a corpus (data=text data.path=...); default: tiny shakespeare")
+    parser.add_argument("--data-path", default=None, 
+                        help="a corpus (data=text data.path=...); default: tiny shakespeare")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gpt_exp_mup_cache"))
     parser.add_argument("--report-only", action="store_true", help="report OUT/runs.jsonl, train nothing")
     parser.add_argument("--out", default=str(Path(__file__).parent))

@@ -166,3 +166,44 @@ def test_depth_transfer_writes_each_cell_and_each_depths_best_lr(tmp_path, cache
     assert all(9 < r["val_loss"] < 11 for r in result["mean"])  # 2 steps from ln(50257) = 10.8
     assert result["best_lr_grid"] == {"completep": {"1": 0.01, "2": 0.01}}
     assert "completep: best lr per depth on the grid" in out and (tmp_path / "depth_transfer.png").is_file()
+
+
+def test_mup_transfer_records_each_run_at_once_and_resumes_a_killed_sweep(tmp_path, cache_dir):
+    args = [str(BENCH / "mup_transfer.py"), "--widths", "16,32", "--lrs", "0.01", "--lrs-at", "32=0.005,0.01,0.02",
+            "--steps", "2", "--seeds", "2", "--eval-batches", "2", "--jobs", "2", "--cache-dir", str(cache_dir),
+            "--out", str(tmp_path)]
+    out = bench(*args)
+    assert "8 runs to train (0 already" in out
+    log = tmp_path / "runs.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 8 and all(9 < json.loads(line)["val_loss"] < 11 for line in lines)
+    # a kill mid-write leaves a cut line and loses two runs: the same command trains those two again, no others
+    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20] + "\n")
+    out = bench(*args)
+    assert "3 runs to train (5 already" in out
+    result = json.loads((tmp_path / "mup_transfer.json").read_text())
+    assert sorted((r["width"], r["lr"], r["seeds"]) for r in result["mean"]) == [
+        (16, 0.01, 2), (32, 0.005, 2), (32, 0.01, 2), (32, 0.02, 2)]
+    assert list(result["best_lr_fit"]["mup"]) == ["32"]  # only 32 has 3 lrs to fit a parabola through
+    assert [(s["lr"], s["narrow"], s["wide"], s["seeds"]) for s in result["width_steps"]["mup"]] == [(0.01, 16, 32, 2)]
+    # a run of another setup in the same dir is not averaged with these
+    with log.open("a") as f:
+        f.write(json.dumps({**json.loads(lines[0]), "steps": 3}) + "\n")
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        bench(str(BENCH / "mup_transfer.py"), "--report-only", "--out", str(tmp_path))
+    assert "error: the runs in" in failed.value.stderr and "differ in steps ([2, 3])" in failed.value.stderr
+
+
+def test_mup_transfer_pairs_widths_by_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from mup_transfer import width_steps
+
+    loss = {(64, 0): 6.0, (64, 1): 6.4, (64, 2): 5.9, (128, 0): 5.8, (128, 1): 6.3, (128, 2): 5.95}
+    runs = [{"parametrization": "mup", "width": w, "lr": 1e-3, "seed": s, "val_loss": v} for (w, s), v in loss.items()]
+    runs.append({"parametrization": "mup", "width": 256, "lr": 2e-3, "seed": 0, "val_loss": 5.0})  # alone at its lr
+    [step] = width_steps(runs, "mup")
+    diffs = [-0.2, -0.1, 0.05]
+    assert (step["narrow"], step["wide"], step["seeds"], step["improved"]) == (64, 128, 3, 2)
+    assert step["mean_diff"] == pytest.approx(sum(diffs) / 3)
+    expected = stats.ttest_rel([loss[128, s] for s in range(3)], [loss[64, s] for s in range(3)]).pvalue
+    assert step["p"] == pytest.approx(expected) and 0.2 < step["p"] < 0.6
