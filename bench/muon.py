@@ -1,7 +1,8 @@
 """Muon against AdamW at equal tokens, each arm tuned on seeds other than those it is tested on.
 
 Protocol (a reviewer's, bench/RESULTS.md):
-1. tune AdamW: sweep optim.lr on the tuning seeds; its best is the lowest mean final val loss;
+1. tune AdamW: sweep optim.lr on the tuning seeds; its best is the lowest mean final val loss (a best at the grid's
+   edge widens the grid, up to two steps out: bench/tuning.py's bracketed_best);
 2. tune Muon: its AdamW part (embeddings, readout, gains, biases) at AdamW's best optim.lr, sweep the matrices'
    optim.muon_lr on the same tuning seeds;
 3. test: each arm at its best lr on the test seeds (none of them a tuning seed), every run reading its own block
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tuning import COMPARE, RUN, best_value, call, check_seeds
+from tuning import COMPARE, RUN, bracketed_best, call, check_seeds
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 MODEL = ["model=tiny", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "B=8", "T=64"]
@@ -54,12 +55,14 @@ def main() -> None:
         common.append(f"data.cache_dir={args.cache_dir}")
 
 
-    call([*RUN, "optim=adamw", f"optim.lr={args.adamw_lrs}", *common, f"train.seed={args.tune_seeds}",
-          f"hydra.sweep.dir={out / 'tune_adamw'}"])
-    adamw_lr = best_value(out / "tune_adamw", "optim.lr")
-    call([*RUN, "optim=muon", f"optim.lr={adamw_lr}", f"optim.muon_lr={args.muon_lrs}", *common,
-          f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={out / 'tune_muon'}"])
-    muon_lr = best_value(out / "tune_muon", "optim.muon_lr")
+    def tune(arm: list[str], key: str, values: str) -> float:  # the best on the tuning seeds, the grid widened
+        sweep = out / f"tune_{arm[0].split('=')[1]}"  # until it brackets it (a best at the edge is not an optimum)
+        call([*RUN, *arm, f"{key}={values}", *common, f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={sweep}"])
+        return bracketed_best(sweep, key, run_value=lambda value, widened: call(
+            [*RUN, *arm, f"{key}={value:g}", *common, f"train.seed={args.tune_seeds}", f"hydra.sweep.dir={widened}"]))
+
+    adamw_lr = tune(["optim=adamw"], "optim.lr", args.adamw_lrs)
+    muon_lr = tune(["optim=muon", f"optim.lr={adamw_lr}"], "optim.muon_lr", args.muon_lrs)
 
     call([*RUN, "optim=adamw", f"optim.lr={adamw_lr}", *common, f"train.seed={args.test_seeds}",
           f"hydra.sweep.dir={out / 'test_adamw'}"])

@@ -207,3 +207,20 @@ def test_mup_transfer_pairs_widths_by_seed(monkeypatch):
     assert step["mean_diff"] == pytest.approx(sum(diffs) / 3)
     expected = stats.ttest_rel([loss[128, s] for s in range(3)], [loss[64, s] for s in range(3)]).pvalue
     assert step["p"] == pytest.approx(expected) and 0.2 < step["p"] < 0.6
+
+
+@pytest.mark.slow
+def test_muon_bench_widens_an_edge_optimum_for_both_arms(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(20000)))
+    out = bench(str(BENCH / "muon.py"), "--data-path", str(corpus), "--steps", "3", "--adamw-lrs", "0.001,0.01",
+                "--muon-lrs", "0.001,0.01", "--tune-seeds", "7", "--test-seeds", "1,2", "--out", str(tmp_path / "out"))
+    tuned = re.search(r"tuned: adamw optim.lr=([\d.e-]+); muon optim.muon_lr=([\d.e-]+) with optim.lr=([\d.e-]+)", out)
+    assert tuned and tuned.group(1) == tuned.group(3), out  # Muon's AdamW part at AdamW's own best lr
+    # a grid of two lrs has its best at an edge: each arm tried the next lrs out (10x steps) before choosing
+    for arm in ("adamw", "muon"):
+        widened = {float(p.name.removeprefix("widened_")) for p in (tmp_path / "out" / f"tune_{arm}").glob("widened_*")}
+        assert widened and widened <= {1e-5, 1e-4, 0.1, 1.0}, (arm, widened)
+        assert len(list((tmp_path / "out" / f"tune_{arm}").glob("widened_*/*/summary.json"))) == len(widened)
+    rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
+    assert sorted(row["n"] for row in rows) == [2, 2]
