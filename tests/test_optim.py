@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -349,20 +345,6 @@ def test_trainer_resumes_muon_bitwise_with_its_own_lr(cache_dir):
 def test_trainer_builds_adamw_as_before(cache_dir):
     optimizer = make_trainer(cache_dir, "device.threads=1").optimizer
     assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["fused"] is True
-
-
-@pytest.mark.slow
-def test_bench_muon_sweeps_and_compares(tmp_path, cache_dir):
-    bench = Path(__file__).resolve().parent.parent / "bench" / "muon.py"
-    args = ["--steps", "4", "--adamw-lrs", "0.01", "--muon-lrs", "0.01", "--seeds", "1,2", "--out", str(tmp_path),
-            "--cache-dir", str(cache_dir)]
-    out = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, check=True,
-                         timeout=600).stdout
-    assert re.search(r"best adamw: optim.lr=0.01, final val loss \d+\.\d+ over 2 seeds", out), out
-    assert re.search(r"best muon: optim.lr=0.01, final val loss \d+\.\d+ over 2 seeds", out), out
-    table = out.split("--metric final_val_loss --x tokens --smooth 10")[1]
-    assert re.search(r"\nmuon +2 .* [-+]\d\.\d+ +\[-?\d", table) and "p (Welch)" in table, out
-    assert len(list(tmp_path.glob("*/*/metrics.jsonl"))) == 4
 
 
 def test_a_muon_checkpoint_does_not_resume_as_adamw_and_mup_with_muon_is_refused(tmp_path, cache_dir):
