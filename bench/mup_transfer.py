@@ -1,8 +1,8 @@
 """muP's two promises, measured across width: at a fixed lr a wider model is better, and the best lr stays put.
 
 Each cell is a Trainer run as `python -m gpt_exp.run` builds it, in a worker process (one thread each, `--jobs` at
-once): depth 2, 4 heads, B=2 x T=64 (the readout, 50257 x width, is most of a step's cost; 512 wide takes ~1 s a
-step on one core whatever B is below 4), AdamW with the repo's defaults (cosine to 0.1x after 20 warmup steps,
+once): depth 2, 4 heads, B=2 x T=64 (the tied readout, 50257 x width, and its AdamW update are most of a step:
+512 wide takes ~0.8 s a step on one core at B=2, ~1.4 s at B=4), AdamW with the repo's defaults (cosine to 0.1x after 20 warmup steps,
 weight decay 0.1: under mup the hidden matrices' lr x wd is the same at every width), data.order=shuffled with
 train.seed=SEED (each seed its own batch order, shared by the seed's cells), scored by the val loss of
 `--eval-batches` held-out batches (data.val_fraction=0.1, the same batches for every run) after the last step.
@@ -145,9 +145,12 @@ def report(runs: list[dict], out: Path) -> dict:
     params = [p for p in ("sp", "mup") if any(r["parametrization"] == p for r in runs)]
     mean = cells(runs, "width")
     widths = sorted({r["width"] for r in runs})
-    grid = {par: best_lrs(mean, par, "width") for par in params}
-    fitted = {par: {w: best_lr_interval(runs, par, "width", w) for w in widths
-                    if len({r["lr"] for r in runs if r["parametrization"] == par and r["width"] == w}) >= 3}
+    def lrs_at(par: str, width: int) -> int:
+        return len({r["lr"] for r in runs if r["parametrization"] == par and r["width"] == width})
+
+    # a width trained at one lr has no best lr to speak of: only widths with a grid get one
+    grid = {par: {w: lr for w, lr in best_lrs(mean, par, "width").items() if lrs_at(par, w) >= 2} for par in params}
+    fitted = {par: {w: best_lr_interval(runs, par, "width", w) for w in widths if lrs_at(par, w) >= 3}
               for par in params}
     steps = {par: width_steps(runs, par) for par in params}
     result = {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, "width_steps": steps}

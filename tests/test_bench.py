@@ -185,6 +185,7 @@ def test_mup_transfer_records_each_run_at_once_and_resumes_a_killed_sweep(tmp_pa
     assert sorted((r["width"], r["lr"], r["seeds"]) for r in result["mean"]) == [
         (16, 0.01, 2), (32, 0.005, 2), (32, 0.01, 2), (32, 0.02, 2)]
     assert list(result["best_lr_fit"]["mup"]) == ["32"]  # only 32 has 3 lrs to fit a parabola through
+    assert list(result["best_lr_grid"]["mup"]) == ["32"]  # nor a best lr for 16, trained at one
     assert [(s["lr"], s["narrow"], s["wide"], s["seeds"]) for s in result["width_steps"]["mup"]] == [(0.01, 16, 32, 2)]
     # a run of another setup in the same dir is not averaged with these
     with log.open("a") as f:
