@@ -151,7 +151,9 @@ def test_failing_server_costs_seconds_and_history_goes_offline(tmp_path, server_
 
 def test_server_that_stalls_after_init_costs_seconds_at_finish(tmp_path):
     times, exit_s, warnings = run_driver(tmp_path, "stalls_after_init", "online")
-    assert times["finish_s"] < 8  # wandb 0.31's own default: run.finish waits for the upload without end
+    # wandb 0.31's own default: run.finish waits for the upload without end. Ours: the 5 s wait, then the teardown
+    # (~1 s on quiet cores, 3 s on 2 busy ones)
+    assert times["finish_s"] < 10
     assert times["total_s"] < 15 and exit_s < 5
     [online] = [p for p in (tmp_path / "run" / "wandb").iterdir() if "run-" in p.name and not p.is_symlink()]
     assert online.name.startswith("run-")  # online started: its own file keeps what was not uploaded
