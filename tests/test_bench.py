@@ -168,6 +168,7 @@ def test_depth_transfer_writes_each_cell_and_each_depths_best_lr(tmp_path, cache
     assert "completep: best lr per depth on the grid" in out and (tmp_path / "depth_transfer.png").is_file()
 
 
+@pytest.mark.slow  # three sweeps in worker processes: ~30 s on 2 busy cores
 def test_mup_transfer_records_each_run_at_once_and_resumes_a_killed_sweep(tmp_path, cache_dir):
     args = [str(BENCH / "mup_transfer.py"), "--widths", "16,32", "--lrs", "0.01", "--lrs-at", "32=0.005,0.01,0.02",
             "--steps", "2", "--seeds", "2", "--eval-batches", "2", "--jobs", "2", "--cache-dir", str(cache_dir),
