@@ -66,8 +66,11 @@ def planned(args: argparse.Namespace) -> list[dict]:
     """Every run the arguments ask for, widest first (the longest runs start first, so the pool ends together)."""
     lrs = {int(w): [float(v) for v in args.lrs.split(",")] for w in args.widths.split(",")}
     for spec in args.lrs_at:
-        width, values = spec.split("=")
-        lrs[int(width)] = [float(v) for v in values.split(",")]
+        try:
+            width, values = spec.split("=")
+            lrs[int(width)] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --lrs-at {spec}: write WIDTH=LR,LR, e.g. 512=0.001,0.002,0.004") from None
     common = {"steps": args.steps, "B": args.B, "T": args.T, "eval_batches": args.eval_batches,
               "base_width": args.base_width, "data": args.data_path or "shakespeare", "cache_dir": args.cache_dir}
     return [{**common, "parametrization": par, "width": width, "lr": lr, "seed": seed}
@@ -95,6 +98,9 @@ def sweep(todo: list[dict], jobs: int, log: Path) -> int:
     """Train `todo` in `jobs` worker processes, appending each result to `log` as it finishes; the failures' count.
     A run that fails is reported and left out (a rerun tries it again); it does not stop the others."""
     start, failed = time.time(), 0
+    if log.exists() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
+        with log.open("a") as f:  # a kill mid-write left a cut line: end it, or the next record would join it
+            f.write("\n")
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(timed_run, run): run for run in todo}
         for done, future in enumerate(as_completed(futures), 1):

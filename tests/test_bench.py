@@ -179,7 +179,7 @@ def test_mup_transfer_records_each_run_at_once_and_resumes_a_killed_sweep(tmp_pa
     lines = log.read_text().splitlines()
     assert len(lines) == 8 and all(9 < json.loads(line)["val_loss"] < 11 for line in lines)
     # a kill mid-write leaves a cut line and loses two runs: the same command trains those two again, no others
-    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20] + "\n")
+    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
     out = bench(*args)
     assert "3 runs to train (5 already" in out
     result = json.loads((tmp_path / "mup_transfer.json").read_text())
