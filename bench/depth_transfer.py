@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
-from lr_sweep import best_lr_interval, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
+from lr_sweep import best_lr_interval, best_lr_line, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
 
 WIDTH, N_HEAD, B, T = 128, 4, 8, 64
 FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B}", f"T={T}", "optim.schedule=constant",
@@ -95,9 +94,7 @@ def main() -> None:
     print()
     print_table(mean, "depth")
     for par in params:
-        print(f"{par}: best lr per depth on the grid {grid[par]}; parabola in ln lr (95% interval over seeds): "
-              + ", ".join(f"{d}: {f['lr']:.3g} [{f['low']:.3g}, {f['high']:.3g}]" if math.isfinite(f["lr"])
-                          else f"{d}: not bracketed" for d, f in fitted[par].items()))
+        print(best_lr_line(par, "depth", grid[par], fitted[par]))
     print(f"{time.time() - start:.0f}s; wrote {out / 'depth_transfer.json'} and {out / 'depth_transfer.png'}")
 
 

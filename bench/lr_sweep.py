@@ -105,6 +105,13 @@ def best_lr_interval(runs: list[dict], parametrization: str, key: str, size: int
             "bracketed": len(inside) / len(draws) if draws else float(best is not None)}
 
 
+def best_lr_line(parametrization: str, key: str, grid: dict, fitted: dict) -> str:
+    """One line: each size's best lr on the grid, then the parabola's with its interval (or why there is none)."""
+    return (f"{parametrization}: best lr per {key} on the grid {grid}; parabola in ln lr (95% interval over seeds): "
+            + (", ".join(f"{size}: {f['lr']:.3g} [{f['low']:.3g}, {f['high']:.3g}]" if math.isfinite(f["lr"])
+                         else f"{size}: not bracketed" for size, f in fitted.items()) or f"no {key} has 3 lrs"))
+
+
 def print_table(mean: list[dict], key: str) -> None:
     """Each lr's mean ± std of the val loss, a column per (parametrization, size)."""
     columns = sorted({(r["parametrization"], r[key]) for r in mean}, key=lambda c: (PARAMETRIZATIONS.index(c[0]), c[1]))

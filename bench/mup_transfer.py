@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lr_sweep import best_lr_interval, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
+from lr_sweep import best_lr_interval, best_lr_line, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
 
 N_LAYER, N_HEAD = 2, 4
 FIXED = ["model=tiny", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", "optim.warmup_steps=20",
@@ -165,9 +165,7 @@ def report(runs: list[dict], out: Path) -> dict:
     print()
     print_table(mean, "width")
     for par in params:
-        print(f"{par}: best lr per width on the grid {grid[par]}; parabola in ln lr (95% interval over seeds): "
-              + (", ".join(f"{w}: {f['lr']:.3g} [{f['low']:.3g}, {f['high']:.3g}]" if math.isfinite(f["lr"])
-                           else f"{w}: not bracketed" for w, f in fitted[par].items()) or "no width has 3 lrs"))
+        print(best_lr_line(par, "width", grid[par], fitted[par]))
         for s in steps[par]:
             print(f"{par} lr {s['lr']:g}: n_embd {s['wide']} - {s['narrow']} = {s['mean_diff']:+.4f} ± "
                   f"{s['std_diff']:.4f} (paired p {s['p']:.3g}, {s['improved']}/{s['seeds']} seeds lower)")

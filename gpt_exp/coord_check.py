@@ -66,16 +66,16 @@ def batches(tokens: np.ndarray, steps: int, B: int, T: int, seed: int) -> list[t
     return out
 
 
-def model_config(width: int, parametrization: str, setup: Setup, vocab_size: int = 50257) -> GPTConfig:
-    return GPTConfig(block_size=setup.T, vocab_size=vocab_size, n_layer=setup.n_layer, n_head=N_HEAD, n_embd=width,
+def model_config(width: int, parametrization: str, setup: Setup) -> GPTConfig:
+    return GPTConfig(block_size=setup.T, vocab_size=50257, n_layer=setup.n_layer, n_head=N_HEAD, n_embd=width,
                      parametrization=parametrization, mup_base_width=setup.base_width, depth_base=setup.depth_base,
                      depth_alpha=setup.depth_alpha)
 
 
-def build(width: int, parametrization: str, setup: Setup, lr: float, vocab_size: int = 50257):
+def build(width: int, parametrization: str, setup: Setup, lr: float):
     """A depth-`setup.n_layer` GPT of `width` and its AdamW (muP's lr groups under mup), seeded by setup.seed."""
     torch.manual_seed(setup.seed)
-    model = GPT(model_config(width, parametrization, setup, vocab_size))
+    model = GPT(model_config(width, parametrization, setup))
     optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0), "cpu", sharded=False)
     return model, optimizer
 
