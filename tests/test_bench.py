@@ -226,3 +226,34 @@ def test_muon_bench_widens_an_edge_optimum_for_both_arms(tmp_path):
         assert len(list((tmp_path / "out" / f"tune_{arm}").glob("widened_*/*/summary.json"))) == len(widened)
     rows = json.loads((tmp_path / "out" / "compare_final_val_loss" / "compare.json").read_text())
     assert sorted(row["n"] for row in rows) == [2, 2]
+
+
+def test_isoflop_grid_spends_each_budget_in_whole_steps(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from isoflop_grid import VOCAB, BLOCK, grid_commands
+    from gpt_exp.shapes import flops_per_token
+
+    commands = grid_commands([(2, 4), (2, 32)], [5e11, 4e12], tmp_path, ["B=8", "T=32", "data.order=shuffled"])
+    for command, width in zip(commands, (4, 32)):
+        tokens = [int(v) for v in next(a for a in command if a.startswith("train.max_tokens=")).split("=")[1].split(",")]
+        fpt = flops_per_token(2, width, VOCAB, BLOCK, 32)
+        assert all(t % (8 * 32) == 0 for t in tokens)  # whole steps of B x T: the trainer does not overshoot
+        assert [abs(t * fpt - c) <= 8 * 32 * fpt / 2 for t, c in zip(tokens, (5e11, 4e12))] == [True, True]
+        assert ["B=8", "T=32", "data.order=shuffled"] == [a for a in command if a[:2] in ("B=", "T=") or "order" in a]
+
+
+def test_isoflop_grid_runs_shapes_side_by_side_with_a_log_each(monkeypatch, tmp_path, capsys):
+    """--jobs 2: each shape's multirun gets half the cores' threads and its own log; a failed shape is counted and
+    the others still run."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    from isoflop_grid import run_shapes
+
+    echo = "import sys; print(sys.argv[1:]); sys.exit('E8' in sys.argv[1])"
+    commands = [[sys.executable, "-c", echo, f"hydra.sweep.dir={tmp_path / f'L2_E{w}'}", f"train.max_tokens={t}"]
+                for w, t in ((4, "800,1600"), (8, "400,800"), (16, "200,400"))]
+    assert run_shapes(commands, 2, tmp_path) == 1
+    logs = {w: (tmp_path / f"L2_E{w}.log").read_text() for w in (4, 8, 16)}
+    assert all("'device.threads=2'" in log for log in logs.values())
+    out = capsys.readouterr().out
+    assert "L2_E8: FAILED (exit 1)" in out and out.count(": done in") == 2
