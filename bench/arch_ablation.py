@@ -70,19 +70,23 @@ def parameters(sweep: Path) -> str:
     return f"{total / 1e6:.2f}M ({non_embedding / 1e6:.2f}M)"
 
 
-def same_lr_differences(out: Path, tested: dict[str, float]) -> dict[str, dict]:
-    """Each arm against GPT-2 trained at the arm's own lr on the same test seeds (test/gpt2 or control/gpt2_lr*):
-    how much of its difference the architecture makes rather than its lr. Welch's test as compare's, Holm-adjusted
-    over the arms that have such a control."""
-    def finished(sweep: Path) -> dict[float, list[float]]:  # a run still going or failed has no final val loss
-        losses = final_val_losses(sweep, "optim.lr")
-        return {lr: [v for v in values if math.isfinite(v)] for lr, values in losses.items()}
+def finished(losses: dict[float, list[float]]) -> dict[float, list[float]]:
+    """A sweep's final val losses by lr, without the runs still going or failed (they have none)."""
+    return {lr: [v for v in values if math.isfinite(v)] for lr, values in losses.items()}
 
-    gpt2: dict[float, list[float]] = {}
-    for sweep in [out / "test" / "gpt2", *sorted((out / "control").glob("gpt2_lr*"))]:
-        gpt2.update(finished(sweep))
-    found = {arm: baseline_columns(finished(out / "test" / arm)[lr], gpt2[lr], False)
-             for arm, lr in tested.items() if arm != "gpt2" and lr in gpt2}
+
+def same_lr_differences(out: Path, tests: dict[str, dict[float, list[float]]]) -> dict[str, dict]:
+    """Each arm against GPT-2 trained at the arm's own lr (its test sweep's, `tests` by arm) on the same test seeds
+    (test/gpt2 or control/gpt2_lr*): how much of its difference the architecture makes rather than its lr. Welch's
+    test as compare's, Holm-adjusted over the arms that have such a control."""
+    gpt2 = finished(tests.get("gpt2", {}))
+    for sweep in sorted((out / "control").glob("gpt2_lr*")):
+        gpt2.update(finished(final_val_losses(sweep, "optim.lr")))
+    found = {}
+    for arm, losses in tests.items():
+        lr = min(losses)  # a test sweep runs at one lr
+        if arm != "gpt2" and lr in gpt2:
+            found[arm] = baseline_columns(finished(losses)[lr], gpt2[lr], False)
     add_holm(list(found.values()))
     return found
 
@@ -102,8 +106,9 @@ def report(out: Path) -> None:
               if (out / "tune" / row["arm"]).is_dir()}
     lrs = sorted({lr for losses in tuning.values() for lr in losses})
     # each arm's tested lr, from its runs (compare shows optim.lr only where the arms differ in it)
-    tested = {row["arm"]: min(final_val_losses(out / "test" / row["arm"], "optim.lr")) for row in rows}
-    same_lr = same_lr_differences(out, tested)
+    tests = {row["arm"]: final_val_losses(out / "test" / row["arm"], "optim.lr") for row in rows}
+    tested = {arm: min(losses) for arm, losses in tests.items()}
+    same_lr = same_lr_differences(out, tests)
     rows.sort(key=lambda row: row.get("baseline_diff") or 0.0)
 
     def tuned(arm: str) -> str:

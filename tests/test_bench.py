@@ -97,14 +97,16 @@ def test_each_arm_is_also_compared_with_gpt2_at_its_own_lr(tmp_path, monkeypatch
     """An arm tuned to 2e-3 against GPT-2 tuned to 1e-3 mixes the architecture's effect with the lr's: the control
     (GPT-2 at 2e-3, same test seeds) takes the lr's out. Welch's test as scipy's; an arm without a control has none."""
     monkeypatch.syspath_prepend(str(BENCH))
-    from arch_ablation import same_lr_differences
+    from arch_ablation import final_val_losses, same_lr_differences
 
     losses = {("test/gpt2", 1e-3): [5.0, 5.1, 5.2], ("control/gpt2_lr0.002", 2e-3): [4.8, 4.9, 5.1],
               ("test/rope", 2e-3): [4.7, 4.75, 4.9], ("test/rmsnorm", 4e-3): [4.9, 5.0, 5.0]}
     for (sweep, lr), values in losses.items():
         for seed, loss in enumerate(values):
             _tuning_run(tmp_path / sweep / str(seed), lr, seed + 1, loss)
-    found = same_lr_differences(tmp_path, {"gpt2": 1e-3, "rope": 2e-3, "rmsnorm": 4e-3})
+    tests = {arm: final_val_losses(tmp_path / "test" / arm, "optim.lr") for arm in ("gpt2", "rope", "rmsnorm")}
+    assert {arm: min(lrs) for arm, lrs in tests.items()} == {"gpt2": 1e-3, "rope": 2e-3, "rmsnorm": 4e-3}
+    found = same_lr_differences(tmp_path, tests)
     welch = stats.ttest_ind(losses["test/rope", 2e-3], losses["control/gpt2_lr0.002", 2e-3], equal_var=False)
     assert list(found) == ["rope"]
     assert found["rope"]["baseline_diff"] == pytest.approx(4.7833333 - 4.9333333)
