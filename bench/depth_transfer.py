@@ -3,18 +3,21 @@
 CompleteP (model.parametrization=completep; Dey et al. 2025, "Don't be lazy: CompleteP enables compute-efficient deep
 transformers"; EleutherAI's nanoGPT-mup, completep branch) scales each residual branch by depth_base / n_layer so that,
 if it works here, the best lr stays put as the model deepens; under SP it is expected to move. This script measures
-that, and claims nothing itself. Each cell is a Trainer run as `python -m gpt_exp.run` builds it, in this process:
+that, and claims nothing itself. Each cell is a Trainer run as `python -m gpt_exp.run` builds it, in a worker process
+(one thread each, `--jobs` at once):
 n_embd 128 (4 heads; muP's base width 128, so only the depth is scaled), B=8 x T=64, AdamW (no weight decay, 10
 warmup steps then a constant lr, grad clip 1), data.order=shuffled with train.seed=SEED (each seed its own batch
-order), scored by the val loss of 20 held-out batches (data.val_fraction=0.1) after the last step. It writes
-depth_transfer.json (every run, each cell's mean ± std over the seeds, each depth's best lr on the grid and from a
-parabola in ln lr with a 95% bootstrap interval over the seeds) and depth_transfer.png.
+order), scored by the val loss of 20 held-out batches (data.val_fraction=0.1) after the last step. Every finished
+run is appended to OUT/runs.jsonl at once; the same command started again trains only the runs not there yet. It
+writes depth_transfer.json (every run, each cell's mean ± std over the seeds, each depth's best lr on the grid and
+from a parabola in ln lr with a 95% bootstrap interval over the seeds) and depth_transfer.png.
 
     # the intended run, on the ~30M-token three-domain corpus: 3 depths x 5 lrs x 2 parametrizations x 3 seeds =
     # 90 runs of 200 steps (102k tokens each, 9.2M in all). Its cost is mostly the 50257 x 128 readout: measured on
     # 2 shared CPU cores (load ~4.5), a step takes ~1.8 s at depth 2, ~3.0 s at depth 8 and ~5.6 s at depth 16, and a
     # run's start and final eval ~12 s, so about 12 hours there (fewer on 2 free cores); --depths 2,4,8,16 adds ~9
-    # hours. sp and completep can run in two processes (--parametrizations sp / completep), joined with --merge
+    # hours on one core; --jobs 2 (the default) runs two at once. More seeds later: --seeds 2 --first-seed 3, same OUT
+    # (or --merge the depth_transfer.json of another OUT)
     python bench/depth_transfer.py --data-path ../shared/data/corpus/ --out outputs/depth_transfer
     # a quick check (tiny shakespeare): 2 depths, 2 lrs, 1 seed, 5 steps: ~3 min on 2 shared cores
     python bench/depth_transfer.py --depths 2,4 --lrs 0.004,0.016 --seeds 1 --steps 5 --out /tmp/x
@@ -28,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lr_sweep import best_lr_interval, best_lr_line, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
+from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, plot, print_table,  # bench/: here
+                      sweep, train)
 
 WIDTH, N_HEAD, B, T = 128, 4, 8, 64
 FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B}", f"T={T}", "optim.schedule=constant",
@@ -37,15 +41,60 @@ FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B
          "device.type=cpu", "device.threads=1", "device.compile=false"]
 
 
-def overrides(depth: int, parametrization: str, lr: float, seed: int, steps: int, width: int, depth_base: int,
-              data: list[str]) -> list[str]:
-    """The run's `python -m gpt_exp.run` arguments."""
-    scaled = [f"model.mup_base_width={width}"] if parametrization != "sp" else []
-    if parametrization == "completep":
-        scaled.append(f"model.depth_base={depth_base}")
-    return [*FIXED, *data, f"model.n_layer={depth}", f"model.n_embd={width}",
-            f"model.parametrization={parametrization}", *scaled, f"optim.lr={lr}", f"train.seed={seed}",
-            f"train.max_steps={steps}"]
+RUN_KEYS = ("parametrization", "depth", "lr", "seed", "steps", "width", "depth_base", "data")
+
+
+def overrides(run: dict) -> list[str]:
+    """The `python -m gpt_exp.run` arguments of one run (a dict of RUN_KEYS and its cache_dir)."""
+    data = ["data=text", f"data.path={run['data']}"] if run["data"] != "shakespeare" else ["data=shakespeare"]
+    scaled = [f"model.mup_base_width={run['width']}"] if run["parametrization"] != "sp" else []
+    if run["parametrization"] == "completep":
+        scaled.append(f"model.depth_base={run['depth_base']}")
+    return [*FIXED, *data, f"data.cache_dir={run['cache_dir']}", f"model.n_layer={run['depth']}",
+            f"model.n_embd={run['width']}", f"model.parametrization={run['parametrization']}", *scaled,
+            f"optim.lr={run['lr']}", f"train.seed={run['seed']}", f"train.max_steps={run['steps']}"]
+
+
+def timed_run(run: dict) -> dict:
+    """A worker's job: the run's val loss and its wall time."""
+    start = time.time()
+    loss = train(overrides(run), len(FIXED))
+    return {**{k: run[k] for k in RUN_KEYS}, "val_loss": loss, "wall_s": round(time.time() - start, 1)}
+
+
+def describe(run: dict) -> str:
+    return f"seed {run['seed']} {run['parametrization']} n_layer={run['depth']} lr={run['lr']:g}"
+
+
+def planned(args: argparse.Namespace) -> list[dict]:
+    """Every run the arguments ask for, deepest first (the longest runs start first, so the pool ends together)."""
+    common = {"steps": args.steps, "width": args.width, "depth_base": args.depth_base,
+              "data": args.data_path or "shakespeare", "cache_dir": args.cache_dir}
+    return [{**common, "parametrization": par, "depth": depth, "lr": float(lr), "seed": seed}
+            for depth in sorted((int(d) for d in args.depths.split(",")), reverse=True)
+            for lr in args.lrs.split(",") for seed in range(args.first_seed, args.first_seed + args.seeds)
+            for par in args.parametrizations.split(",")]
+
+
+def report(runs: list[dict], out: Path) -> None:
+    for setting in ("steps", "width", "depth_base", "data"):
+        if len({r.get(setting) for r in runs}) > 1:
+            raise SystemExit(f"error: the runs differ in {setting} ({sorted({r.get(setting) for r in runs}, key=str)}); "
+                             f"give each setup its own --out")
+    mean = cells(runs, "depth")
+    params = [p for p in ("sp", "completep") if any(r["parametrization"] == p for r in runs)]
+    grid = {par: best_lrs(mean, par, "depth") for par in params}
+    fitted = {par: {d: best_lr_interval(runs, par, "depth", d) for d in sorted({r["depth"] for r in runs})}
+              for par in params}
+    setup = {k: runs[0].get(k) for k in ("steps", "width", "depth_base", "data")}
+    (out / "depth_transfer.json").write_text(json.dumps(
+        {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, **setup}, indent=1))
+    plot(mean, out / "depth_transfer.png", "depth", "n_layer")
+    print()
+    print_table(mean, "depth")
+    for par in params:
+        print(best_lr_line(par, "depth", grid[par], fitted[par]))
+    print(f"wrote {out / 'depth_transfer.json'} and {out / 'depth_transfer.png'}")
 
 
 def main() -> None:
@@ -55,47 +104,36 @@ def main() -> None:
     parser.add_argument("--lrs", default="0.002,0.004,0.008,0.016,0.032")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds: --first-seed, --first-seed + 1, ...")
-    parser.add_argument("--first-seed", type=int, default=0, help="more seeds for a sweep run before (then --merge)")
+    parser.add_argument("--first-seed", type=int, default=0, help="more seeds for a sweep run before")
     parser.add_argument("--depth-base", type=int, default=2, help="CompleteP's base depth")
-    parser.add_argument("--parametrizations", default="sp,completep",
-                        help="e.g. sp in one process, completep in another")
+    parser.add_argument("--parametrizations", default="sp,completep")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--data-path", default=None,
                         help="a corpus (data=text data.path=...); default: tiny shakespeare")
-    parser.add_argument("--merge", nargs="*", default=[], help="depth_transfer.json files to report together, no runs")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="depth_transfer.json files (other OUTs) to report with OUT's runs, no runs trained")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gpt_exp_depth_cache"))
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
-    depths = [int(d) for d in args.depths.split(",")]
-    lrs = [float(v) for v in args.lrs.split(",")]
-    data = ["data=text", f"data.path={args.data_path}"] if args.data_path else ["data=shakespeare"]
-    data.append(f"data.cache_dir={args.cache_dir}")
-    runs = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
-    start = time.time()
-    for seed in range(args.first_seed, args.first_seed + (0 if args.merge else args.seeds)):
-        for par in args.parametrizations.split(","):
-            for depth in depths:
-                for lr in lrs:
-                    loss = train(overrides(depth, par, lr, seed, args.steps, args.width, args.depth_base, data),
-                                 len(FIXED))
-                    runs.append({"parametrization": par, "depth": depth, "lr": lr, "seed": seed, "val_loss": loss})
-                    print(f"[{time.time() - start:6.0f}s] seed {seed} {par} n_layer={depth} lr={lr:g}: {loss:.4f}",
-                          flush=True)
-    mean = cells(runs, "depth")
-    params = [p for p in ("sp", "completep") if any(r["parametrization"] == p for r in runs)]
-    grid = {par: best_lrs(mean, par, "depth") for par in params}
-    fitted = {par: {d: best_lr_interval(runs, par, "depth", d) for d in sorted({r["depth"] for r in runs})}
-              for par in params}
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more runs to train at once")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "depth_transfer.json").write_text(json.dumps(
-        {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, "steps": args.steps,
-         "width": args.width, "depth_base": args.depth_base, "data": args.data_path or "shakespeare"}, indent=1))
-    plot(mean, out / "depth_transfer.png", "depth", "n_layer")
-    print()
-    print_table(mean, "depth")
-    for par in params:
-        print(best_lr_line(par, "depth", grid[par], fitted[par]))
-    print(f"{time.time() - start:.0f}s; wrote {out / 'depth_transfer.json'} and {out / 'depth_transfer.png'}")
+    log = out / "runs.jsonl"
+    failed = 0
+    if not args.merge:
+        done = {tuple(r[k] for k in RUN_KEYS) for r in load_runs(log)}
+        todo = [run for run in planned(args) if tuple(run[k] for k in RUN_KEYS) not in done]
+        print(f"{len(todo)} runs to train ({len(done)} already in {log}), {args.jobs} at a time", flush=True)
+        failed = sweep(todo, args.jobs, log, timed_run, describe)
+    merged = [{**json.loads(Path(p).read_text()), "path": p} for p in args.merge]
+    runs = load_runs(log) + [{**{k: m.get(k) for k in ("steps", "width", "depth_base", "data")}, **r}
+                             for m in merged for r in m["runs"]]
+    if not runs:
+        raise SystemExit(f"error: no runs in {log} or --merge")
+    report(runs, out)
+    if failed:
+        raise SystemExit(f"error: {failed} runs failed (above); run the same command again to retry them")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """What the lr-transfer benchmarks share (bench/mup_transfer.py across widths, bench/depth_transfer.py across depths):
 a run as `python -m gpt_exp.run` builds it, scored by its final val loss; each cell's mean and std over the seeds,
 each size's best lr (the grid's, and a parabola's in ln lr with a bootstrap interval over the seeds), the table and
-the plot. A run is a dict with "parametrization", the size `key` ("width" or "depth"), "lr", "seed" and "val_loss"
-(NaN: diverged).
+the plot; and the sweep itself: runs in worker processes, each appended to a JSON-lines log as it finishes, so that a
+killed sweep started again trains only what is missing. A run is a dict with "parametrization", the size `key`
+("width" or "depth"), "lr", "seed" and "val_loss" (NaN: diverged).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,42 @@ def train(args: list[str], fixed: int = 0) -> float:
     if status == "interrupted":  # Ctrl-C or SIGTERM: the sweep stops, rather than scoring a cut-short run
         raise SystemExit(f"interrupted during {' '.join(args[fixed:])}; nothing written")
     return tracker.val_loss
+
+
+def load_runs(path: Path) -> list[dict]:
+    """The runs recorded so far; a line cut short by a kill is skipped (its run trains again)."""
+    runs = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def sweep(todo: list[dict], jobs: int, log: Path, run: Callable[[dict], dict], describe: Callable[[dict], str]) -> int:
+    """`run` each of `todo` in `jobs` worker processes, appending each result (a dict with "val_loss" and "wall_s")
+    to the JSON-lines `log` as it finishes; the failures' count. A run that fails is reported and left out (a rerun
+    tries it again); it does not stop the others. `run` must be a module-level function (workers pickle it)."""
+    start, failed = time.time(), 0
+    if log.exists() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
+        with log.open("a") as f:  # a kill mid-write left a cut line: end it, or the next record would join it
+            f.write("\n")
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run, planned): planned for planned in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            name = describe(futures[future])
+            try:
+                result = future.result()
+            except Exception as e:  # noqa: BLE001 - one failed run must not take the sweep down
+                failed += 1
+                print(f"error: {name} failed ({type(e).__name__}: {e}); it is not recorded", flush=True)
+                continue
+            with log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"[{time.time() - start:6.0f}s] {done}/{len(todo)} {name}: {result['val_loss']:.4f} "
+                  f"({result['wall_s']:.0f} s)", flush=True)
+    return failed
 
 
 def cells(runs: list[dict], key: str) -> list[dict]:

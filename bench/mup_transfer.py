@@ -31,12 +31,12 @@ import json
 import math
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
-from lr_sweep import best_lr_interval, best_lr_line, best_lrs, cells, plot, print_table, train  # bench/, this script's dir
+from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, plot, print_table,  # bench/: here
+                      sweep, train)
 
 N_LAYER, N_HEAD = 2, 4
 FIXED = ["model=tiny", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", "optim.warmup_steps=20",
@@ -79,44 +79,12 @@ def planned(args: argparse.Namespace) -> list[dict]:
             for par in args.parametrizations.split(",")]
 
 
+def describe(run: dict) -> str:
+    return f"{run['parametrization']} n_embd={run['width']} lr={run['lr']:g} seed {run['seed']}"
+
+
 def key(run: dict) -> tuple:
     return tuple(run[k] for k in RUN_KEYS)
-
-
-def load_runs(path: Path) -> list[dict]:
-    """The runs recorded so far; a line cut short by a kill is skipped (its run trains again)."""
-    runs = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
-
-
-def sweep(todo: list[dict], jobs: int, log: Path) -> int:
-    """Train `todo` in `jobs` worker processes, appending each result to `log` as it finishes; the failures' count.
-    A run that fails is reported and left out (a rerun tries it again); it does not stop the others."""
-    start, failed = time.time(), 0
-    if log.exists() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
-        with log.open("a") as f:  # a kill mid-write left a cut line: end it, or the next record would join it
-            f.write("\n")
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(timed_run, run): run for run in todo}
-        for done, future in enumerate(as_completed(futures), 1):
-            run = futures[future]
-            name = f"{run['parametrization']} n_embd={run['width']} lr={run['lr']:g} seed {run['seed']}"
-            try:
-                result = future.result()
-            except Exception as e:  # noqa: BLE001 - one failed run must not take the sweep down
-                failed += 1
-                print(f"error: {name} failed ({type(e).__name__}: {e}); it is not recorded", flush=True)
-                continue
-            with log.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            print(f"[{time.time() - start:6.0f}s] {done}/{len(todo)} {name}: {result['val_loss']:.4f} "
-                  f"({result['wall_s']:.0f} s)", flush=True)
-    return failed
 
 
 def width_steps(runs: list[dict], parametrization: str) -> list[dict]:
@@ -188,7 +156,7 @@ def main() -> None:
     parser.add_argument("--base-width", type=int, default=64, help="muP's base width")
     parser.add_argument("--parametrizations", default="mup", help="mup, sp or sp,mup")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
-    parser.add_argument("--data-path", default=None, 
+    parser.add_argument("--data-path", default=None,
                         help="a corpus (data=text data.path=...); default: tiny shakespeare")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gpt_exp_mup_cache"))
     parser.add_argument("--report-only", action="store_true", help="report OUT/runs.jsonl, train nothing")
@@ -202,7 +170,7 @@ def main() -> None:
         done = {key(r) for r in load_runs(log)}
         todo = [run for run in planned(args) if key(run) not in done]
         print(f"{len(todo)} runs to train ({len(done)} already in {log}), {args.jobs} at a time", flush=True)
-        failed = sweep(todo, args.jobs, log)
+        failed = sweep(todo, args.jobs, log, timed_run, describe)
     runs = load_runs(log)
     if not runs:
         raise SystemExit(f"error: no runs in {log}; run without --report-only first")

@@ -168,6 +168,12 @@ def test_depth_transfer_writes_each_cell_and_each_depths_best_lr(tmp_path, cache
     assert all(9 < r["val_loss"] < 11 for r in result["mean"])  # 2 steps from ln(50257) = 10.8
     assert result["best_lr_grid"] == {"completep": {"1": 0.01, "2": 0.01}}
     assert "completep: best lr per depth on the grid" in out and (tmp_path / "depth_transfer.png").is_file()
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2  # each run recorded as it finished
+    again = bench(str(BENCH / "depth_transfer.py"), "--depths", "1,2,3", "--lrs", "0.01", "--seeds", "1", "--steps", "2",
+                  "--parametrizations", "completep", "--cache-dir", str(cache_dir), "--out", str(tmp_path))
+    assert "1 runs to train (2 already" in again  # a sweep started again, or grown, trains only what is missing
+    result = json.loads((tmp_path / "depth_transfer.json").read_text())
+    assert [r["depth"] for r in result["mean"]] == [1, 2, 3] and result["steps"] == 2
 
 
 @pytest.mark.slow  # three sweeps in worker processes: ~30 s on 2 busy cores
