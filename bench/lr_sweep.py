@@ -126,11 +126,13 @@ def lr_vertex(lrs: np.ndarray, losses: np.ndarray) -> float | None:
 def best_lr_interval(runs: list[dict], parametrization: str, key: str, size: int, resamples: int = 1000,
                      seed: int = 0) -> dict:
     """The parabola's best lr of the seeds' mean curve, and a 95% interval: the same over `resamples` draws of the
-    seeds with replacement (a seed's runs share its batches, so they are drawn together). `bracketed` is the share of
-    draws whose best lr lies inside the grid; with one seed the interval is the point."""
+    seeds with replacement (a seed's runs share its batches, so they are drawn together). Only seeds trained at every
+    lr of the size count: one added later at a single lr would make each lr's mean one of different batch orders.
+    `bracketed` is the share of draws whose best lr lies inside the grid; with one seed the interval is the point."""
     mine = [r for r in runs if r["parametrization"] == parametrization and r[key] == size]
     lrs = np.array(sorted({r["lr"] for r in mine}))
-    seeds = sorted({r["seed"] for r in mine})
+    seeds = sorted(s for s in {r["seed"] for r in mine} if len({r["lr"] for r in mine if r["seed"] == s}) == len(lrs))
+    mine = [r for r in mine if r["seed"] in seeds]
     table = np.full((len(seeds), len(lrs)), np.nan)  # seed x lr
     for r in mine:
         table[seeds.index(r["seed"]), int(np.searchsorted(lrs, r["lr"]))] = r["val_loss"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -265,3 +266,21 @@ def test_isoflop_grid_runs_shapes_side_by_side_with_a_log_each(monkeypatch, tmp_
     assert all("'device.threads=2'" in log for log in logs.values())
     out = capsys.readouterr().out
     assert "L2_E8: FAILED (exit 1)" in out and out.count(": done in") == 2
+
+
+def test_best_lr_interval_uses_only_seeds_trained_at_every_lr(monkeypatch):
+    """Seeds added later at one lr (to test widths against each other there) must not enter the best lr's parabola:
+    that lr's mean would then be over other batch orders than its neighbours'."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from lr_sweep import best_lr_interval
+
+    grid = {(1e-3, 0): 7.10, (2e-3, 0): 7.00, (4e-3, 0): 7.05, (1e-3, 1): 7.12, (2e-3, 1): 7.01, (4e-3, 1): 7.09,
+            (1e-3, 2): 7.08, (2e-3, 2): 6.99, (4e-3, 2): 7.04}
+    runs = [{"parametrization": "mup", "width": 64, "lr": lr, "seed": s, "val_loss": v} for (lr, s), v in grid.items()]
+    alone = best_lr_interval(runs, "mup", "width", 64)
+    later = runs + [{"parametrization": "mup", "width": 64, "lr": 2e-3, "seed": s, "val_loss": 6.5} for s in (3, 4)]
+    assert best_lr_interval(later, "mup", "width", 64) == alone
+    losses = [sum(grid[lr, s] for s in range(3)) / 3 for lr in (1e-3, 2e-3, 4e-3)]
+    x = np.log([1e-3, 2e-3, 4e-3])
+    a, b, _ = np.polyfit(x, losses, 2)
+    assert alone["lr"] == pytest.approx(math.exp(-b / (2 * a))) and alone["low"] <= alone["lr"] <= alone["high"]
