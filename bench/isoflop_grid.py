@@ -8,8 +8,8 @@ C / flops_per_token tokens, so that a budget's runs cost the same FLOPs and diff
 
 A Hydra multirun is the product of its swept values, and train.max_tokens = C / flops_per_token differs per shape,
 so the grid is one multirun per shape over the budgets' token counts, all in one dir. Extra KEY=VALUE arguments go
-to every run. --jobs N trains N shapes at once, the costliest (most tokens) first, each on cores / N torch threads:
-at these widths a step is too small to keep two cores busy, so two one-thread runs go ~2x faster than one.
+to every run. --jobs N trains N shapes at once, the costliest (most tokens) first, each on cores / N torch threads
+and with its own log in the grid dir.
 """
 
 from __future__ import annotations
