@@ -10,8 +10,9 @@ train.seed=SEED (each seed its own batch order, shared by the seed's cells), sco
 Every finished run is appended to OUT/runs.jsonl at once; a sweep started again with the same --out skips the runs
 already there, so a killed sweep loses at most the runs in flight. The report (OUT/mup_transfer.json and .png):
 each cell's mean ± std over the seeds; each width's best lr on the grid and, where three or more lrs bracket it,
-from a parabola in ln lr with a 95% bootstrap interval over the seeds; and at every lr tested at several widths, the
-paired difference between successive widths (mean, a paired t-test over the seeds, how many seeds improved).
+from a parabola in ln lr with a 95% bootstrap interval over the seeds; at every lr tested at several widths, the
+paired difference between successive widths (mean, a paired t-test over the seeds, how many seeds improved); and at
+every lr tested at three or more widths, the loss's slope per doubling of the width (a line per seed, t-tested).
 
     # the run in bench/RESULTS.md: the base width on a 4-lr grid, then 256 wide on the base's best lr and its two
     # neighbours, and 128 / 512 at the base's best lr only (3 seeds each)
@@ -87,6 +88,29 @@ def key(run: dict) -> tuple:
     return tuple(run[k] for k in RUN_KEYS)
 
 
+def width_trends(runs: list[dict], parametrization: str) -> list[dict]:
+    """At each lr tested at three or more widths, the loss's slope per doubling of the width: a line in log2(width)
+    fitted to each seed trained at every one of those widths, then the slopes' mean ± std and a one-sample t-test
+    against 0 (negative: wider is better). One test of "the loss improves with the width" over all widths at once,
+    where the successive pairs are several tests of small steps."""
+    from scipy import stats
+
+    out = []
+    mine = [r for r in runs if r["parametrization"] == parametrization and math.isfinite(r["val_loss"])]
+    for lr in sorted({r["lr"] for r in mine}):
+        loss = {(r["width"], r["seed"]): r["val_loss"] for r in mine if r["lr"] == lr}
+        widths = sorted({w for w, _ in loss})
+        seeds = sorted(s for s in {s for _, s in loss} if all((w, s) in loss for w in widths))
+        if len(widths) < 3 or not seeds:
+            continue
+        slopes = np.array([np.polyfit(np.log2(widths), [loss[w, s] for w in widths], 1)[0] for s in seeds])
+        p = float(stats.ttest_1samp(slopes, 0.0).pvalue) if len(seeds) > 1 else float("nan")
+        out.append({"lr": lr, "widths": widths, "seeds": len(seeds), "slope": float(slopes.mean()),
+                    "std": float(slopes.std(ddof=1)) if len(seeds) > 1 else 0.0, "p": p,
+                    "improved": int((slopes < 0).sum())})
+    return out
+
+
 def width_steps(runs: list[dict], parametrization: str) -> list[dict]:
     """At each lr tested at two or more widths, each width against the next narrower one, paired by seed: the mean
     difference (wider minus narrower; negative: wider is better), a paired t-test and how many seeds improved."""
@@ -127,7 +151,9 @@ def report(runs: list[dict], out: Path) -> dict:
     fitted = {par: {w: best_lr_interval(runs, par, "width", w) for w in widths if lrs_at(par, w) >= 3}
               for par in params}
     steps = {par: width_steps(runs, par) for par in params}
-    result = {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, "width_steps": steps}
+    trends = {par: width_trends(runs, par) for par in params}
+    result = {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, "width_steps": steps,
+              "width_trends": trends}
     (out / "mup_transfer.json").write_text(json.dumps(result, indent=1))
     plot(mean, out / "mup_transfer.png", "width", "n_embd")
     print()
@@ -137,6 +163,9 @@ def report(runs: list[dict], out: Path) -> dict:
         for s in steps[par]:
             print(f"{par} lr {s['lr']:g}: n_embd {s['wide']} - {s['narrow']} = {s['mean_diff']:+.4f} ± "
                   f"{s['std_diff']:.4f} (paired p {s['p']:.3g}, {s['improved']}/{s['seeds']} seeds lower)")
+        for t in trends[par]:
+            print(f"{par} lr {t['lr']:g}: per doubling of n_embd {t['widths'][0]}-{t['widths'][-1]}: {t['slope']:+.4f} ± "
+                  f"{t['std']:.4f} (t-test p {t['p']:.3g}, {t['improved']}/{t['seeds']} seeds downhill)")
     print(f"wrote {out / 'mup_transfer.json'} and {out / 'mup_transfer.png'}")
     return result
 

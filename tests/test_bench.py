@@ -284,3 +284,22 @@ def test_best_lr_interval_uses_only_seeds_trained_at_every_lr(monkeypatch):
     x = np.log([1e-3, 2e-3, 4e-3])
     a, b, _ = np.polyfit(x, losses, 2)
     assert alone["lr"] == pytest.approx(math.exp(-b / (2 * a))) and alone["low"] <= alone["lr"] <= alone["high"]
+
+
+def test_mup_transfer_tests_the_trend_over_all_widths_at_once(monkeypatch):
+    """The slope per doubling of the width, a line per seed over every width, t-tested: one test of "wider is
+    better" rather than three of small steps. A seed missing a width is left out; two widths make no trend."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from mup_transfer import width_trends
+
+    slopes = {0: -0.02, 1: -0.01, 2: -0.035}  # per doubling; plus a wiggle that the line must average out
+    runs = [{"parametrization": "mup", "width": w, "lr": 2e-3, "seed": s, "val_loss": 7.0 + k * slope + wiggle}
+            for s, slope in slopes.items() for k, (w, wiggle) in enumerate(((64, 0.01), (128, -0.02), (256, 0.01)))]
+    runs.append({"parametrization": "mup", "width": 64, "lr": 2e-3, "seed": 9, "val_loss": 9.0})  # one width only
+    runs += [{"parametrization": "mup", "width": w, "lr": 1e-3, "seed": 0, "val_loss": 7.0} for w in (64, 512)]
+    [trend] = width_trends(runs, "mup")
+    fitted = [np.polyfit([6, 7, 8], [r["val_loss"] for r in runs if r["seed"] == s][:3], 1)[0] for s in slopes]
+    assert fitted == pytest.approx(list(slopes.values()))  # the wiggle is symmetric about the middle width
+    assert (trend["lr"], trend["widths"], trend["seeds"], trend["improved"]) == (2e-3, [64, 128, 256], 3, 3)
+    assert trend["slope"] == pytest.approx(np.mean(fitted))
+    assert trend["p"] == pytest.approx(stats.ttest_1samp(fitted, 0.0).pvalue)
