@@ -407,6 +407,14 @@ def power_laws(profiles: list[Profile], resamples: int,
     }
 
 
+def power_laws_at(fit: dict | None, budget: float) -> tuple[float | None, float | None]:
+    """(N_opt, D_opt) = (k_n C^a, k_d C^b) at C = `budget`; inf where that passes float's range, as a bootstrap
+    resample's extreme exponent can (its interval leaves it out)."""
+    if not fit:
+        return None, None
+    return fit["k_n"] * _exp(fit["a"] * math.log(budget)), fit["k_d"] * _exp(fit["b"] * math.log(budget))
+
+
 def analyse(points: list[Point], budget: float | None, resamples: int, seed: int) -> dict:
     """Both fits, their bootstrap intervals and the compute-optimal N and D at `budget` (default: the largest).
     Budgets whose loss has no minimum are the grid's answer, not a mistake: they are reported, and the power laws
@@ -430,7 +438,7 @@ def analyse(points: list[Point], budget: float | None, resamples: int, seed: int
     budget = budget or max(p.flops for p in profiles)
 
     def frontier_at(fit: dict | None) -> tuple[float | None, float | None]:
-        return (fit["k_n"] * budget ** fit["a"], fit["k_d"] * budget ** fit["b"]) if fit else (None, None)
+        return power_laws_at(fit, budget)
 
     def law_at(fit: Law) -> tuple[float | None, float | None]:
         return fit.optimum(budget, fpt) or (None, None)

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gpt_exp.config import ModelConfig, RunConfig
-from gpt_exp.scaling import Law, Point, group_budgets, main, power_laws, profile
+from gpt_exp.scaling import Law, Point, group_budgets, main, power_laws, power_laws_at, profile
 from gpt_exp.shapes import flops_per_token, param_counts
 from tests.helpers import run_cli
 
@@ -461,3 +461,13 @@ def test_no_isoflop_interval_where_the_grid_cannot_give_one(tmp_path, capsys):
                                     f"(an interval needs >= 50 and at least half); the shapes do not pin the minima "
                                     f"down: add shapes around them")
     assert all(iso[k]["ci"] is None for k in ("a", "b", "k_n", "k_d"))
+
+
+def test_a_resampled_power_law_past_floats_range_is_inf_not_a_crash():
+    """A bootstrap grid can turn a budget's parabola so that the refitted exponent is huge: k C^a then passes float's
+    range. Found on a real 20-run grid (OverflowError, a traceback after the whole grid had trained); such a sample is
+    inf, which the interval leaves out."""
+    assert power_laws_at({"k_n": 1e-3, "a": 60.0, "k_d": 2.0, "b": -59.0}, 4e12) == (math.inf, pytest.approx(0.0))
+    n, d = power_laws_at({"k_n": 0.001, "a": 0.7, "k_d": 159.0, "b": 0.3}, 4e12)
+    assert (n, d) == (pytest.approx(0.001 * 4e12 ** 0.7), pytest.approx(159.0 * 4e12 ** 0.3))
+    assert power_laws_at(None, 4e12) == (None, None)
