@@ -14,12 +14,14 @@ from a parabola in ln lr with a 95% bootstrap interval over the seeds; at every 
 paired difference between successive widths (mean, a paired t-test over the seeds, how many seeds improved); and at
 every lr tested at three or more widths, the loss's slope per doubling of the width (a line per seed, t-tested).
 
-    # the run in bench/RESULTS.md: the base width on a 4-lr grid, then 256 wide on the base's best lr and its two
-    # neighbours, and 128 / 512 at the base's best lr only (3 seeds each)
+    # the run in bench/RESULTS.md: the base width on a 4-lr grid, then 512 wide on the base's best lr and its two
+    # neighbours, and 128 / 256 at the base's best lr only (3 seeds each); then 2 more seeds at that lr, every width
     python bench/mup_transfer.py --data-path ../shared/data/corpus --widths 64 \\
-        --lrs 0.0005,0.001,0.002,0.004 --out OUT
+        --lrs 0.001,0.002,0.004,0.008 --out OUT
     python bench/mup_transfer.py --data-path ../shared/data/corpus --widths 128,256,512 --lrs LR \\
-        --lrs-at 256=LR/2,LR,2LR --out OUT                  # the same OUT: one report over every run
+        --lrs-at 512=LR/2,LR,2LR --out OUT                  # the same OUT: one report over every run
+    python bench/mup_transfer.py --data-path ../shared/data/corpus --widths 64,128,256,512 --lrs LR \\
+        --seeds 2 --first-seed 3 --out OUT
     python bench/mup_transfer.py --report-only --out OUT    # the report again, no runs
     # a quick check on tiny shakespeare
     python bench/mup_transfer.py --widths 32,64 --lrs 0.01 --steps 5 --seeds 1 --out /tmp/x
