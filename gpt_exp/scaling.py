@@ -610,6 +610,10 @@ def write_outputs(result: dict, points: list[Point], out_dir: Path, summary: dic
             plot_frontier(axes, result)
         else:
             plot_residuals(axes, points, result, colors_by_budget, n_label)
+        for ax in np.atleast_1d(axes):  # a log axis spanning < ~30x labels all 8 minor ticks a decade: they overlap
+            for axis in (ax.xaxis, ax.yaxis):
+                if axis.get_scale() == "log":
+                    axis.set_minor_locator(plt.LogLocator(subs=(2.0, 5.0)))
         figures[name] = fig
     try:
         with atomic_path(out_dir / "scaling.json") as json_tmp:
