@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, plot, print_table,  # bench/: here
-                      sweep, train)
+from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, one_setup, plot,  # bench/: here
+                      print_table, resume_sweep, train)
 
 WIDTH, N_HEAD, B, T = 128, 4, 8, 64
 FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B}", f"T={T}", "optim.schedule=constant",
@@ -41,7 +40,8 @@ FIXED = ["model=tiny", f"model.n_head={N_HEAD}", f"model.block_size={T}", f"B={B
          "device.type=cpu", "device.threads=1", "device.compile=false"]
 
 
-RUN_KEYS = ("parametrization", "depth", "lr", "seed", "steps", "width", "depth_base", "data")
+SETUP = ("steps", "width", "depth_base", "data")  # one report, one setup: runs that differ in these are refused
+RUN_KEYS = ("parametrization", "depth", "lr", "seed", *SETUP)
 
 
 def overrides(run: dict) -> list[str]:
@@ -55,11 +55,9 @@ def overrides(run: dict) -> list[str]:
             f"optim.lr={run['lr']}", f"train.seed={run['seed']}", f"train.max_steps={run['steps']}"]
 
 
-def timed_run(run: dict) -> dict:
-    """A worker's job: the run's val loss and its wall time."""
-    start = time.time()
-    loss = train(overrides(run), len(FIXED))
-    return {**{k: run[k] for k in RUN_KEYS}, "val_loss": loss, "wall_s": round(time.time() - start, 1)}
+def train_run(run: dict) -> float:
+    """A worker's job: the run's final val loss."""
+    return train(overrides(run), len(FIXED))
 
 
 def describe(run: dict) -> str:
@@ -77,16 +75,13 @@ def planned(args: argparse.Namespace) -> list[dict]:
 
 
 def report(runs: list[dict], out: Path) -> None:
-    for setting in ("steps", "width", "depth_base", "data"):
-        if len({r.get(setting) for r in runs}) > 1:
-            raise SystemExit(f"error: the runs differ in {setting} ({sorted({r.get(setting) for r in runs}, key=str)}); "
-                             f"give each setup its own --out")
+    one_setup(runs, SETUP, f"{out / 'runs.jsonl'} and --merge")
     mean = cells(runs, "depth")
     params = [p for p in ("sp", "completep") if any(r["parametrization"] == p for r in runs)]
     grid = {par: best_lrs(mean, par, "depth") for par in params}
     fitted = {par: {d: best_lr_interval(runs, par, "depth", d) for d in sorted({r["depth"] for r in runs})}
               for par in params}
-    setup = {k: runs[0].get(k) for k in ("steps", "width", "depth_base", "data")}
+    setup = {k: runs[0].get(k) for k in SETUP}
     (out / "depth_transfer.json").write_text(json.dumps(
         {"runs": runs, "mean": mean, "best_lr_grid": grid, "best_lr_fit": fitted, **setup}, indent=1))
     plot(mean, out / "depth_transfer.png", "depth", "n_layer")
@@ -122,13 +117,9 @@ def main() -> None:
     log = out / "runs.jsonl"
     failed = 0
     if not args.merge:
-        done = {tuple(r[k] for k in RUN_KEYS) for r in load_runs(log)}
-        todo = [run for run in planned(args) if tuple(run[k] for k in RUN_KEYS) not in done]
-        print(f"{len(todo)} runs to train ({len(done)} already in {log}), {args.jobs} at a time", flush=True)
-        failed = sweep(todo, args.jobs, log, timed_run, describe)
-    merged = [{**json.loads(Path(p).read_text()), "path": p} for p in args.merge]
-    runs = load_runs(log) + [{**{k: m.get(k) for k in ("steps", "width", "depth_base", "data")}, **r}
-                             for m in merged for r in m["runs"]]
+        failed = resume_sweep(planned(args), RUN_KEYS, args.jobs, log, train_run, describe)
+    merged = [json.loads(Path(p).read_text()) for p in args.merge]  # a report's setup is at its top level
+    runs = load_runs(log) + [{**{k: m.get(k) for k in SETUP}, **r} for m in merged for r in m["runs"]]
     if not runs:
         raise SystemExit(f"error: no runs in {log} or --merge")
     report(runs, out)

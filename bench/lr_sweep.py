@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,37 @@ def load_runs(path: Path) -> list[dict]:
     return runs
 
 
+def resume_sweep(planned: list[dict], keys: tuple[str, ...], jobs: int, log: Path, train_one: Callable[[dict], float],
+                 describe: Callable[[dict], str]) -> int:
+    """Train the `planned` runs that `log` does not hold yet (a run is known by its `keys`), `jobs` at a time in
+    worker processes, each recorded as its `keys`, "val_loss" (`train_one`'s) and "wall_s"; the failures' count.
+    `train_one` must be a module-level function (workers pickle it)."""
+    done = {tuple(r[k] for k in keys) for r in load_runs(log)}
+    todo = [run for run in planned if tuple(run[k] for k in keys) not in done]
+    print(f"{len(todo)} runs to train ({len(done)} already in {log}), {jobs} at a time", flush=True)
+    return sweep(todo, jobs, log, partial(_timed, train_one, keys), describe)
+
+
+def _timed(train_one: Callable[[dict], float], keys: tuple[str, ...], run: dict) -> dict:
+    """A worker's job: the run's record, its val loss and its wall time."""
+    start = time.time()
+    loss = train_one(run)
+    return {**{k: run[k] for k in keys}, "val_loss": loss, "wall_s": round(time.time() - start, 1)}
+
+
+def one_setup(runs: list[dict], settings: tuple[str, ...], where: str) -> None:
+    """Refuse runs that differ in any of `settings`: a cell's mean over two setups is neither's."""
+    for setting in settings:
+        values = {r.get(setting) for r in runs}
+        if len(values) > 1:
+            raise SystemExit(f"error: the runs in {where} differ in {setting} ({sorted(values, key=str)}); "
+                             f"give each setup its own --out")
+
+
 def sweep(todo: list[dict], jobs: int, log: Path, run: Callable[[dict], dict], describe: Callable[[dict], str]) -> int:
     """`run` each of `todo` in `jobs` worker processes, appending each result (a dict with "val_loss" and "wall_s")
     to the JSON-lines `log` as it finishes; the failures' count. A run that fails is reported and left out (a rerun
-    tries it again); it does not stop the others. `run` must be a module-level function (workers pickle it)."""
+    tries it again); it does not stop the others. `run` must be picklable (workers receive it)."""
     start, failed = time.time(), 0
     if log.exists() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
         with log.open("a") as f:  # a kill mid-write left a cut line: end it, or the next record would join it

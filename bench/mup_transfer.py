@@ -33,13 +33,12 @@ import argparse
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, plot, print_table,  # bench/: here
-                      sweep, train)
+from lr_sweep import (best_lr_interval, best_lr_line, best_lrs, cells, load_runs, one_setup, plot,  # bench/: here
+                      print_table, resume_sweep, train)
 
 N_LAYER, N_HEAD = 2, 4
 FIXED = ["model=tiny", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", "optim.warmup_steps=20",
@@ -58,11 +57,9 @@ def overrides(run: dict) -> list[str]:
             f"train.seed={run['seed']}", f"train.max_steps={run['steps']}"]
 
 
-def timed_run(run: dict) -> dict:
-    """A worker's job: the run's val loss and its wall time."""
-    start = time.time()
-    loss = train(overrides(run), len(FIXED))
-    return {**{k: run[k] for k in RUN_KEYS}, "val_loss": loss, "wall_s": round(time.time() - start, 1)}
+def train_run(run: dict) -> float:
+    """A worker's job: the run's final val loss."""
+    return train(overrides(run), len(FIXED))
 
 
 def planned(args: argparse.Namespace) -> list[dict]:
@@ -84,10 +81,6 @@ def planned(args: argparse.Namespace) -> list[dict]:
 
 def describe(run: dict) -> str:
     return f"{run['parametrization']} n_embd={run['width']} lr={run['lr']:g} seed {run['seed']}"
-
-
-def key(run: dict) -> tuple:
-    return tuple(run[k] for k in RUN_KEYS)
 
 
 def width_trends(runs: list[dict], parametrization: str) -> list[dict]:
@@ -138,10 +131,7 @@ def width_steps(runs: list[dict], parametrization: str) -> list[dict]:
 
 
 def report(runs: list[dict], out: Path) -> dict:
-    for setting in ("steps", "B", "T", "eval_batches", "base_width", "data"):
-        if len({r[setting] for r in runs}) > 1:
-            raise SystemExit(f"error: the runs in {out / 'runs.jsonl'} differ in {setting} "
-                             f"({sorted({r[setting] for r in runs}, key=str)}); give each setup its own --out")
+    one_setup(runs, ("steps", "B", "T", "eval_batches", "base_width", "data"), str(out / "runs.jsonl"))
     params = [p for p in ("sp", "mup") if any(r["parametrization"] == p for r in runs)]
     mean = cells(runs, "width")
     widths = sorted({r["width"] for r in runs})
@@ -198,10 +188,7 @@ def main() -> None:
     log = out / "runs.jsonl"
     failed = 0
     if not args.report_only:
-        done = {key(r) for r in load_runs(log)}
-        todo = [run for run in planned(args) if key(run) not in done]
-        print(f"{len(todo)} runs to train ({len(done)} already in {log}), {args.jobs} at a time", flush=True)
-        failed = sweep(todo, args.jobs, log, timed_run, describe)
+        failed = resume_sweep(planned(args), RUN_KEYS, args.jobs, log, train_run, describe)
     runs = load_runs(log)
     if not runs:
         raise SystemExit(f"error: no runs in {log}; run without --report-only first")
